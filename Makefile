@@ -1,0 +1,42 @@
+# The two commands of a fresh clone: `make demo` (the main job end to end on Fashion-MNIST) and
+# `make test`. Both create .venv, install ensc into it and fetch Fashion-MNIST when missing.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+DEMO := runs/demo
+
+.PHONY: demo test lint setup data clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+data:
+	@if [ ! -e $(FMNIST_DIR)/train-images-idx3-ubyte.gz ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	  else \
+	    echo "Fashion-MNIST is missing from $(FMNIST_DIR): run 'sudo apt-get install dataset-fashion-mnist'"; \
+	    echo "(Debian/Ubuntu), or use 'ensc ... --download' to fetch it with torchvision."; exit 1; \
+	  fi; \
+	fi
+
+demo: setup data
+	$(BIN)/ensc train --dataset fashion-mnist --arch resnet8 --members 4 --epochs 4 \
+	  --train-subset 12000 --out $(DEMO)/ckpts --force
+	$(BIN)/ensc eval --teacher $(DEMO)/ckpts --json $(DEMO)/teacher.json --force
+
+test: setup data
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,69 @@
+"""The `ensc` command: a click group whose commands live one per module in this package."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from ensc import __version__
+from ensc.cli.eval_cmd import eval_cmd
+from ensc.cli.train_cmd import train_cmd
+
+EPILOG = """\b
+Examples:
+  ensc train --dataset fashion-mnist --arch resnet20 --members 4 --epochs 30 --out ckpts/
+  ensc eval --teacher ckpts/ --json teacher.json
+  ensc compress --teacher ckpts/ --arch wrn28x5
+  ensc export --onnx
+  ensc bench
+"""
+
+
+class EnscGroup(click.Group):
+    """Turns library errors into one-line messages and exit code 1 (tracebacks only with --debug)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except KeyboardInterrupt:
+            click.echo(
+                "interrupted; runs resume from their last finished epoch with --resume", err=True
+            )
+            sys.exit(130)
+        except Exception as err:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            from ensc.errors import EnscError
+
+            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            if not isinstance(err, (EnscError, ValueError)):
+                message = f"{type(err).__name__}: {message} (rerun with --debug for the traceback)"
+            raise click.ClickException(message) from None
+
+
+@click.group(cls=EnscGroup, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ensc")
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors on stderr.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
+    """Compress a deep ensemble into one network that costs what one member costs."""
+    ctx.obj = {"debug": debug}
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO,
+        format="%(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+cli.add_command(train_cmd)
+cli.add_command(eval_cmd)
+
+
+def main() -> None:
+    cli(prog_name="ensc")

@@ -1,0 +1,78 @@
+"""`ensc train`: train a DeepEns teacher, one checkpoint per member."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ensc.cli.options import data_config, data_options, runtime_options
+
+
+@click.command(
+    "train",
+    epilog="""\b
+Example:
+  ensc train --dataset fashion-mnist --arch resnet20 --members 4 --epochs 30 --out ckpts/
+""",
+)
+@data_options(required=True)
+@click.option(
+    "--arch",
+    required=True,
+    help="Architecture: resnet20, wrn28x10, ... or package.module:callable.",
+)
+@click.option(
+    "--members", type=click.IntRange(min=1), default=4, show_default=True, help="Ensemble size M."
+)
+@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option(
+    "--lr",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Peak learning rate. Default: 0.1 × batch/128.",
+)
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=5e-4, show_default=True)
+@click.option(
+    "--warmup-epochs",
+    type=click.FloatRange(min=0),
+    help="Default: 5 for runs of ≥ 50 epochs, else 10 % of the run.",
+)
+@click.option(
+    "--max-steps",
+    type=click.IntRange(min=1),
+    help="Stop each member after N optimizer steps (smoke runs).",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Member k uses seed + k.")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Folder for member0.pt ... member{M-1}.pt.",
+)
+@click.option("--force", is_flag=True, help="Overwrite existing members.")
+@click.option(
+    "--resume", is_flag=True, help="Keep finished members and continue an interrupted one."
+)
+@runtime_options
+def train_cmd(dataset, data_root, val_size, train_subset, test_subset, data_seed, download, arch, members,
+              epochs, batch_size, lr, weight_decay, warmup_epochs, max_steps, seed, out, force, resume,
+              device, amp, channels_last) -> None:  # fmt: skip
+    """Train a deep-ensemble teacher of M independently seeded members."""
+    from ensc.compress.loop import OptimConfig
+    from ensc.compress.runtime import resolve_runtime
+    from ensc.compress.train_teacher import TeacherTrainConfig, train_teacher
+
+    config = TeacherTrainConfig(
+        arch=arch,
+        data=data_config(dataset, data_root, val_size, train_subset, test_subset, data_seed, download),
+        out=out,
+        members=members,
+        optim=OptimConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                          warmup_epochs=warmup_epochs, max_steps=max_steps),
+        seed=seed,
+        force=force,
+        resume=resume,
+    )  # fmt: skip
+    paths = train_teacher(config, resolve_runtime(device, amp, channels_last))
+    click.echo(f"teacher with {len(paths)} members in {out}")

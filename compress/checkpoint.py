@@ -1,0 +1,151 @@
+"""ensc's one checkpoint format: weights plus everything needed to rebuild and use the model.
+
+A checkpoint is a plain dict of tensors, strings, numbers and lists, so it loads with
+``torch.load(weights_only=True)``. It records the architecture, the input contract (channels,
+image size, the mean/std the model normalizes with) and where the model came from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ensc import __version__
+from ensc.compress.fileio import atomic_torch_save
+from ensc.errors import CheckpointError
+
+FORMAT = "ensc-checkpoint"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a model is and what inputs it takes; enough to rebuild it with ``build_model``."""
+
+    arch: str  # registry name or "package.module:callable"
+    num_classes: int
+    in_channels: int
+    image_size: tuple[int, int]  # (H, W) the model was trained on
+    mean: tuple[float, ...]  # normalization applied inside the model (pixels in [0, 1])
+    std: tuple[float, ...]
+    class_names: tuple[str, ...] = ()
+    dataset: str = ""  # dataset name (see ensc.compress.data.DATASETS)
+    data_root: str = ""  # --data-root it was trained from, "" for the default location
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    kind: str = "model"  # "model" (a plain network) or "batchensemble"
+    members: int = 1  # ensemble size for kind="batchensemble"
+
+    def build(self) -> nn.Module:
+        """A freshly initialized model of this spec (weights not loaded)."""
+        from ensc.models import build_model
+
+        return build_model(
+            self.arch,
+            num_classes=self.num_classes,
+            in_channels=self.in_channels,
+            mean=self.mean,
+            std=self.std,
+            **self.arch_kwargs,
+        )
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A loaded checkpoint: the spec, the weights and the provenance record."""
+
+    spec: ModelSpec
+    state_dict: dict[str, torch.Tensor]
+    metrics: dict[str, Any]
+    info: dict[str, Any]  # seed, ensc version, config used, ...
+    path: Path | None = None
+
+    def build_model(self) -> nn.Module:
+        """The plain network with these weights, in eval mode."""
+        if self.spec.kind != "model":
+            raise CheckpointError(
+                f"{self.path} holds a {self.spec.kind} model, not a plain network"
+            )
+        model = self.spec.build()
+        model.load_state_dict(self.state_dict)
+        return model.eval()
+
+
+def save_checkpoint(
+    path: Path,
+    model: nn.Module,
+    spec: ModelSpec,
+    *,
+    metrics: dict[str, Any] | None = None,
+    info: dict[str, Any] | None = None,
+) -> None:
+    """Write ``model``'s weights with ``spec`` atomically (temp file + rename)."""
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "ensc_version": __version__,
+        "spec": _spec_to_dict(spec),
+        "metrics": metrics or {},
+        "info": info or {},
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    atomic_torch_save(payload, path)
+
+
+def read_payload(path: Path) -> dict[str, Any]:
+    """``torch.load`` with ``weights_only=True``, with one-line errors for the usual failures."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (
+        Exception
+    ) as err:  # torch raises many types here (UnpicklingError, RuntimeError, EOFError)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"cannot load {path} as a checkpoint: {first}") from err
+
+
+def is_ensc_payload(payload: Any) -> bool:
+    return isinstance(payload, dict) and payload.get("format") == FORMAT
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    """Load an ensc checkpoint saved by :func:`save_checkpoint`."""
+    payload = read_payload(path)
+    if not is_ensc_payload(payload):
+        raise CheckpointError(f"{path} is not an ensc checkpoint (no '{FORMAT}' record)")
+    if payload.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} was written by a newer ensc ({payload.get('ensc_version')}); upgrade ensc to read it"
+        )
+    return Checkpoint(
+        spec=_spec_from_dict(payload["spec"]),
+        state_dict=payload["state_dict"],
+        metrics=payload.get("metrics", {}),
+        info={**payload.get("info", {}), "ensc_version": payload.get("ensc_version")},
+        path=Path(path),
+    )
+
+
+def load_model(path: Path) -> tuple[nn.Module, ModelSpec]:
+    """Rebuild the plain model stored in an ensc checkpoint, in eval mode."""
+    ckpt = load_checkpoint(path)
+    return ckpt.build_model(), ckpt.spec
+
+
+def _spec_to_dict(spec: ModelSpec) -> dict[str, Any]:
+    d = asdict(spec)
+    d["image_size"] = list(spec.image_size)
+    d["mean"], d["std"], d["class_names"] = list(spec.mean), list(spec.std), list(spec.class_names)
+    return d
+
+
+def _spec_from_dict(d: dict[str, Any]) -> ModelSpec:
+    d = dict(d)
+    for key in ("image_size", "mean", "std", "class_names"):
+        d[key] = tuple(d.get(key, ()))
+    return ModelSpec(**d)

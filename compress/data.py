@@ -1,0 +1,370 @@
+"""Datasets as decoded uint8 tensors, with seeded splits, class-balanced subsets and batched augmentation.
+
+Small image datasets (Fashion-MNIST, CIFAR, a folder of thumbnails) fit in memory once decoded, so
+ensc decodes them a single time into a ``uint8 [N, C, H, W]`` tensor and augments whole batches on
+the fly: no per-sample PIL work in the training loop. Pixels reach models in [0, 1]; the
+normalization lives inside the model (SPEC.md §1), so ``mean``/``std`` here are only *measured*
+on the training split and handed to the model builder.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ensc.errors import DataError
+
+log = logging.getLogger(__name__)
+
+DATASETS = ("fashion-mnist", "cifar10", "cifar100", "imagefolder")
+FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+VAL_FRACTION = 0.1  # validation carved from train: 10 % ...
+VAL_CAP = 5000  # ... capped at 5,000 images
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which dataset to load and how to cut it."""
+
+    name: str  # one of DATASETS
+    root: Path | None = None  # where the files are; None = the dataset's default location
+    val_size: int | None = None  # images carved from train for validation; None = 10 %, max 5,000
+    train_subset: int | None = None  # class-balanced training subset (validation taken from it)
+    test_subset: int | None = None  # class-balanced test subset
+    seed: int = 0  # seeds the validation split and the subsets (not training)
+    download: bool = False  # allow torchvision to download fashion-mnist / cifar when missing
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split: ``images`` uint8 [N, C, H, W], ``labels`` int64 [N]."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.numel())
+
+    def subset(self, index: torch.Tensor) -> Split:
+        return Split(self.images[index], self.labels[index])
+
+
+@dataclass(frozen=True)
+class ImageDataset:
+    """The three splits of a dataset plus what a model needs to know about its inputs."""
+
+    name: str
+    train: Split
+    val: Split
+    test: Split
+    class_names: tuple[str, ...]
+    mean: tuple[float, ...]  # per-channel pixel mean of the training split, in [0, 1] units
+    std: tuple[float, ...]
+    hflip: bool  # whether horizontal flips are a valid augmentation for this data
+
+    @property
+    def channels(self) -> int:
+        return int(self.train.images.shape[1])
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return int(self.train.images.shape[2]), int(self.train.images.shape[3])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def load_dataset(config: DataConfig) -> ImageDataset:
+    """Load, split and subset the dataset named in ``config``."""
+    if config.name not in DATASETS:
+        raise DataError(f"unknown dataset {config.name!r}: choose one of {', '.join(DATASETS)}")
+    gen = torch.Generator().manual_seed(config.seed)
+    if config.name == "imagefolder":
+        train, test, classes = _load_imagefolder(config, gen)
+    else:
+        if config.name == "fashion-mnist":
+            train, test = _load_fashion_mnist(config)
+            classes = FASHION_MNIST_CLASSES
+        else:
+            train, test, classes = _load_cifar(config)
+        train = _take_subset(train, config.train_subset, gen, "--train-subset")
+        test = _take_subset(test, config.test_subset, gen, "--test-subset")
+    train, val = _carve_validation(train, config.val_size, gen)
+    mean, std = channel_stats(train.images)
+    log.info("%s: %d train / %d val / %d test", config.name, len(train), len(val), len(test))
+    return ImageDataset(
+        name=config.name,
+        train=train,
+        val=val,
+        test=test,
+        class_names=tuple(classes),
+        mean=mean,
+        std=std,
+        hflip=config.name != "fashion-mnist",  # garments have a canonical orientation
+    )
+
+
+def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 images, in [0, 1] pixel units."""
+    x = images.to(torch.float64).div_(255).transpose(0, 1).flatten(1)  # [C, N*H*W]
+    return tuple(x.mean(1).tolist()), tuple(x.std(1).clamp_min(1e-3).tolist())
+
+
+def balanced_indices(labels: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
+    """``n`` seeded indices spread evenly over the classes (the first ``n % K`` get one more)."""
+    classes = labels.unique()
+    per_class, extra = divmod(n, len(classes))
+    picked = []
+    for i, c in enumerate(classes.tolist()):
+        members = (labels == c).nonzero().flatten()
+        want = min(per_class + (i < extra), len(members))
+        picked.append(members[torch.randperm(len(members), generator=gen)[:want]])
+    return torch.cat(picked).sort().values
+
+
+def _take_subset(split: Split, n: int | None, gen: torch.Generator, flag: str) -> Split:
+    if n is None or n >= len(split):
+        return split
+    if n < 1:
+        raise DataError(f"{flag} must be a positive number of images, got {n}")
+    return split.subset(balanced_indices(split.labels, n, gen))
+
+
+def _carve_validation(
+    train: Split, val_size: int | None, gen: torch.Generator
+) -> tuple[Split, Split]:
+    n = len(train)
+    if val_size is None:
+        val_size = min(int(n * VAL_FRACTION), VAL_CAP)
+    if not 0 < val_size < n:
+        raise DataError(
+            f"--val-size must be between 1 and {n - 1} for {n} training images, got {val_size}"
+        )
+    order = torch.randperm(n, generator=gen)
+    return train.subset(order[val_size:].sort().values), train.subset(
+        order[:val_size].sort().values
+    )
+
+
+# --- Fashion-MNIST ---------------------------------------------------------------------------
+
+_FMNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+def _load_fashion_mnist(config: DataConfig) -> tuple[Split, Split]:
+    candidates = [config.root] if config.root else [FASHION_MNIST_SYSTEM_DIR]
+    for folder in candidates:
+        found = _find_idx_folder(folder)
+        if found is not None:
+            return tuple(_read_idx_split(found, *_FMNIST_FILES[s]) for s in ("train", "test"))
+    if config.download:
+        return _download_fashion_mnist(config.root or _default_download_root())
+    where = config.root or FASHION_MNIST_SYSTEM_DIR
+    raise DataError(
+        f"Fashion-MNIST not found in {where}: install it with `apt-get install dataset-fashion-mnist`, "
+        "point --data-root at a folder with the four IDX files, or pass --download"
+    )
+
+
+def _find_idx_folder(folder: Path) -> Path | None:
+    """The folder itself or torchvision's ``FashionMNIST/raw`` under it, if it holds the IDX files."""
+    for cand in (folder, folder / "FashionMNIST" / "raw"):
+        name = _FMNIST_FILES["train"][0]
+        if (cand / name).exists() or (cand / f"{name}.gz").exists():
+            return cand
+    return None
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (optionally gzipped): big-endian header, then uint8 data."""
+    gz = path.with_name(path.name + ".gz")
+    opener, real = (gzip.open, gz) if not path.exists() and gz.exists() else (open, path)
+    try:
+        with opener(real, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as err:
+        raise DataError(
+            f"cannot read {real}: {err}; the file may be truncated, reinstall it"
+        ) from err
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if raw[2] != 0x08 or data.size != int(np.prod(dims)):
+        raise DataError(f"{real} is not a valid uint8 IDX file (size or type mismatch)")
+    return data.reshape(dims)
+
+
+def _read_idx_split(folder: Path, images_name: str, labels_name: str) -> Split:
+    images = torch.from_numpy(_read_idx(folder / images_name).copy()).unsqueeze(1)
+    labels = torch.from_numpy(_read_idx(folder / labels_name).astype(np.int64))
+    return Split(images, labels)
+
+
+def _default_download_root() -> Path:
+    return Path.home() / ".cache" / "ensc" / "data"
+
+
+def _download_fashion_mnist(root: Path) -> tuple[Split, Split]:
+    from torchvision.datasets import FashionMNIST
+
+    splits = []
+    for train in (True, False):
+        ds = FashionMNIST(str(root), train=train, download=True)
+        splits.append(Split(ds.data.unsqueeze(1).clone(), ds.targets.to(torch.int64)))
+    return splits[0], splits[1]
+
+
+# --- CIFAR -----------------------------------------------------------------------------------
+
+
+def _load_cifar(config: DataConfig) -> tuple[Split, Split, list[str]]:
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    cls = CIFAR10 if config.name == "cifar10" else CIFAR100
+    root = config.root or _default_download_root()
+    splits = []
+    for train in (True, False):
+        try:
+            ds = cls(str(root), train=train, download=config.download)
+        except RuntimeError as err:  # torchvision: "Dataset not found or corrupted. ..."
+            raise DataError(
+                f"{config.name} not found under {root}: point --data-root at the folder that holds "
+                f"torchvision's {cls.base_folder}/, or pass --download"
+            ) from err
+        images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
+        splits.append(Split(images, torch.tensor(ds.targets, dtype=torch.int64)))
+    return splits[0], splits[1], list(ds.classes)
+
+
+# --- ImageFolder -----------------------------------------------------------------------------
+
+
+def _load_imagefolder(config: DataConfig, gen: torch.Generator) -> tuple[Split, Split, list[str]]:
+    from torchvision.datasets import ImageFolder
+
+    if config.root is None:
+        raise DataError(
+            "--dataset imagefolder needs --data-root DIR with train/ and test/ subfolders"
+        )
+    splits, classes = [], None
+    for part, n, flag in (
+        ("train", config.train_subset, "--train-subset"),
+        ("test", config.test_subset, "--test-subset"),
+    ):
+        folder = Path(config.root) / part
+        if not folder.is_dir():
+            raise DataError(
+                f"{folder} does not exist: --data-root must hold train/ and test/ subfolders"
+            )
+        try:
+            index = ImageFolder(str(folder), loader=lambda p: p)  # scan only; we decode below
+        except (FileNotFoundError, RuntimeError) as err:
+            raise DataError(f"no images found in {folder}: {err}") from err
+        if classes is not None and index.classes != classes:
+            raise DataError(f"train/ and test/ of {config.root} have different class folders")
+        classes = index.classes
+        labels = torch.tensor(index.targets, dtype=torch.int64)
+        keep = torch.arange(len(labels))
+        if n is not None and n < len(labels):  # subset before decoding: decode only what is used
+            if n < 1:
+                raise DataError(f"{flag} must be a positive number of images, got {n}")
+            keep = balanced_indices(labels, n, gen)
+        paths = [index.samples[i][0] for i in keep.tolist()]
+        splits.append(Split(_decode_images(paths), labels[keep]))
+    return splits[0], splits[1], classes
+
+
+def _decode_images(paths: list[str]) -> torch.Tensor:
+    """Decode image files to one uint8 [N, 3, H, W] tensor; sizes that differ from the first are resized."""
+    from torchvision.datasets.folder import pil_loader
+    from torchvision.transforms.v2.functional import pil_to_tensor, resize
+    from tqdm import tqdm
+
+    size: list[int] | None = None
+    out: torch.Tensor | None = None
+    for i, path in enumerate(
+        tqdm(paths, desc="decoding images", unit="img", leave=False, disable=len(paths) < 5000)
+    ):
+        try:
+            img = pil_to_tensor(pil_loader(path))  # RGB uint8 [3, H, W]
+        except OSError as err:
+            raise DataError(f"cannot decode image {path}: {err}") from err
+        if out is None:
+            size = list(img.shape[1:])
+            out = torch.empty((len(paths), 3, *size), dtype=torch.uint8)
+        elif list(img.shape[1:]) != size:
+            img = resize(img, size, antialias=True)
+        out[i] = img
+    if out is None:
+        raise DataError("no images to decode")
+    return out
+
+
+# --- batches ---------------------------------------------------------------------------------
+
+
+def augment(
+    images: torch.Tensor, gen: torch.Generator, *, pad: int = 4, hflip: bool = True
+) -> torch.Tensor:
+    """Standard CIFAR augmentation on a batch: zero-pad, random crop per image, random h-flip.
+
+    Works on any dtype [B, C, H, W]; each image gets its own crop offset and flip.
+    """
+    b, _, h, w = images.shape
+    padded = F.pad(images, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (b, 1, 1), generator=gen)
+    dx = torch.randint(0, 2 * pad + 1, (b, 1, 1), generator=gen)
+    rows = (torch.arange(h).view(1, h, 1) + dy).expand(b, h, w)  # [B, H, W]
+    cols = torch.arange(w).view(1, 1, w) + dx
+    if hflip:
+        flip = torch.rand(b, 1, 1, generator=gen) < 0.5
+        cols = torch.where(flip, cols.flip(-1), cols)
+    cols = cols.expand(b, h, w)
+    batch = torch.arange(b).view(b, 1, 1).expand(b, h, w)
+    return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
+
+
+def iterate_batches(
+    split: Split,
+    batch_size: int,
+    *,
+    gen: torch.Generator | None = None,
+    shuffle: bool = False,
+    augment_hflip: bool | None = None,
+    drop_last: bool = False,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield ``(images float32 [B, C, H, W] in [0, 1], labels int64 [B])``.
+
+    ``augment_hflip=None`` means no augmentation; True/False augments with/without flips.
+    """
+    n = len(split)
+    order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
+    stop = n - n % batch_size if drop_last and n >= batch_size else n
+    for start in range(0, stop, batch_size):
+        idx = order[start : start + batch_size]
+        images = split.images[idx]
+        if augment_hflip is not None:
+            images = augment(images, gen, hflip=augment_hflip)
+        yield images.float().div_(255), split.labels[idx]
+
+
+def steps_per_epoch(n: int, batch_size: int, drop_last: bool = True) -> int:
+    """Number of batches ``iterate_batches`` yields for ``n`` images."""
+    if drop_last and n >= batch_size:
+        return n // batch_size
+    return -(-n // batch_size)

@@ -1,0 +1,45 @@
+"""Which data a saved model is evaluated on: the split it was trained with, unless overridden."""
+
+from __future__ import annotations
+
+from dataclasses import fields, replace
+from pathlib import Path
+from typing import Any
+
+from ensc.compress.checkpoint import ModelSpec
+from ensc.compress.data import DataConfig, ImageDataset
+from ensc.errors import ConfigError, DataError
+
+
+def data_config_for(
+    spec: ModelSpec, recorded: dict[str, Any] | None, **overrides: Any
+) -> DataConfig:
+    """The recorded training DataConfig (same validation split), with non-None ``overrides`` applied.
+
+    Reusing the recorded seed, validation size and train subset keeps the validation split held
+    out from the model's training data, which temperature scaling relies on.
+    """
+    known = {f.name for f in fields(DataConfig)}
+    base = {k: v for k, v in (recorded or {}).items() if k in known}
+    base.setdefault("name", spec.dataset)
+    if not base.get("name"):
+        raise ConfigError("the checkpoints record no dataset; pass --dataset")
+    base["root"] = Path(base["root"]) if base.get("root") else None
+    config = DataConfig(**base)
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    if "name" in changes and changes["name"] != config.name:  # another dataset: its own defaults
+        config = DataConfig(name=changes["name"], seed=config.seed)
+    return replace(config, **changes)
+
+
+def check_compatible(spec: ModelSpec, data: ImageDataset) -> None:
+    """Models and data must agree on classes and channels."""
+    if spec.num_classes != data.num_classes:
+        raise DataError(
+            f"the model predicts {spec.num_classes} classes but {data.name} has {data.num_classes}; "
+            "pass the --dataset it was trained on"
+        )
+    if spec.in_channels != data.channels:
+        raise DataError(
+            f"the model takes {spec.in_channels}-channel images but {data.name} has {data.channels}"
+        )

@@ -1,0 +1,210 @@
+"""One training loop for teachers and students: SGD-Nesterov, warm-up + cosine, AMP, resumable.
+
+The loop knows nothing about losses: the caller passes a ``step`` function that maps a batch to a
+loss (and accuracy counts for the progress bar). State is saved atomically at every epoch end, so
+an interrupted run resumes from its last finished epoch with the same data order.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ensc.compress.data import Split, iterate_batches, steps_per_epoch
+from ensc.compress.fileio import atomic_torch_save
+from ensc.compress.runtime import Runtime
+from ensc.compress.schedule import default_warmup_epochs, scaled_lr, warmup_cosine
+from ensc.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimizer and schedule; defaults are the papers' recipe (SPEC.md §4)."""
+
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float | None = None  # None: 0.1 × batch_size / 128
+    momentum: float = 0.9
+    nesterov: bool = True  # [WA] uses Nesterov
+    weight_decay: float = 5e-4
+    warmup_epochs: float | None = None  # None: 5 for runs of ≥ 50 epochs, else 10 % of the run
+    max_steps: int | None = None  # stop after this many optimizer steps (smoke runs)
+
+    @property
+    def base_lr(self) -> float:
+        return self.lr if self.lr is not None else scaled_lr(self.batch_size)
+
+    def total_steps(self, n_train: int) -> int:
+        steps = self.epochs * steps_per_epoch(n_train, self.batch_size)
+        return min(steps, self.max_steps) if self.max_steps else steps
+
+
+class StepResult(NamedTuple):
+    """What a step function returns: the loss to minimize and top-1 counts for the progress bar."""
+
+    loss: torch.Tensor
+    correct: int
+    count: int
+
+
+StepFn = Callable[[torch.Tensor, torch.Tensor], StepResult]
+
+
+def make_optimizer(param_groups: Iterable[dict[str, Any]], config: OptimConfig) -> torch.optim.SGD:
+    """SGD with momentum; groups may override ``lr`` (as a multiplier ``lr_scale``) and ``weight_decay``."""
+    groups = []
+    for group in param_groups:
+        group = dict(group)
+        group["lr"] = config.base_lr * group.pop("lr_scale", 1.0)
+        group.setdefault("weight_decay", config.weight_decay)
+        groups.append(group)
+    return torch.optim.SGD(
+        groups, lr=config.base_lr, momentum=config.momentum, nesterov=config.nesterov
+    )
+
+
+def train(
+    model: nn.Module,
+    step: StepFn,
+    data: Split,
+    config: OptimConfig,
+    runtime: Runtime,
+    *,
+    param_groups: list[dict[str, Any]] | None = None,
+    hflip: bool = True,
+    seed: int = 0,
+    state_path: Path | None = None,
+    resume: bool = False,
+    desc: str = "train",
+    after_backward: Callable[[], None] | None = None,
+    identity: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run the loop; returns a history dict (per-epoch loss/acc, steps, seconds).
+
+    ``after_backward`` runs between backward and the optimizer step (e.g. gradient scaling of
+    fast weights). ``identity`` is stored with the resumable state and must match on resume.
+    """
+    if len(data) == 0:
+        raise ConfigError("the training split is empty")
+    optimizer = make_optimizer(param_groups or [{"params": list(model.parameters())}], config)
+    total = config.total_steps(len(data))
+    per_epoch = steps_per_epoch(len(data), config.batch_size)
+    warmup = (
+        config.warmup_epochs
+        if config.warmup_epochs is not None
+        else default_warmup_epochs(config.epochs)
+    )
+    scheduler = warmup_cosine(optimizer, total, round(warmup * per_epoch))
+    scaler = runtime.grad_scaler()
+    gen = torch.Generator().manual_seed(seed)
+    identity = {"config": asdict(config), **(identity or {})}
+    history: dict[str, Any] = {"epochs": [], "steps": 0, "seconds": 0.0}
+
+    start_epoch = 0
+    if state_path is not None and resume and Path(state_path).exists():
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        if state["identity"] != identity:
+            raise ConfigError(
+                f"{state_path} was saved by a run with different settings; use --force to start over"
+            )
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        gen.set_state(state["generator"])
+        history = state["history"]
+        start_epoch = state["epoch"]
+        log.info("%s: resuming after epoch %d (%d steps done)", desc, start_epoch, history["steps"])
+
+    bar = tqdm(
+        total=total,
+        initial=history["steps"],
+        desc=desc,
+        unit="step",
+        dynamic_ncols=True,
+        disable=None,
+    )
+    t0 = time.perf_counter() - history["seconds"]
+    for epoch in range(start_epoch, config.epochs):
+        if history["steps"] >= total:
+            break
+        model.train()
+        loss_sum, correct, count, n_steps = 0.0, 0, 0, 0
+        for images, labels in iterate_batches(
+            data, config.batch_size, gen=gen, shuffle=True, augment_hflip=hflip, drop_last=True
+        ):
+            images, labels = runtime.to_device(images), labels.to(runtime.device, non_blocking=True)
+            with runtime.autocast():
+                result = step(images, labels)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(result.loss).backward()
+            if after_backward is not None:
+                scaler.unscale_(optimizer)
+                after_backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            loss_value = float(result.loss.detach())
+            if loss_value != loss_value:  # NaN
+                raise FloatingPointError(
+                    f"{desc}: loss became NaN at step {history['steps']}; lower --lr"
+                )
+            loss_sum, correct, count, n_steps = (
+                loss_sum + loss_value,
+                correct + result.correct,
+                count + result.count,
+                n_steps + 1,
+            )
+            history["steps"] += 1
+            bar.update(1)
+            bar.set_postfix(
+                epoch=epoch + 1,
+                loss=f"{loss_sum / n_steps:.3f}",
+                acc=f"{100 * correct / max(1, count):.1f}",
+                lr=f"{scheduler.get_last_lr()[0]:.3g}",
+            )
+            if history["steps"] >= total:
+                break
+        history["seconds"] = time.perf_counter() - t0
+        history["epochs"].append(
+            {
+                "epoch": epoch + 1,
+                "loss": loss_sum / max(1, n_steps),
+                "acc": 100 * correct / max(1, count),
+            }
+        )
+        log.info(
+            "%s: epoch %d/%d loss %.4f acc %.2f%% (%.0fs)",
+            desc,
+            epoch + 1,
+            config.epochs,
+            loss_sum / max(1, n_steps),
+            100 * correct / max(1, count),
+            history["seconds"],
+        )
+        if state_path is not None:
+            atomic_torch_save(
+                {
+                    "identity": identity,
+                    "epoch": epoch + 1,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "generator": gen.get_state(),
+                    "history": history,
+                },
+                Path(state_path),
+            )
+    bar.close()
+    return history

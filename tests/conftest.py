@@ -1,0 +1,45 @@
+"""Shared fixtures: real data locations and a tiny teacher trained once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("ENSC_SHARED", REPO.parent / "shared"))
+CIFAR_JPEG = SHARED / "data" / "cifar10-jpeg"
+
+needs_cifar_jpeg = pytest.mark.skipif(
+    not (CIFAR_JPEG / "train").is_dir(),
+    reason=f"CIFAR-10 JPEG folder not found at {CIFAR_JPEG} (only in the team workspace; set ENSC_SHARED)",
+)
+
+
+def run_cli(*args: str, cwd: Path | None = None):
+    """Invoke `ensc` in-process; returns click's Result (exit_code, output)."""
+    from ensc.cli.main import cli
+
+    runner = CliRunner()
+    if cwd is None:
+        return runner.invoke(cli, list(args), catch_exceptions=False)
+    old = Path.cwd()
+    os.chdir(cwd)
+    try:
+        return runner.invoke(cli, list(args), catch_exceptions=False)
+    finally:
+        os.chdir(old)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory) -> Path:
+    """A 2-member resnet8 Fashion-MNIST teacher trained for a few steps (seconds on a CPU)."""
+    out = tmp_path_factory.mktemp("teacher") / "ckpts"
+    result = run_cli(
+        "train", "--dataset", "fashion-mnist", "--arch", "resnet8", "--members", "2", "--epochs", "1",
+        "--train-subset", "600", "--batch-size", "64", "--max-steps", "4", "--out", str(out),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return out
