@@ -8,6 +8,7 @@ import sys
 import click
 
 from ensc import __version__
+from ensc.cli.compress_cmd import compress_cmd
 from ensc.cli.eval_cmd import eval_cmd
 from ensc.cli.train_cmd import train_cmd
 
@@ -63,6 +64,7 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
 
 cli.add_command(train_cmd)
 cli.add_command(eval_cmd)
+cli.add_command(compress_cmd)
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Callable
 from pathlib import Path
 
@@ -65,3 +66,23 @@ def runtime_options(f: Callable) -> Callable:
     for opt in reversed(opts):
         f = opt(f)
     return f
+
+
+def command_line(ctx: click.Context) -> str:
+    """The command as the user typed it (options given explicitly, in declaration order)."""
+    from click.core import ParameterSource
+
+    parts = [ctx.command_path]
+    for param in ctx.command.params:
+        if (
+            not isinstance(param, click.Option)
+            or ctx.get_parameter_source(param.name) != ParameterSource.COMMANDLINE
+        ):
+            continue
+        value = ctx.params[param.name]
+        if param.is_flag:
+            flag = param.opts[0] if value else (param.secondary_opts or param.opts)[0]
+            parts.append(flag)
+        else:
+            parts += [param.opts[0], str(value)]
+    return shlex.join(parts)

@@ -39,3 +39,12 @@ def refuse_overwrite(path: Path, force: bool, flag: str = "--force") -> None:
     """Raise unless ``path`` is free or the user passed ``flag``."""
     if Path(path).exists() and not force:
         raise ConfigError(f"{path} exists; pass {flag} to overwrite it or choose another path")
+
+
+def jsonable(value: Any) -> Any:
+    """Dataclass dumps made JSON-safe: Paths become strings, tuples lists (recursively)."""
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    return str(value) if isinstance(value, Path) else value

@@ -232,15 +232,18 @@ def deep_ensemble_equivalent(nll_value: float, de_nlls: Sequence[float]) -> floa
     v = float(nll_value)
     if math.isnan(v):
         raise ValueError("nll_value is NaN")
-    if v > curve[0]:
+    # Values within float round-off of a node count as reaching it: the same ensemble evaluated
+    # twice (float32 vs float64 means) must get DEE = m, not ">M".
+    tol = 1e-6 * max(1.0, abs(v))
+    if v > curve[0] + tol:
         return 0.0
-    for m, (c0, c1) in enumerate(zip(curve[:-1], curve[1:], strict=True), start=1):
-        if min(c0, c1) <= v <= max(c0, c1):
-            # Previous segments lie strictly above v, so c0 >= v >= c1 here; c0 == c1 only if
-            # both equal v (possible at m = 1 only).
-            return float(m) if c0 == c1 else m + (c0 - v) / (c0 - c1)
-    if v == curve[-1]:  # M = 1 and equal to the single node
-        return float(len(curve))
+    for m, c0 in enumerate(curve, start=1):
+        if abs(v - c0) <= tol:
+            return float(m)
+        if m < len(curve):
+            c1 = curve[m]
+            if min(c0, c1) < v < max(c0, c1):
+                return m + (c0 - v) / (c0 - c1)
     return math.inf
 
 

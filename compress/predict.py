@@ -29,3 +29,20 @@ def predict_probs(
 ) -> torch.Tensor:
     """Softmax probabilities of ``model`` on ``split``: float32 [N, K]."""
     return predict_logits(model, split, runtime, batch_size).softmax(-1)
+
+
+@torch.inference_mode()
+def predict_member_probs(
+    student: nn.Module, split: Split, runtime: Runtime, batch_size: int = 256
+) -> torch.Tensor:
+    """Each BatchEns member's probabilities on ``split``: float32 [M, N, K] on the CPU."""
+    was_training = student.training
+    student.eval()
+    out = []
+    for images, _ in iterate_batches(split, batch_size):
+        with runtime.autocast():
+            out.append(
+                student.forward_members(runtime.to_device(images)).float().softmax(-1).cpu()
+            )  # [M, B, K]
+    student.train(was_training)
+    return torch.cat(out, dim=1)

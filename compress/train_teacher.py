@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from ensc.compress.checkpoint import ModelSpec, save_checkpoint
 from ensc.compress.data import DataConfig, ImageDataset, load_dataset
+from ensc.compress.fileio import jsonable
 from ensc.compress.loop import OptimConfig, StepResult, train
 from ensc.compress.metrics import accuracy, nll
 from ensc.compress.predict import predict_probs
@@ -127,7 +128,7 @@ def _train_member(config: TeacherTrainConfig, runtime: Runtime, data: ImageDatas
         "train_steps": history["steps"],
         "train_seconds": round(history["seconds"], 1),
     }
-    info = {"seed": seed, "data": _jsonable(asdict(config.data)), "optim": asdict(config.optim)}
+    info = {"seed": seed, "data": jsonable(asdict(config.data)), "optim": asdict(config.optim)}
     save_checkpoint(member_path(config.out, k), model, spec, metrics=metrics, info=info)
     state_path.unlink(missing_ok=True)
     log.info(
@@ -137,7 +138,3 @@ def _train_member(config: TeacherTrainConfig, runtime: Runtime, data: ImageDatas
         metrics["val_nll"],
         member_path(config.out, k),
     )
-
-
-def _jsonable(d: dict) -> dict:
-    return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}

@@ -284,3 +284,11 @@ def test_evaluate_predictions_dee_uses_nll_without_validation() -> None:
     result = evaluate_predictions(PROBS, LABELS, de_nll_curve=curve)
     assert result.dee == pytest.approx(1.5, abs=1e-4)
     assert result.to_dict()["dee"] == 1.5 and result.to_dict()["dee_members"] == 2
+
+
+def test_dee_snaps_round_off_to_the_node():
+    # the same DE-3 evaluated with float32 means differs from the curve by ~1e-8: still DEE 3, not ">3"
+    curve = [0.50, 0.47, 0.46]
+    assert deep_ensemble_equivalent(0.46 - 1e-8, curve) == 3.0
+    assert deep_ensemble_equivalent(0.50 + 1e-8, curve) == 1.0
+    assert deep_ensemble_equivalent(0.46 - 1e-3, curve) == math.inf

@@ -1,0 +1,160 @@
+"""`ensc compress`: distill a DeepEns teacher into one network, verify parity, write a run folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ensc.cli.options import command_line, runtime_options
+from ensc.compress.data import DATASETS
+
+PERTURB_CHOICES = ("none", "gaussian", "ods", "confods", "tdiv-sdiv")
+
+
+@click.command(
+    "compress",
+    epilog="""\b
+Examples:
+  ensc compress --teacher ckpts/ --arch wrn28x5
+  ensc compress --teacher ckpts/ --arch resnet8 --epochs 1 --train-subset 2000 --test-subset 1000
+  ensc compress --teacher ckpts/ --arch resnet20 --perturb ods --step 2 --alpha 0.9 --temperature 1 --init normal
+""",
+)
+@click.option(
+    "--teacher",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Folder of teacher member checkpoints.",
+)
+@click.option(
+    "--arch", required=True, help="Student architecture (registry name or package.module:callable)."
+)
+@click.option(
+    "--members",
+    type=click.IntRange(min=2),
+    help="BatchEns size M. Default: the number of teachers.",
+)
+@click.option("--dataset", type=click.Choice(DATASETS), help="Default: the teachers' dataset.")
+@click.option(
+    "--data-root",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Default: the teachers' data root.",
+)
+@click.option(
+    "--train-subset", type=click.IntRange(min=1), help="Class-balanced subset of N training images."
+)
+@click.option(
+    "--test-subset", type=click.IntRange(min=1), help="Class-balanced subset of N test images."
+)
+@click.option("--epochs", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=128,
+    show_default=True,
+    help="Images per step (the student sees M × this).",
+)
+@click.option(
+    "--lr",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Peak learning rate. Default: 0.1 × batch/128.",
+)
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=5e-4, show_default=True)
+@click.option(
+    "--max-steps", type=click.IntRange(min=1), help="Stop after N optimizer steps (smoke runs)."
+)
+@click.option(
+    "--perturb",
+    type=click.Choice(PERTURB_CHOICES),
+    default="tdiv-sdiv",
+    show_default=True,
+    help="Input perturbation that carries the teachers' diversity.",
+)
+@click.option(
+    "--step",
+    type=click.FloatRange(min=0),
+    help="Perturbation size in units of 1/255. Default: the perturbation's own.",
+)
+@click.option(
+    "--alpha",
+    type=click.FloatRange(0, 1),
+    default=1.0,
+    show_default=True,
+    help="Weight of the KD term ([WA] 1.0, [DM] 0.9).",
+)
+@click.option(
+    "--temperature",
+    type=click.FloatRange(min=0, min_open=True),
+    default=4.0,
+    show_default=True,
+    help="KD temperature ([WA] 4, [DM] 1).",
+)
+@click.option(
+    "--init",
+    type=click.Choice(("ones", "normal")),
+    default="ones",
+    show_default=True,
+    help="Fast-weight init ([WA] ones, [DM] normal).",
+)
+@click.option(
+    "--fast-weights",
+    type=click.Choice(("wa", "dm")),
+    help="Fast-weight regularization. Default: wa for --init ones, dm for normal.",
+)
+@click.option(
+    "--recalibrate-bn",
+    is_flag=True,
+    help="Re-estimate BatchNorm statistics of the averaged network on training data.",
+)
+@click.option(
+    "--max-acc-drop",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    help="Fail if the averaged network is this many points below the BE student.",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    help="Run folder. Default: runs/<arch>-<perturb>-<time>.",
+)
+@click.option(
+    "--resume", is_flag=True, help="Continue an interrupted run (--out, else runs/latest)."
+)
+@click.option("--force", is_flag=True, help="Overwrite an existing run folder.")
+@runtime_options
+def compress_cmd(teacher, arch, members, dataset, data_root, train_subset, test_subset, epochs, batch_size, lr,
+                 weight_decay, max_steps, perturb, step, alpha, temperature, init, fast_weights, recalibrate_bn,
+                 max_acc_drop, seed, out, resume, force, device, amp, channels_last) -> None:  # fmt: skip
+    """Distill a teacher ensemble into a BatchEns student and average it into one network."""
+    from ensc.compress.distill import DistillConfig
+    from ensc.compress.loop import OptimConfig
+    from ensc.compress.perturb import PerturbConfig
+    from ensc.compress.pipeline import CompressConfig, run_compress
+    from ensc.compress.runtime import resolve_runtime
+
+    perturb_config = (
+        PerturbConfig(kind=perturb) if step is None else PerturbConfig(kind=perturb, step=step)
+    )
+    config = CompressConfig(
+        teacher=teacher,
+        arch=arch,
+        members=members,
+        data_overrides={"name": dataset, "root": data_root, "train_subset": train_subset, "test_subset": test_subset},
+        optim=OptimConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, max_steps=max_steps),
+        distill=DistillConfig(alpha=alpha, temperature=temperature, perturb=perturb_config,
+                              fast_weights=fast_weights or ("wa" if init == "ones" else "dm")),
+        init=init,
+        recalibrate_bn=recalibrate_bn,
+        max_acc_drop=max_acc_drop,
+        out=out,
+        seed=seed,
+        resume=resume,
+        force=force,
+        command=command_line(click.get_current_context()),
+    )  # fmt: skip
+    result = run_compress(config, resolve_runtime(device, amp, channels_last))
+    click.echo(result.report_md)
+    click.echo(f"run folder: {result.run_dir} (runs/latest points here)")

@@ -1,0 +1,131 @@
+"""One distillation step of a BatchEns student from a DeepEns teacher, and its optimizer groups.
+
+Per step (SPEC.md §4–§5): perturb the clean batch x into x̃ (using the frozen teachers, and the
+student in eval mode for TDiv-SDiv), get the teachers' logits on x̃, run the student on x̃ (and on
+x when α < 1, in the same forward so BatchNorm sees one batch), and return the loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ensc.compress.loop import StepResult
+from ensc.compress.losses import DistillationLoss
+from ensc.compress.perturb import PerturbConfig, perturb
+from ensc.models.batchensemble import BatchEnsemble
+
+FAST_WEIGHT_REGIMES = ("wa", "dm")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Loss, perturbation and fast-weight treatment; defaults are [WA]'s recipe."""
+
+    alpha: float = 1.0  # weight of the KD term ([WA] 1.0; [DM] 0.9)
+    temperature: float = 4.0  # KD temperature ([WA] 4; [DM] 1)
+    perturb: PerturbConfig = field(default_factory=PerturbConfig)
+    fast_weights: str = "wa"  # "wa": decay r, s towards 1 with λ/M and scale their grads by M; "dm": no decay, half lr
+
+
+def teacher_logits_fn(members: list[nn.Module]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x [B, C, H, W] -> the frozen teachers' logits [Mt, B, K]; gradients flow to x only."""
+
+    def logits(x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(x) for m in members]).float()  # [Mt, B, K]
+
+    return logits
+
+
+def student_eval_logits_fn(student: BatchEnsemble) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x [B, ...] -> student member logits [Ms, B, K] with running BN statistics (for TDiv-SDiv)."""
+
+    def logits(x: torch.Tensor) -> torch.Tensor:
+        was_training = student.training
+        student.eval()
+        try:
+            return student.forward_members(x).float()  # [Ms, B, K]
+        finally:
+            student.train(was_training)
+
+    return logits
+
+
+def make_distill_step(
+    student: BatchEnsemble,
+    teachers: list[nn.Module],
+    config: DistillConfig,
+    gen: torch.Generator,
+) -> Callable[[torch.Tensor, torch.Tensor], StepResult]:
+    """The ``step`` function for :func:`ensc.compress.loop.train`."""
+    loss_fn = DistillationLoss(config.alpha, config.temperature)
+    teacher = teacher_logits_fn(teachers)
+    student_eval = student_eval_logits_fn(student)
+    need_clean = config.alpha < 1 and config.perturb.kind != "none"
+
+    def step(x: torch.Tensor, labels: torch.Tensor) -> StepResult:
+        b = x.shape[0]
+        x_tilde = perturb(x, config.perturb, teacher=teacher, student=student_eval, gen=gen)
+        with torch.no_grad():
+            targets = teacher(x_tilde)  # [Mt, B, K]
+        inputs = torch.cat([x_tilde, x]) if need_clean else x_tilde  # [B or 2B, C, H, W]
+        logits = student.forward_members(inputs)  # [Ms, B or 2B, K]
+        on_perturbed = logits[:, :b]
+        on_clean = logits[:, b:] if need_clean else on_perturbed
+        loss = loss_fn(on_perturbed, targets, on_clean, labels)
+        correct = int((on_clean.detach().float().softmax(-1).mean(0).argmax(-1) == labels).sum())
+        return StepResult(loss, correct, b)
+
+    return step
+
+
+def param_groups(student: BatchEnsemble, regime: str, weight_decay: float) -> list[dict[str, Any]]:
+    """Optimizer groups: shared weights (decay λ), fast weights r, s and member biases ([WA] or [DM])."""
+    if regime not in FAST_WEIGHT_REGIMES:
+        raise ValueError(
+            f"unknown fast-weight regime {regime!r}: choose one of {', '.join(FAST_WEIGHT_REGIMES)}"
+        )
+    fast = list(student.fast_weight_parameters())
+    bias = list(student.member_bias_parameters())
+    shared = list(student.shared_parameters())
+    if (
+        regime == "wa"
+    ):  # decay towards 1 is applied in the gradient hook, not as plain decay towards 0
+        groups = [{"params": shared}, {"params": fast, "weight_decay": 0.0}, {"params": bias}]
+    else:  # [DM]: no weight decay and half the learning rate for the fast weights
+        groups = [
+            {"params": shared},
+            {"params": fast, "weight_decay": 0.0, "lr_scale": 0.5},
+            {"params": bias, "weight_decay": 0.0, "lr_scale": 0.5},
+        ]
+    return [g for g in groups if g["params"]]
+
+
+def fast_weight_hook(
+    student: BatchEnsemble, regime: str, weight_decay: float
+) -> Callable[[], None] | None:
+    """[WA]'s treatment, run after backward: grad ← M·grad + (λ/M)·(r − 1) for r, s; M·grad for member biases.
+
+    Each member sees only 1/M of the batch, hence the factor M; the penalty (λ/2M)·Σ(1 − r)² keeps
+    the fast weights near 1, where averaging them loses little.
+    """
+    if regime != "wa":
+        return None
+    m = student.members
+    fast = list(student.fast_weight_parameters())
+    bias = list(student.member_bias_parameters())
+
+    @torch.no_grad()
+    def hook() -> None:
+        for p in fast:
+            if p.grad is not None:
+                p.grad.mul_(m).add_(p - 1.0, alpha=weight_decay / m)
+        for p in bias:
+            if p.grad is not None:
+                p.grad.mul_(m)
+
+    return hook

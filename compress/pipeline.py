@@ -1,0 +1,277 @@
+"""`ensc compress` end to end: DE teacher → BatchEns student → averaged single network → report.
+
+The run folder holds everything a user needs afterwards: ``student.pt`` (the single plain network
+in ensc's checkpoint format), ``student_be.pt``, ``config.json``, ``log.txt``, ``report.json`` and
+``report.md``. ``runs/latest`` points at the newest finished run, so `ensc export` / `ensc bench`
+find it without options.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ensc.compress.average import average, fold_max_abs_diff, recalibrate_bn
+from ensc.compress.checkpoint import ModelSpec, save_checkpoint
+from ensc.compress.data import DataConfig, ImageDataset, iterate_batches, load_dataset
+from ensc.compress.datasource import check_compatible, data_config_for
+from ensc.compress.distill import DistillConfig, fast_weight_hook, make_distill_step, param_groups
+from ensc.compress.evaluate import member_probs
+from ensc.compress.fileio import atomic_write_text, jsonable
+from ensc.compress.loop import OptimConfig, train
+from ensc.compress.predict import predict_member_probs, predict_probs
+from ensc.compress.report import Predictions, build_report, parity, render_markdown
+from ensc.compress.runtime import Runtime
+from ensc.compress.teacher import Teacher, load_teacher
+from ensc.errors import ConfigError, EnscError
+from ensc.models.batchensemble import BatchEnsemble, to_batchensemble
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = ".state.pt"
+
+
+class ParityError(EnscError):
+    """The averaged network lost more than allowed, or the fold was not exact."""
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """Everything `ensc compress` does; defaults are [WA]'s recipe (SPEC.md §3–§6)."""
+
+    teacher: Path  # folder of member checkpoints
+    arch: str  # student architecture
+    members: int | None = None  # BatchEns size; None = number of teachers
+    data_overrides: dict[str, Any] = field(default_factory=dict)  # DataConfig fields to change
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=200))
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    init: str = "ones"  # fast-weight init: "ones" ([WA], needed for averaging) or "normal" ([DM])
+    recalibrate_bn: bool = False  # re-estimate BN statistics of the averaged network on train data
+    max_acc_drop: float = (
+        1.0  # parity gate: allowed accuracy drop (points) of averaged vs BE student
+    )
+    fold_tolerance: float = 1e-3  # parity gate: max |Δlogit| between averaged BE and folded network
+    out: Path | None = None  # run folder; None = runs/<arch>-<perturb>-<time>
+    runs_dir: Path = Path("runs")  # where default run folders and the `latest` link live
+    seed: int = 0
+    resume: bool = False
+    force: bool = False
+    command: str = ""  # the command line, for the report
+
+
+@dataclass(frozen=True)
+class CompressResult:
+    run_dir: Path
+    report: dict[str, Any]
+    report_md: str
+
+
+def run_compress(config: CompressConfig, runtime: Runtime) -> CompressResult:
+    """Distill, average, evaluate and write the run folder; raises ParityError after writing on failure."""
+    started = time.perf_counter()
+    run_dir = _prepare_run_dir(config)
+    handler = _log_to_file(run_dir / "log.txt")
+    try:
+        teacher = load_teacher(config.teacher)
+        data_config = data_config_for(
+            teacher.spec, teacher.infos[0].get("data"), **config.data_overrides
+        )
+        data = load_dataset(data_config)
+        check_compatible(teacher.spec, data)
+        members = config.members or len(teacher)
+        student, spec = _build_student(config, teacher, data, members, runtime)
+        teacher.to(runtime.device)
+        atomic_write_text(
+            run_dir / "config.json",
+            json.dumps(_config_record(config, data_config, members), indent=2) + "\n",
+        )
+
+        gen = torch.Generator().manual_seed(config.seed + 10_000)
+        wd = config.optim.weight_decay
+        history = train(
+            student,
+            make_distill_step(student, teacher.members, config.distill, gen),
+            data.train,
+            config.optim,
+            runtime,
+            param_groups=param_groups(student, config.distill.fast_weights, wd),
+            hflip=data.hflip,
+            seed=config.seed,
+            state_path=run_dir / STATE_FILE,
+            resume=config.resume,
+            desc=f"distill BE-{members}",
+            after_backward=fast_weight_hook(student, config.distill.fast_weights, wd),
+            identity={"teacher": [str(p) for p in teacher.paths], "arch": config.arch, "members": members,
+                      "distill": asdict(config.distill), "init": config.init, "n_train": len(data.train)},
+        )  # fmt: skip
+        student.eval()
+        be_spec = replace(
+            spec, kind="batchensemble", members=members, arch_kwargs={**spec.arch_kwargs}
+        )
+        save_checkpoint(
+            run_dir / "student_be.pt",
+            student,
+            be_spec,
+            info={"seed": config.seed, "init": config.init},
+        )
+
+        averaged = average(student).to(runtime.device)
+        probe = next(iterate_batches(data.test, 64))[0].to(runtime.device)
+        fold_diff = fold_max_abs_diff(student, averaged, probe)
+        if config.recalibrate_bn:
+            batches = (
+                x.to(runtime.device)
+                for x, _ in iterate_batches(data.train, config.optim.batch_size)
+            )
+            averaged = recalibrate_bn(averaged, batches, device=runtime.device)
+        averaged.eval()
+
+        preds = _predict_all(teacher, student, averaged, data, runtime)
+        report = build_report(preds, data.val.labels, data.test.labels)
+        report["parity"] = parity(report, config.max_acc_drop, fold_diff, config.fold_tolerance)
+        report["params"] = {
+            "teacher": sum(p.numel() for m in teacher.members for p in m.parameters()),
+            "student_be": sum(p.numel() for p in student.parameters()),
+            "student_avg": sum(p.numel() for p in averaged.parameters()),
+        }
+        report["train"] = {"steps": history["steps"], "seconds": round(history["seconds"], 1)}
+        report["wall_seconds"] = round(time.perf_counter() - started, 1)
+        report["dataset"] = data.name
+        save_checkpoint(
+            run_dir / "student.pt", averaged, spec,
+            metrics={k: report["student_avg"][k] for k in ("acc", "nll", "bs", "ece")},
+            info={"seed": config.seed, "data": jsonable(asdict(data_config)), "source": "ensc compress",
+                  "teacher": str(config.teacher), "recalibrated_bn": config.recalibrate_bn},
+        )  # fmt: skip
+        details = {
+            "teacher": f"{len(teacher)} × {teacher.spec.arch} from {config.teacher}",
+            "student": f"BE-{members} {config.arch} (init {config.init}), perturbation {config.distill.perturb.kind} "
+            f"(step {config.distill.perturb.step}/255), α={config.distill.alpha}, T={config.distill.temperature}",
+            "data": f"{data.name}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test",
+            "training": f"{history['steps']} steps, {history['seconds']:.0f} s on {runtime.device}; run total {report['wall_seconds']:.0f} s",
+        }
+        md = render_markdown(
+            report, title=f"ensc compress: {run_dir.name}", command=config.command, details=details
+        )
+        atomic_write_text(run_dir / "report.json", json.dumps(report, indent=2) + "\n")
+        atomic_write_text(run_dir / "report.md", md)
+        (run_dir / STATE_FILE).unlink(missing_ok=True)
+        _point_latest(config.runs_dir, run_dir)
+        gate = report["parity"]
+        if not gate["passed"]:
+            reason = (
+                f"the averaged network is {gate['acc_drop_vs_student_be']:.2f} points below the BE student "
+                f"(allowed {gate['max_acc_drop']})" if not gate["acc_gate_passed"]
+                else f"the fold is not exact (max |Δlogit| {gate['fold_max_abs_diff']:.2e})"
+            )  # fmt: skip
+            raise ParityError(f"parity gate failed: {reason}; see {run_dir / 'report.md'}")
+        return CompressResult(run_dir, report, md)
+    finally:
+        logging.getLogger("ensc").removeHandler(handler)
+        handler.close()
+
+
+def _build_student(
+    config: CompressConfig, teacher: Teacher, data: ImageDataset, members: int, runtime: Runtime
+) -> tuple[BatchEnsemble, ModelSpec]:
+    spec = ModelSpec(
+        arch=config.arch,
+        num_classes=teacher.num_classes,
+        in_channels=data.channels,
+        image_size=data.image_size,
+        mean=data.mean,
+        std=data.std,
+        class_names=teacher.spec.class_names or data.class_names,
+        dataset=data.name,
+        data_root=teacher.spec.data_root,
+    )
+    torch.manual_seed(config.seed)
+    student = to_batchensemble(spec.build(), members=members, init=config.init)
+    return runtime.prepare_model(student), spec
+
+
+def _predict_all(
+    teacher: Teacher,
+    student: BatchEnsemble,
+    averaged: torch.nn.Module,
+    data: ImageDataset,
+    runtime: Runtime,
+) -> Predictions:
+    t_val, t_test = member_probs(teacher, data, runtime)
+    return Predictions(
+        teacher_val=t_val,
+        teacher_test=t_test,
+        student_val=predict_member_probs(student, data.val, runtime),
+        student_test=predict_member_probs(student, data.test, runtime),
+        avg_val=predict_probs(averaged, data.val, runtime),
+        avg_test=predict_probs(averaged, data.test, runtime),
+    )
+
+
+def _prepare_run_dir(config: CompressConfig) -> Path:
+    if config.force and config.resume:
+        raise ConfigError("--force and --resume contradict each other; pass one")
+    if config.out is not None:
+        run_dir = Path(config.out)
+    elif config.resume:
+        run_dir = Path(config.runs_dir) / "latest"
+        if not (run_dir / STATE_FILE).exists():
+            raise ConfigError(
+                f"nothing to resume in {run_dir}: pass --out RUN_DIR of the interrupted run"
+            )
+        run_dir = run_dir.resolve()
+    else:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        run_dir = Path(config.runs_dir) / f"{config.arch}-{config.distill.perturb.kind}-{stamp}"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out {run_dir} is a file; give a folder for the run")
+    if run_dir.exists() and not (config.force or config.resume):
+        taken = [n for n in ("student.pt", "report.json", STATE_FILE) if (run_dir / n).exists()]
+        if taken:
+            raise ConfigError(
+                f"{run_dir} already holds a run ({taken[0]}): pass --resume to continue it or --force to overwrite it"
+            )
+    if config.force:
+        (run_dir / STATE_FILE).unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def _point_latest(runs_dir: Path, run_dir: Path) -> None:
+    """Atomically repoint ``runs_dir/latest`` at ``run_dir`` (relative when inside runs_dir)."""
+    runs_dir = Path(runs_dir)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    target = run_dir.resolve()
+    try:
+        link_to = os.path.relpath(target, runs_dir.resolve())
+    except ValueError:  # another drive on Windows
+        link_to = str(target)
+    tmp = runs_dir / f".latest.{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    os.symlink(link_to, tmp, target_is_directory=True)
+    os.replace(tmp, runs_dir / "latest")
+
+
+def _log_to_file(path: Path) -> logging.Handler:
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    handler.setLevel(logging.INFO)
+    logger = logging.getLogger("ensc")
+    logger.addHandler(handler)
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    return handler
+
+
+def _config_record(config: CompressConfig, data: DataConfig, members: int) -> dict[str, Any]:
+    record = jsonable(asdict(config))
+    record.update(members=members, data=jsonable(asdict(data)))
+    return record

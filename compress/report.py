@@ -1,0 +1,137 @@
+"""The compression report: teacher, BatchEns student and averaged network side by side, plus the parity gate."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ensc.compress.metrics import agreement, ensemble_nll_curve, evaluate_predictions
+from ensc.compress.table import markdown_table
+
+REPORT_COLUMNS = (
+    "acc",
+    "nll",
+    "bs",
+    "ece",
+    "cnll",
+    "cece",
+    "dee",
+    "kl_div",
+    "disagreement",
+    "agreement",
+)
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """Probabilities of every model on the validation and test splits (CPU tensors)."""
+
+    teacher_val: torch.Tensor  # [Mt, Nv, K]
+    teacher_test: torch.Tensor  # [Mt, N, K]
+    student_val: torch.Tensor  # [Ms, Nv, K]
+    student_test: torch.Tensor  # [Ms, N, K]
+    avg_val: torch.Tensor  # [Nv, K]
+    avg_test: torch.Tensor  # [N, K]
+
+
+def build_report(
+    preds: Predictions, val_labels: torch.Tensor, test_labels: torch.Tensor
+) -> dict[str, Any]:
+    """Metrics (SPEC §7) of each teacher, DE-M, each student member, BE-M and the averaged network.
+
+    DEE is measured against the teacher's calibrated prefix-ensemble curve; ``agreement`` is the
+    top-1 agreement with DE-M in percent.
+    """
+    curve = ensemble_nll_curve(
+        preds.teacher_test, test_labels, val_member_probs=preds.teacher_val, val_labels=val_labels
+    )
+    de_test = preds.teacher_test.mean(0)
+
+    def row(
+        name: str, test: torch.Tensor, val: torch.Tensor, members: torch.Tensor | None = None
+    ) -> dict[str, Any]:
+        metrics = evaluate_predictions(
+            test, test_labels, val_probs=val, val_labels=val_labels,
+            member_probs=members if members is not None and len(members) > 1 else None, de_nll_curve=curve,
+        ).to_dict()  # fmt: skip
+        return {"name": name, **metrics, "agreement": agreement(test, de_test)}
+
+    t_val, t_test, s_val, s_test = (
+        preds.teacher_val,
+        preds.teacher_test,
+        preds.student_val,
+        preds.student_test,
+    )
+    return {
+        "n_val": len(val_labels),
+        "n_test": len(test_labels),
+        "teacher": row(f"DE-{len(t_test)} teacher", de_test, t_val.mean(0), t_test),
+        "teacher_members": [row(f"teacher {k}", t_test[k], t_val[k]) for k in range(len(t_test))],
+        "student_be": row(f"BE-{len(s_test)} student", s_test.mean(0), s_val.mean(0), s_test),
+        "student_members": [
+            row(f"student member {k}", s_test[k], s_val[k]) for k in range(len(s_test))
+        ],
+        "student_avg": row("averaged single network", preds.avg_test, preds.avg_val),
+        "de_cnll_curve": curve,
+    }
+
+
+def parity(
+    report: dict[str, Any], max_acc_drop: float, fold_diff: float, fold_tolerance: float
+) -> dict[str, Any]:
+    """The gate: the averaged network within ``max_acc_drop`` points of BE-M, and an exact fold."""
+    avg, be, teacher = report["student_avg"], report["student_be"], report["teacher"]
+    drop = be["acc"] - avg["acc"]
+    return {
+        "acc_drop_vs_student_be": drop,
+        "max_acc_drop": max_acc_drop,
+        "acc_gate_passed": drop <= max_acc_drop,
+        "fold_max_abs_diff": fold_diff,
+        "fold_tolerance": fold_tolerance,
+        "fold_passed": fold_diff <= fold_tolerance,
+        "vs_teacher": {k: avg[k] - teacher[k] for k in ("acc", "nll", "ece")},
+        "passed": drop <= max_acc_drop and fold_diff <= fold_tolerance,
+    }
+
+
+def all_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    return [
+        report["teacher"],
+        *report["teacher_members"],
+        report["student_be"],
+        *report["student_members"],
+        report["student_avg"],
+    ]
+
+
+def render_markdown(
+    report: dict[str, Any], *, title: str, command: str, details: dict[str, str]
+) -> str:
+    """The report a user can paste: setup, the metrics table, the parity verdict."""
+    gate = report["parity"]
+    lines = [
+        f"# {title}",
+        "",
+        f"`{command}`",
+        "",
+        *(f"- {k}: {v}" for k, v in details.items()),
+        f"- test images: {report['n_test']}, temperature fitted on {report['n_val']} validation images",
+        "",
+        markdown_table(all_rows(report), REPORT_COLUMNS),
+        "",
+        "ACC and agreement with the teacher ensemble (agree DE) in %; NLL, Brier (BS), ECE and the",
+        "temperature-scaled cNLL/cECE raw; DEE in teacher members; KL/disagreement = member diversity.",
+        "",
+        "## Parity",
+        "",
+        f"- averaged network vs BE student: {-gate['acc_drop_vs_student_be']:+.2f} accuracy points "
+        f"(allowed drop {gate['max_acc_drop']:.2f}): {'ok' if gate['acc_gate_passed'] else 'FAILED'}",
+        f"- fold check (averaged BE vs folded plain network): max |Δlogit| {gate['fold_max_abs_diff']:.2e} "
+        f"(tolerance {gate['fold_tolerance']:.0e}): {'ok' if gate['fold_passed'] else 'FAILED'}",
+        f"- averaged network vs teacher ensemble: ACC {gate['vs_teacher']['acc']:+.2f}, "
+        f"NLL {gate['vs_teacher']['nll']:+.4f}, ECE {gate['vs_teacher']['ece']:+.4f}",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,83 @@
+"""`ensc compress` end to end on a tiny real teacher: run folder, report sections, parity gate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ensc.compress.checkpoint import load_checkpoint, load_model
+from ensc.compress.loop import OptimConfig
+from ensc.compress.pipeline import CompressConfig, ParityError, run_compress
+from ensc.compress.report import parity
+from ensc.compress.runtime import resolve_runtime
+from tests.conftest import run_cli
+
+SMOKE = ("--arch", "resnet8", "--epochs", "1", "--batch-size", "32", "--train-subset", "400", "--test-subset", "200")
+
+
+def test_compress_writes_run_folder_and_latest(tiny_teacher: Path, tmp_path: Path):
+    result = run_cli("compress", "--teacher", str(tiny_teacher), *SMOKE, "--max-steps", "4", cwd=tmp_path)
+    assert result.exit_code == 0, result.output
+    latest = tmp_path / "runs" / "latest"
+    assert latest.is_symlink()
+    for name in ("student.pt", "student_be.pt", "report.json", "report.md", "config.json", "log.txt"):
+        assert (latest / name).is_file(), name
+    assert not (latest / ".state.pt").exists()
+    report = json.loads((latest / "report.json").read_text())
+    for section in ("teacher", "student_be", "student_avg"):
+        assert {"acc", "nll", "bs", "ece", "dee"} <= set(report[section]), section
+    assert report["parity"]["fold_max_abs_diff"] < 1e-3
+    assert report["params"]["student_avg"] * 2 == report["params"]["teacher"]  # same arch, 2 teachers
+    assert "| averaged single network" in (latest / "report.md").read_text()
+    assert "ensc compress --teacher" in (latest / "report.md").read_text()
+    # student.pt is a plain ensc checkpoint of the student architecture that reproduces the report
+    model, spec = load_model(latest / "student.pt")
+    assert spec.arch == "resnet8" and spec.kind == "model" and spec.dataset == "fashion-mnist"
+    assert load_checkpoint(latest / "student_be.pt").spec.members == 2
+    assert isinstance(model(torch.rand(3, 1, 28, 28)), torch.Tensor)
+    # a second run into the same folder is refused without --force
+    again = run_cli("compress", "--teacher", str(tiny_teacher), *SMOKE, "--max-steps", "1", "--out", str(latest.resolve()), cwd=tmp_path)
+    assert again.exit_code != 0 and "--force" in again.output
+
+
+@pytest.mark.parametrize("perturb", ["none", "gaussian", "ods", "confods", "tdiv-sdiv"])
+def test_every_perturbation_runs(perturb: str, tiny_teacher: Path, tmp_path: Path):
+    result = run_cli(
+        "compress", "--teacher", str(tiny_teacher), *SMOKE, "--max-steps", "3", "--perturb", perturb,
+        "--out", str(tmp_path / perturb), "--max-acc-drop", "100", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / perturb / "config.json").read_text())
+    assert config["distill"]["perturb"]["kind"] == perturb
+
+
+def test_parity_gate_fails_after_writing_report(tiny_teacher: Path, tmp_path: Path):
+    config = CompressConfig(
+        teacher=tiny_teacher,
+        arch="resnet8",
+        data_overrides={"train_subset": 300, "test_subset": 100},
+        optim=OptimConfig(epochs=1, batch_size=32, max_steps=2),
+        max_acc_drop=-100.0,  # impossible to meet: the gate must fail
+        out=tmp_path / "run",
+        runs_dir=tmp_path / "runs",
+    )
+    with pytest.raises(ParityError, match="parity gate failed"):
+        run_compress(config, resolve_runtime("cpu"))
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["parity"]["passed"] is False and (tmp_path / "run" / "student.pt").exists()
+
+
+def test_parity_rules():
+    report = {"student_avg": {"acc": 90.0, "nll": 0.3, "ece": 0.02}, "student_be": {"acc": 91.5}, "teacher": {"acc": 92.0, "nll": 0.25, "ece": 0.01}}
+    assert not parity(report, 1.0, 1e-6, 1e-3)["passed"]  # 1.5-point drop
+    assert parity(report, 2.0, 1e-6, 1e-3)["passed"]
+    assert not parity(report, 2.0, 1e-2, 1e-3)["fold_passed"]
+    assert parity(report, 2.0, 1e-6, 1e-3)["vs_teacher"]["acc"] == pytest.approx(-2.0)
+
+
+def test_compress_bad_teacher_is_one_line(tmp_path: Path):
+    result = run_cli("compress", "--teacher", str(tmp_path / "nope"), "--arch", "resnet8", cwd=tmp_path)
+    assert result.exit_code != 0 and "does not exist" in result.output and "Traceback" not in result.output

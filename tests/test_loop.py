@@ -1,0 +1,129 @@
+"""Training loop: schedule shape, resume after an interruption reproduces the uninterrupted run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ensc.compress.checkpoint import ModelSpec, load_checkpoint, load_model, save_checkpoint
+from ensc.compress.data import DataConfig, load_dataset
+from ensc.compress.loop import OptimConfig, StepResult, train
+from ensc.compress.runtime import resolve_runtime
+from ensc.compress.schedule import warmup_cosine
+from ensc.errors import CheckpointError, ConfigError
+from ensc.models import build_model
+
+
+def test_warmup_cosine_shape():
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    sched = warmup_cosine(opt, total_steps=100, warmup_steps=10)
+    lrs = []
+    for _ in range(100):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(1 / 11) and lrs[9] == pytest.approx(10 / 11)  # linear warm-up
+    assert lrs[10] == pytest.approx(1.0)  # peak right after warm-up
+    assert lrs[55] == pytest.approx(0.5, abs=1e-9)  # cosine half-way point
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False)) and lrs[-1] < 0.001
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _run(
+    tmp_path: Path, *, interrupt_at: int | None = None, resume: bool = False
+) -> torch.nn.Module:
+    data = load_dataset(DataConfig("fashion-mnist", train_subset=330, test_subset=10))
+    torch.manual_seed(0)
+    model = build_model("resnet8", num_classes=10, in_channels=1)
+    calls = {"n": 0}
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> StepResult:
+        calls["n"] += 1
+        if interrupt_at is not None and calls["n"] == interrupt_at:
+            raise Interrupt
+        logits = model(x)
+        return StepResult(F.cross_entropy(logits, y), 0, len(y))
+
+    config = OptimConfig(epochs=3, batch_size=100)  # 297 train images -> 2 steps per epoch
+    if resume:  # a new process would rebuild the model from scratch before resuming
+        torch.manual_seed(123)
+        model.load_state_dict(build_model("resnet8", num_classes=10, in_channels=1).state_dict())
+    train(
+        model,
+        step,
+        data.train,
+        config,
+        resolve_runtime("cpu"),
+        seed=7,
+        state_path=tmp_path / "state.pt",
+        resume=resume,
+        hflip=False,
+    )
+    return model
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(tmp_path: Path):
+    straight = _run(tmp_path / "a")
+    with pytest.raises(Interrupt):
+        _run(tmp_path / "b", interrupt_at=4)  # dies in epoch 2, after epoch 1 was saved
+    assert (tmp_path / "b" / "state.pt").exists()
+    resumed = _run(tmp_path / "b", resume=True)
+    for (name, a), b in zip(
+        straight.state_dict().items(), resumed.state_dict().values(), strict=True
+    ):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5), name
+
+
+def test_resume_with_other_settings_is_refused(tmp_path: Path):
+    data = load_dataset(DataConfig("fashion-mnist", train_subset=330, test_subset=10))
+    model = build_model("resnet8", num_classes=10, in_channels=1)
+
+    def step(x, y):
+        return StepResult(F.cross_entropy(model(x), y), 0, len(y))
+
+    rt = resolve_runtime("cpu")
+    train(
+        model,
+        step,
+        data.train,
+        OptimConfig(epochs=1, batch_size=100),
+        rt,
+        state_path=tmp_path / "s.pt",
+    )
+    with pytest.raises(ConfigError, match="different settings"):
+        train(
+            model,
+            step,
+            data.train,
+            OptimConfig(epochs=2, batch_size=100),
+            rt,
+            state_path=tmp_path / "s.pt",
+            resume=True,
+        )
+
+
+def test_checkpoint_round_trip_and_refusals(tmp_path: Path):
+    model = build_model("resnet8", num_classes=3, in_channels=1, mean=(0.5,), std=(0.25,))
+    spec = ModelSpec("resnet8", 3, 1, (28, 28), (0.5,), (0.25,), ("a", "b", "c"), "fashion-mnist")
+    save_checkpoint(tmp_path / "m.pt", model, spec, metrics={"val_acc": 50.0}, info={"seed": 3})
+    assert not list(tmp_path.glob(".*tmp"))  # atomic write left no temp file
+    loaded, spec2 = load_model(tmp_path / "m.pt")
+    assert spec2 == spec
+    x = torch.rand(2, 1, 28, 28)
+    assert torch.equal(loaded(x), model.eval()(x))
+    assert load_checkpoint(tmp_path / "m.pt").info["seed"] == 3
+    torch.save({"weights": model.state_dict()}, tmp_path / "raw.pt")
+    with pytest.raises(CheckpointError, match="not an ensc checkpoint"):
+        load_checkpoint(tmp_path / "raw.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "m.pt").read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="cannot load"):
+        load_checkpoint(tmp_path / "cut.pt")
+    torch.save({"obj": Interrupt()}, tmp_path / "pickled.pt")  # needs full unpickling: refused
+    with pytest.raises(CheckpointError, match="cannot load"):
+        load_checkpoint(tmp_path / "pickled.pt")
