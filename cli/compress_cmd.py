@@ -135,9 +135,9 @@ def compress_cmd(teacher, arch, members, dataset, data_root, train_subset, test_
     from ensc.compress.pipeline import CompressConfig, run_compress
     from ensc.compress.runtime import resolve_runtime
 
-    perturb_config = (
-        PerturbConfig(kind=perturb) if step is None else PerturbConfig(kind=perturb, step=step)
-    )
+    # SPEC §5 writes ODS/ConfODS with the KD temperature T of §4, as [DM]'s code does
+    step_arg = {} if step is None else {"step": step}
+    perturb_config = PerturbConfig(kind=perturb, temperature=temperature, **step_arg)
     config = CompressConfig(
         teacher=teacher,
         arch=arch,
