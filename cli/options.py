@@ -72,7 +72,7 @@ def command_line(ctx: click.Context) -> str:
     """The command as the user typed it (options given explicitly, in declaration order)."""
     from click.core import ParameterSource
 
-    parts = [ctx.command_path]
+    parts = ["ensc", ctx.info_name or ""]
     for param in ctx.command.params:
         if (
             not isinstance(param, click.Option)

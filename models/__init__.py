@@ -1,5 +1,6 @@
 """Image classifiers that take pixels in [0, 1], and a registry to build them by name."""
 
+from .batchensemble import BatchEnsemble, BEConv2d, BELinear, to_batchensemble
 from .normalize import Normalize, NormalizedModel
 from .registry import build_model, list_models, register_model
 from .resnet import (
@@ -17,7 +18,10 @@ from .resnet import (
 from .wrn import WideBasicBlock, WideResNet, wide_resnet
 
 __all__ = [
+    "BEConv2d",
+    "BELinear",
     "BasicBlock",
+    "BatchEnsemble",
     "Normalize",
     "NormalizedModel",
     "ResNet",
@@ -34,5 +38,6 @@ __all__ = [
     "resnet44",
     "resnet56",
     "resnet110",
+    "to_batchensemble",
     "wide_resnet",
 ]

@@ -15,22 +15,44 @@ from ensc.compress.report import parity
 from ensc.compress.runtime import resolve_runtime
 from tests.conftest import run_cli
 
-SMOKE = ("--arch", "resnet8", "--epochs", "1", "--batch-size", "32", "--train-subset", "400", "--test-subset", "200")
+SMOKE = (
+    "--arch",
+    "resnet8",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "32",
+    "--train-subset",
+    "400",
+    "--test-subset",
+    "200",
+)
 
 
 def test_compress_writes_run_folder_and_latest(tiny_teacher: Path, tmp_path: Path):
-    result = run_cli("compress", "--teacher", str(tiny_teacher), *SMOKE, "--max-steps", "4", cwd=tmp_path)
+    result = run_cli(
+        "compress", "--teacher", str(tiny_teacher), *SMOKE, "--max-steps", "4", cwd=tmp_path
+    )
     assert result.exit_code == 0, result.output
     latest = tmp_path / "runs" / "latest"
     assert latest.is_symlink()
-    for name in ("student.pt", "student_be.pt", "report.json", "report.md", "config.json", "log.txt"):
+    for name in (
+        "student.pt",
+        "student_be.pt",
+        "report.json",
+        "report.md",
+        "config.json",
+        "log.txt",
+    ):
         assert (latest / name).is_file(), name
     assert not (latest / ".state.pt").exists()
     report = json.loads((latest / "report.json").read_text())
     for section in ("teacher", "student_be", "student_avg"):
         assert {"acc", "nll", "bs", "ece", "dee"} <= set(report[section]), section
     assert report["parity"]["fold_max_abs_diff"] < 1e-3
-    assert report["params"]["student_avg"] * 2 == report["params"]["teacher"]  # same arch, 2 teachers
+    assert (
+        report["params"]["student_avg"] * 2 == report["params"]["teacher"]
+    )  # same arch, 2 teachers
     assert "| averaged single network" in (latest / "report.md").read_text()
     assert "ensc compress --teacher" in (latest / "report.md").read_text()
     # student.pt is a plain ensc checkpoint of the student architecture that reproduces the report
@@ -39,7 +61,17 @@ def test_compress_writes_run_folder_and_latest(tiny_teacher: Path, tmp_path: Pat
     assert load_checkpoint(latest / "student_be.pt").spec.members == 2
     assert isinstance(model(torch.rand(3, 1, 28, 28)), torch.Tensor)
     # a second run into the same folder is refused without --force
-    again = run_cli("compress", "--teacher", str(tiny_teacher), *SMOKE, "--max-steps", "1", "--out", str(latest.resolve()), cwd=tmp_path)
+    again = run_cli(
+        "compress",
+        "--teacher",
+        str(tiny_teacher),
+        *SMOKE,
+        "--max-steps",
+        "1",
+        "--out",
+        str(latest.resolve()),
+        cwd=tmp_path,
+    )
     assert again.exit_code != 0 and "--force" in again.output
 
 
@@ -71,7 +103,11 @@ def test_parity_gate_fails_after_writing_report(tiny_teacher: Path, tmp_path: Pa
 
 
 def test_parity_rules():
-    report = {"student_avg": {"acc": 90.0, "nll": 0.3, "ece": 0.02}, "student_be": {"acc": 91.5}, "teacher": {"acc": 92.0, "nll": 0.25, "ece": 0.01}}
+    report = {
+        "student_avg": {"acc": 90.0, "nll": 0.3, "ece": 0.02},
+        "student_be": {"acc": 91.5},
+        "teacher": {"acc": 92.0, "nll": 0.25, "ece": 0.01},
+    }
     assert not parity(report, 1.0, 1e-6, 1e-3)["passed"]  # 1.5-point drop
     assert parity(report, 2.0, 1e-6, 1e-3)["passed"]
     assert not parity(report, 2.0, 1e-2, 1e-3)["fold_passed"]
@@ -79,5 +115,11 @@ def test_parity_rules():
 
 
 def test_compress_bad_teacher_is_one_line(tmp_path: Path):
-    result = run_cli("compress", "--teacher", str(tmp_path / "nope"), "--arch", "resnet8", cwd=tmp_path)
-    assert result.exit_code != 0 and "does not exist" in result.output and "Traceback" not in result.output
+    result = run_cli(
+        "compress", "--teacher", str(tmp_path / "nope"), "--arch", "resnet8", cwd=tmp_path
+    )
+    assert (
+        result.exit_code != 0
+        and "does not exist" in result.output
+        and "Traceback" not in result.output
+    )

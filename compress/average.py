@@ -1,0 +1,161 @@
+"""Weight averaging ([WA], SPEC.md §6): fold a BatchEnsemble into one plain network.
+
+Averaging the fast weights over members (r̄, s̄, b̄) makes all members identical; because BatchNorm
+is shared, that averaged BatchEnsemble *is* a plain network of the base architecture with
+
+    W' = W ⊙ (s̄ r̄ᵀ)   (broadcast over kernel positions),   bias' = bias ⊙ s̄ + b̄
+
+and the same BN layers, at the inference cost of one member. The fold is exact up to float32
+round-off, which :func:`fold_max_abs_diff` checks after training.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+from torch.optim.swa_utils import update_bn
+
+from ensc.models.batchensemble import BE_LAYERS, BatchEnsemble, BEConv2d, BELinear
+
+__all__ = ["average", "average_fast_weights", "fold_max_abs_diff", "recalibrate_bn"]
+
+
+def average_fast_weights(be: BatchEnsemble) -> BatchEnsemble:
+    """A deep copy of ``be`` whose r, s and member biases are their mean over members.
+
+    All members of the copy compute the same function: the one :func:`average` folds into a
+    plain network. ``be`` is not modified; the copy keeps its train/eval mode.
+    """
+    _check_be(be, "average_fast_weights")
+    out = copy.deepcopy(be)
+    with torch.no_grad():
+        for layer in out.be_layers():
+            for p in (layer.r, layer.s, layer.member_bias):
+                if p is not None:
+                    p.copy_(p.mean(0, keepdim=True).expand_as(p))  # [1, C] -> [M, C]
+    return out
+
+
+def average(be: BatchEnsemble) -> nn.Module:
+    """The plain base network equal to ``be`` with averaged fast weights (SPEC.md §6), in eval mode.
+
+    A deep copy of ``be.net`` in which every :class:`BEConv2d` / :class:`BELinear` becomes an
+    ``nn.Conv2d`` / ``nn.Linear`` of the same configuration with ``W' = W ⊙ (s̄ r̄ᵀ)`` and
+    ``bias' = bias ⊙ s̄ + b̄``; BatchNorm and all other modules are copied unchanged. Its state-dict
+    keys are those of the network ``be`` was converted from, so it loads into
+    ``build_model(arch, ...)``, except for a BE layer built with ``member_bias=True`` on a
+    layer without bias: its plain version gets a ``bias`` (= b̄) the base model lacks.
+    (:func:`~ensc.models.batchensemble.to_batchensemble` never creates such layers.)
+    ``be`` is not modified.
+    """
+    _check_be(be, "average")
+    net = copy.deepcopy(be.net)
+    folded: dict[int, nn.Module] = {}  # id(BE layer) -> plain layer, for layers under two names
+    for name, module in list(net.named_modules(remove_duplicate=False)):
+        if not isinstance(module, BE_LAYERS):
+            continue
+        if id(module) not in folded:
+            folded[id(module)] = _fold_layer(module)
+        if name == "":  # the network is a single BE layer
+            net = folded[id(module)]
+        else:
+            parent_name, _, child = name.rpartition(".")
+            setattr(net.get_submodule(parent_name), child, folded[id(module)])
+    return net.eval()
+
+
+@torch.no_grad()
+def _fold_layer(layer: BEConv2d | BELinear) -> nn.Conv2d | nn.Linear:
+    # Fold in float64 on the CPU (MPS has no float64), then cast back to the layer's dtype.
+    def f64(t: Tensor) -> Tensor:
+        return t.detach().to("cpu", torch.float64)
+
+    r_bar = f64(layer.r).mean(0)  # [M, in] -> [in]
+    s_bar = f64(layer.s).mean(0)  # [M, out] -> [out]
+    weight = f64(layer.weight)  # [out, in, kh, kw] for convs, [out, in] for linears
+    scale = torch.outer(s_bar, r_bar)  # [out, in]
+    scale = scale.view(*scale.shape, *([1] * (weight.dim() - 2)))  # [out, in, 1, 1] for convs
+    weight = weight * scale
+    bias = f64(layer.bias) * s_bar if layer.bias is not None else None  # [out]
+    if layer.member_bias is not None:
+        b_bar = f64(layer.member_bias).mean(0)  # [M, out] -> [out]
+        bias = b_bar if bias is None else bias + b_bar
+
+    factory = {"device": layer.weight.device, "dtype": layer.weight.dtype}
+    plain: nn.Conv2d | nn.Linear
+    if isinstance(layer, BEConv2d):
+        plain = nn.Conv2d(
+            layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
+            layer.padding, layer.dilation, layer.groups, bias is not None, layer.padding_mode,
+            **factory,
+        )  # fmt: skip
+    else:
+        plain = nn.Linear(layer.in_features, layer.out_features, bias is not None, **factory)
+    plain.weight.copy_(weight)
+    if bias is not None:
+        plain.bias.copy_(bias)
+    plain.train(layer.training)
+    return plain
+
+
+def fold_max_abs_diff(be: BatchEnsemble, plain: nn.Module, x: Tensor) -> float:
+    """Largest ``|logit|`` difference between ``be`` with averaged fast weights and ``plain`` on ``x``.
+
+    Both run in eval mode (running BN statistics) on the plain batch ``x`` ``(B, ...)``; the
+    difference is taken over all members (which are identical after averaging) and classes. For
+    ``plain = average(be)`` it should be float32 round-off (~1e-5); ``plain``'s mode is restored.
+    """
+    _check_be(be, "fold_max_abs_diff")
+    if x.dim() == 0 or x.shape[0] == 0:
+        raise ValueError(
+            f"fold_max_abs_diff needs a non-empty batch (B, ...); got {tuple(x.shape)}"
+        )
+    averaged = average_fast_weights(be).eval()
+    was_training = plain.training
+    plain.eval()
+    try:
+        with torch.no_grad():
+            members = averaged.forward_members(x).float()  # [M, B, K]
+            single = plain(x).float()  # [B, K]
+    finally:
+        plain.train(was_training)
+    if members.shape[1:] != single.shape:
+        raise ValueError(
+            f"the BatchEnsemble gives logits {tuple(members.shape[1:])} per member but the plain "
+            f"network gives {tuple(single.shape)}; compare a BatchEnsemble with its own average(be)"
+        )
+    return float((members - single).abs().max())
+
+
+def recalibrate_bn(
+    model: nn.Module,
+    batches: Iterable[Tensor] | Iterable[tuple[Tensor, ...]],
+    device: torch.device | str | None = None,
+) -> nn.Module:
+    """Re-estimate the BatchNorm running statistics of ``model`` on ``batches``, in place, as SWA does.
+
+    Uses ``torch.optim.swa_utils.update_bn``: statistics are reset, then set to the equal-weight
+    average over all batches. Pass training images (augmented as in training), as tensors
+    ``(B, C, H, W)`` or ``(images, labels)`` tuples; ``device`` is where they are moved first.
+    Weights are untouched and the train/eval mode is restored. Returns ``model``.
+    """
+    batches = iter(batches)
+    first = next(batches, None)
+    if first is None:
+        raise ValueError(
+            "recalibrate_bn got no batches; pass an iterable of training image batches (B, C, H, W)"
+        )
+    update_bn(itertools.chain([first], batches), model, device=device)
+    return model
+
+
+def _check_be(be: object, fn: str) -> None:
+    if not isinstance(be, BatchEnsemble):
+        raise TypeError(
+            f"{fn} needs a BatchEnsemble; got {type(be).__name__}. Build one with "
+            "ensc.models.batchensemble.to_batchensemble(model, members=M)"
+        )

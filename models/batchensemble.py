@@ -1,0 +1,402 @@
+"""BatchEnsemble: M members sharing one network's weights (Wen et al. 2020, https://arxiv.org/abs/2002.06715).
+
+Every ``nn.Conv2d`` / ``nn.Linear`` of a base network keeps its shared weight ``W`` (and bias) and
+gets per-member fast weights ``r`` [M, in], ``s`` [M, out] and, where the layer has a bias, a
+per-member bias ``member_bias`` [M, out]. Member m computes (SPEC.md §3)::
+
+    y_m = (layer(x_m ⊙ r_m) ⊙ s_m) + member_bias_m      # layer = the shared conv / matmul + bias
+
+which is the plain layer with weight ``W ⊙ (s_m r_mᵀ)`` and bias ``bias ⊙ s_m + member_bias_m``.
+BatchNorm layers stay shared: one BN over the whole M·B batch, which keeps averaging exact (§6).
+
+Ensemble-axis convention, used by every module here: the input is ``(M*B, C, H, W)``, made of M
+contiguous chunks of B examples, chunk m being member m's input; logits ``(M*B, K)`` are viewed
+as ``(M, B, K)``. To predict with all members on one batch, tile it M times
+(:meth:`BatchEnsemble.forward_members`).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+__all__ = [
+    "BE_LAYERS",
+    "FAST_WEIGHT_INITS",
+    "BEConv2d",
+    "BELinear",
+    "BatchEnsemble",
+    "to_batchensemble",
+]
+
+logger = logging.getLogger(__name__)
+
+# "ones": [WA], members start identical (needed for averaging); "normal": [DM], N(1, 0.5²).
+FAST_WEIGHT_INITS = ("ones", "normal")
+
+
+def _check_members(members: Any) -> int:
+    if isinstance(members, bool) or not isinstance(members, int):
+        raise TypeError(f"members must be an int >= 1; got {members!r}")
+    if members < 1:
+        raise ValueError(f"members must be >= 1; got {members}")
+    return members
+
+
+def _check_init(init: str) -> str:
+    if init not in FAST_WEIGHT_INITS:
+        raise ValueError(
+            f"unknown fast-weight init {init!r}: choose one of {', '.join(FAST_WEIGHT_INITS)}"
+        )
+    return init
+
+
+def _check_batch(x: Tensor, members: int) -> None:
+    if x.dim() == 0:
+        raise ValueError("BatchEnsemble inputs need a batch axis (M*B, ...); got a scalar")
+    n = x.shape[0]
+    if n % members != 0:
+        raise ValueError(
+            f"batch of {n} is not divisible by M={members}: tile inputs with "
+            f"x.repeat({members}, 1, 1, 1) (chunk m = member m), or call "
+            "BatchEnsemble.forward_members(x) on a plain batch"
+        )
+
+
+def _per_member(x: Tensor, scale: Tensor, shift: Tensor | None, dim: int) -> Tensor:
+    """``x ⊙ scale_m (+ shift_m)`` along feature axis ``dim`` of each member's chunk of ``x``."""
+    m, c = scale.shape
+    xs = x.unflatten(0, (m, -1))  # [M*B, ...] -> [M, B, ...]
+    axis = dim + 1 if dim >= 0 else xs.dim() + dim  # the feature axis of xs
+    shape = [1] * xs.dim()
+    shape[0], shape[axis] = m, c  # e.g. [M, 1, C, 1, 1] for NCHW, [M, 1, C] for [N, C]
+    out = xs * scale.view(shape)
+    if shift is not None:
+        out = out + shift.view(shape)
+    return out.flatten(0, 1)  # [M, B, ...] -> [M*B, ...]
+
+
+class _BEMixin:
+    """Fast weights r, s and member biases shared by :class:`BEConv2d` and :class:`BELinear`."""
+
+    members: int
+    init: str
+    r: nn.Parameter
+    s: nn.Parameter
+    member_bias: nn.Parameter | None
+    weight: Tensor
+    bias: Tensor | None
+
+    def _add_fast_weights(
+        self, in_features: int, out_features: int, members: int, init: str, member_bias: bool
+    ) -> None:
+        self.members = _check_members(members)
+        self.init = _check_init(init)
+        factory = {"device": self.weight.device, "dtype": self.weight.dtype}
+        self.r = nn.Parameter(torch.empty(members, in_features, **factory))  # [M, in]
+        self.s = nn.Parameter(torch.empty(members, out_features, **factory))  # [M, out]
+        if member_bias:
+            self.member_bias = nn.Parameter(torch.zeros(members, out_features, **factory))
+        else:
+            self.register_parameter("member_bias", None)  # type: ignore[attr-defined]
+        self.reset_fast_weights()
+
+    @torch.no_grad()
+    def reset_fast_weights(self) -> None:
+        """Re-draw r, s from ``self.init`` (global torch RNG for "normal") and zero member biases."""
+        for p in (self.r, self.s):
+            if self.init == "ones":
+                p.fill_(1.0)
+            else:
+                p.normal_(1.0, 0.5)
+        if self.member_bias is not None:
+            self.member_bias.zero_()
+
+    def _be_extra_repr(self) -> str:
+        return f"members={self.members}, init={self.init!r}, member_bias={self.member_bias is not None}"
+
+
+class BEConv2d(_BEMixin, nn.Conv2d):
+    """``nn.Conv2d`` with BatchEnsemble fast weights; ``weight``/``bias`` keep their plain names.
+
+    Input ``(M*B, C_in, H, W)`` in member chunks (see the module docstring). Only ``groups=1``
+    is supported, so that ``r`` scales whole input channels and the fold of §6 stays a rank-1
+    rescaling of ``W``.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+            padding_mode, device, dtype: as for ``nn.Conv2d``.
+        members: ensemble size M.
+        init: fast-weight init, ``"ones"`` ([WA]) or ``"normal"`` ([DM], N(1, 0.5²)).
+        member_bias: give each member its own bias (init 0); default: iff ``bias``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: str | int | tuple[int, int] = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        members: int,
+        init: str = "ones",
+        member_bias: bool | None = None,
+    ) -> None:
+        if groups != 1:
+            raise ValueError(
+                f"BEConv2d supports groups=1 only; got groups={groups}. Leave grouped or "
+                "depthwise convs out of the conversion, or use a plain architecture"
+            )
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+            padding_mode, device, dtype,
+        )  # fmt: skip
+        has_member_bias = bias if member_bias is None else member_bias
+        self._add_fast_weights(in_channels, out_channels, members, init, has_member_bias)
+
+    @classmethod
+    def from_layer(
+        cls, layer: nn.Conv2d, members: int, init: str = "ones", *, member_bias: bool | None = None
+    ) -> BEConv2d:
+        """A BE version of ``layer`` whose shared ``weight``/``bias`` are copies of the layer's."""
+        if not isinstance(layer, nn.Conv2d):
+            raise TypeError(f"BEConv2d.from_layer needs an nn.Conv2d; got {type(layer).__name__}")
+        be = cls(
+            layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
+            layer.padding, layer.dilation, layer.groups, layer.bias is not None,
+            layer.padding_mode, layer.weight.device, layer.weight.dtype,
+            members=members, init=init, member_bias=member_bias,
+        )  # fmt: skip
+        _copy_shared(layer, be)
+        return be
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4:
+            raise ValueError(
+                f"BEConv2d expects a batched input (M*B, C, H, W); got shape {tuple(x.shape)}"
+            )
+        _check_batch(x, self.members)
+        y = super().forward(_per_member(x, self.r, None, dim=1))  # [M*B, C_out, H', W']
+        return _per_member(y, self.s, self.member_bias, dim=1)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._be_extra_repr()}"
+
+
+class BELinear(_BEMixin, nn.Linear):
+    """``nn.Linear`` with BatchEnsemble fast weights; ``weight``/``bias`` keep their plain names.
+
+    Input ``(M*B, ..., in_features)`` in member chunks (see the module docstring).
+
+    Args:
+        in_features, out_features, bias, device, dtype: as for ``nn.Linear``.
+        members: ensemble size M.
+        init: fast-weight init, ``"ones"`` ([WA]) or ``"normal"`` ([DM], N(1, 0.5²)).
+        member_bias: give each member its own bias (init 0); default: iff ``bias``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        members: int,
+        init: str = "ones",
+        member_bias: bool | None = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias, device, dtype)
+        has_member_bias = bias if member_bias is None else member_bias
+        self._add_fast_weights(in_features, out_features, members, init, has_member_bias)
+
+    @classmethod
+    def from_layer(
+        cls, layer: nn.Linear, members: int, init: str = "ones", *, member_bias: bool | None = None
+    ) -> BELinear:
+        """A BE version of ``layer`` whose shared ``weight``/``bias`` are copies of the layer's."""
+        if not isinstance(layer, nn.Linear):
+            raise TypeError(f"BELinear.from_layer needs an nn.Linear; got {type(layer).__name__}")
+        be = cls(
+            layer.in_features, layer.out_features, layer.bias is not None,
+            layer.weight.device, layer.weight.dtype,
+            members=members, init=init, member_bias=member_bias,
+        )  # fmt: skip
+        _copy_shared(layer, be)
+        return be
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() < 2:
+            raise ValueError(
+                f"BELinear expects a batched input (M*B, ..., in); got shape {tuple(x.shape)}"
+            )
+        _check_batch(x, self.members)
+        y = super().forward(_per_member(x, self.r, None, dim=-1))  # [M*B, ..., out]
+        return _per_member(y, self.s, self.member_bias, dim=-1)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._be_extra_repr()}"
+
+
+# The BatchEnsemble layer types, e.g. for isinstance checks when folding (§6).
+BE_LAYERS = (BEConv2d, BELinear)
+
+
+@torch.no_grad()
+def _copy_shared(src: nn.Conv2d | nn.Linear, dst: nn.Conv2d | nn.Linear) -> None:
+    dst.weight.copy_(src.weight)
+    dst.weight.requires_grad_(src.weight.requires_grad)
+    if src.bias is not None and dst.bias is not None:
+        dst.bias.copy_(src.bias)
+        dst.bias.requires_grad_(src.bias.requires_grad)
+
+
+class BatchEnsemble(nn.Module):
+    """M members in one network whose Conv2d/Linear layers are :class:`BEConv2d`/:class:`BELinear`.
+
+    Built by :func:`to_batchensemble`. ``forward`` follows the module's ensemble-axis convention
+    (``(M*B, ...)`` in, ``(M*B, K)`` out); :meth:`forward_members` takes a plain batch.
+
+    Parameters fall into three disjoint groups, for optimizers that treat them differently
+    (SPEC.md §4, fast-weight regularization):
+    :meth:`fast_weight_parameters` (r, s: [WA] decays them towards 1 and scales their gradients
+    by M), :meth:`member_bias_parameters` (per-member biases: gradient scaled by M like r, s, but
+    ordinary decay, not towards 1) and :meth:`shared_parameters` (everything else).
+
+    Args:
+        net: a network already containing BE layers, all with ``members`` members.
+        members: ensemble size M.
+    """
+
+    def __init__(self, net: nn.Module, members: int) -> None:
+        super().__init__()
+        members = _check_members(members)
+        layers = [m for m in net.modules() if isinstance(m, BE_LAYERS)]
+        if not layers:
+            raise ValueError(
+                f"{type(net).__name__} has no BEConv2d/BELinear layer; build a BatchEnsemble "
+                "from a plain network with to_batchensemble(model, members=M)"
+            )
+        wrong = sorted({layer.members for layer in layers} - {members})
+        if wrong:
+            raise ValueError(
+                f"BatchEnsemble of M={members} holds BE layers with members={wrong}; "
+                "convert the whole network with one members value"
+            )
+        self.net = net
+        self.members = members
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_batch(x, self.members)
+        return self.net(x)  # [M*B, ...] -> [M*B, K]
+
+    def forward_members(self, x: Tensor) -> Tensor:
+        """Every member's logits ``(M, B, K)`` on the same plain batch ``x`` of shape ``(B, ...)``."""
+        if x.dim() == 0 or x.shape[0] == 0:
+            raise ValueError(
+                f"forward_members needs a non-empty batch (B, ...); got {tuple(x.shape)}"
+            )
+        b = x.shape[0]
+        tiled = x.repeat(self.members, *([1] * (x.dim() - 1)))  # [B, ...] -> [M*B, ...]
+        return self(tiled).unflatten(0, (self.members, b))  # [M*B, K] -> [M, B, K]
+
+    def be_layers(self) -> Iterator[BEConv2d | BELinear]:
+        """The BE layers of :attr:`net`, in module order."""
+        for module in self.net.modules():
+            if isinstance(module, BE_LAYERS):
+                yield module
+
+    def fast_weight_parameters(self) -> Iterator[nn.Parameter]:
+        """The fast weights r, s of every BE layer (not the member biases)."""
+        for layer in self.be_layers():
+            yield layer.r
+            yield layer.s
+
+    def member_bias_parameters(self) -> Iterator[nn.Parameter]:
+        """The per-member biases of the BE layers that have one."""
+        for layer in self.be_layers():
+            if layer.member_bias is not None:
+                yield layer.member_bias
+
+    def shared_parameters(self) -> Iterator[nn.Parameter]:
+        """All parameters that are neither fast weights nor member biases (W, biases, BN)."""
+        own = {id(p) for p in self.fast_weight_parameters()}
+        own |= {id(p) for p in self.member_bias_parameters()}
+        for p in self.parameters():
+            if id(p) not in own:
+                yield p
+
+    def extra_repr(self) -> str:
+        return f"members={self.members}"
+
+
+def to_batchensemble(model: nn.Module, *, members: int, init: str = "ones") -> BatchEnsemble:
+    """A BatchEnsemble of ``members`` members built on a deep copy of ``model`` (SPEC.md §3).
+
+    Every ``nn.Conv2d`` / ``nn.Linear`` (exact type) becomes a :class:`BEConv2d` /
+    :class:`BELinear` with the same shared weights, so the state-dict keys of the plain network
+    are kept (plus ``r``, ``s``, ``member_bias``). BatchNorm layers stay shared by all members.
+    ``model`` is not modified. Extra parameters: Σ_layers M·(in + out [+ out if biased]).
+
+    Args:
+        model: any network built from Conv2d/Linear/BatchNorm/activations/pooling.
+        members: ensemble size M >= 1.
+        init: fast-weight init, ``"ones"`` ([WA]; members start as the base model) or
+            ``"normal"`` ([DM]; N(1, 0.5²) from the global torch RNG).
+    """
+    members = _check_members(members)
+    init = _check_init(init)
+    if any(isinstance(m, BE_LAYERS) for m in model.modules()):
+        raise ValueError(
+            f"{type(model).__name__} already contains BatchEnsemble layers; pass the plain "
+            "base network to to_batchensemble"
+        )
+    net = copy.deepcopy(model)
+    converted: dict[int, nn.Module] = {}  # id(plain layer) -> its BE layer (for shared modules)
+    # remove_duplicate=False: a layer registered under two names is replaced under both.
+    for name, module in list(net.named_modules(remove_duplicate=False)):
+        if type(module) is nn.Conv2d:
+            be_cls: type[BEConv2d] | type[BELinear] = BEConv2d
+        elif type(module) is nn.Linear:
+            be_cls = BELinear
+        else:
+            if (
+                not isinstance(module, _BatchNorm)
+                and id(module) not in converted
+                and any(True for _ in module.parameters(recurse=False))
+            ):
+                logger.warning(
+                    "%s (%s) has parameters but is not a Conv2d/Linear; it stays shared by all "
+                    "members",
+                    name or "<root>",
+                    type(module).__name__,
+                )
+            continue
+        if id(module) not in converted:
+            converted[id(module)] = be_cls.from_layer(module, members, init)
+        be_layer = converted[id(module)]
+        if name == "":  # the model itself is a single Conv2d/Linear
+            net = be_layer
+        else:
+            parent_name, _, child = name.rpartition(".")
+            setattr(net.get_submodule(parent_name), child, be_layer)
+    if not converted:
+        raise ValueError(
+            f"{type(model).__name__} has no nn.Conv2d or nn.Linear layer to give fast weights; "
+            "BatchEnsemble needs at least one"
+        )
+    return BatchEnsemble(net, members)
