@@ -16,7 +16,7 @@ from torch import nn
 
 from ensc.compress.loop import StepResult
 from ensc.compress.losses import DistillationLoss
-from ensc.compress.perturb import PerturbConfig, perturb
+from ensc.compress.perturb import MemberLogits, PerturbConfig, perturb
 from ensc.models.batchensemble import BatchEnsemble
 
 FAST_WEIGHT_REGIMES = ("wa", "dm")
@@ -30,15 +30,6 @@ class DistillConfig:
     temperature: float = 4.0  # KD temperature ([WA] 4; [DM] 1)
     perturb: PerturbConfig = field(default_factory=PerturbConfig)
     fast_weights: str = "wa"  # "wa": decay r, s towards 1 with λ/M and scale their grads by M; "dm": no decay, half lr
-
-
-def teacher_logits_fn(members: list[nn.Module]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """x [B, C, H, W] -> the frozen teachers' logits [Mt, B, K]; gradients flow to x only."""
-
-    def logits(x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([m(x) for m in members]).float()  # [Mt, B, K]
-
-    return logits
 
 
 def student_eval_logits_fn(student: BatchEnsemble) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -63,7 +54,7 @@ def make_distill_step(
 ) -> Callable[[torch.Tensor, torch.Tensor], StepResult]:
     """The ``step`` function for :func:`ensc.compress.loop.train`."""
     loss_fn = DistillationLoss(config.alpha, config.temperature)
-    teacher = teacher_logits_fn(teachers)
+    teacher = MemberLogits(teachers)  # x [B, ...] -> [Mt, B, K]; gradients flow to x only
     student_eval = student_eval_logits_fn(student)
     need_clean = config.alpha < 1 and config.perturb.kind != "none"
 

@@ -39,6 +39,25 @@ PERTURBATIONS = ("none", "gaussian", "ods", "confods", "tdiv-sdiv")
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # x [B, C, H, W] -> member logits [M, B, K]
 
+
+class MemberLogits:
+    """The frozen members as a LogitsFn that can also run only some of them.
+
+    ``fn(x)`` gives all members' logits [M, B, K]; ``fn(x, members=[j])`` only those asked for,
+    so ODS (one teacher) and TDiv-SDiv (two) do not pay for forward/backward passes of all M.
+    """
+
+    def __init__(self, modules: list[torch.nn.Module]) -> None:
+        self.modules = modules
+
+    def __len__(self) -> int:
+        return len(self.modules)
+
+    def __call__(self, x: torch.Tensor, members: list[int] | None = None) -> torch.Tensor:
+        chosen = self.modules if members is None else [self.modules[i] for i in members]
+        return torch.stack([m(x) for m in chosen]).float()  # [len(chosen), B, K]
+
+
 _NORM_EPS = 1e-12  # guards ‖g‖₂ = 0 (then ε = 0); same floor as F.normalize
 
 
@@ -122,11 +141,16 @@ def ods_direction(
     """
     with torch.enable_grad():
         x_leaf = x.detach().requires_grad_()
-        logits = _member_logits(teacher, x_leaf, "teacher")  # [Mt, B, K]
-        mt, b, k = logits.shape
-        j = int(torch.randint(mt, (1,), generator=gen))
-        w = (torch.rand(b, k, generator=gen) * 2 - 1).to(x.device, logits.dtype)  # [B, K]
-        probs = F.softmax(logits[j] / temperature, dim=-1)  # [B, K]
+        if isinstance(teacher, MemberLogits):  # run only the chosen teacher
+            j = int(torch.randint(len(teacher), (1,), generator=gen))
+            logits_j = _member_logits(lambda v: teacher(v, members=[j]), x_leaf, "teacher")[0]
+        else:
+            logits = _member_logits(teacher, x_leaf, "teacher")  # [Mt, B, K]
+            j = int(torch.randint(logits.shape[0], (1,), generator=gen))
+            logits_j = logits[j]  # [B, K]
+        b, k = logits_j.shape
+        w = (torch.rand(b, k, generator=gen) * 2 - 1).to(x.device, logits_j.dtype)  # [B, K]
+        probs = F.softmax(logits_j / temperature, dim=-1)  # [B, K]
         (grad,) = torch.autograd.grad((w * probs).sum(), x_leaf)
     return OdsDirection(grad, j, w, probs.detach().amax(dim=-1))
 
@@ -150,16 +174,23 @@ def tdiv_sdiv_direction(
     """
     with torch.enable_grad():
         x_leaf = x.detach().requires_grad_()
-        t = _member_logits(teacher, x_leaf, "teacher")  # [Mt, B, K]
+        subset = isinstance(teacher, MemberLogits)  # then run only teachers i and j
+        t = None if subset else _member_logits(teacher, x_leaf, "teacher")  # [Mt, B, K]
+        mt = len(teacher) if subset else t.shape[0]
         s = _member_logits(student, x_leaf, "student")  # [Ms, B, K]
-        n = min(t.shape[0], s.shape[0])
+        n = min(mt, s.shape[0])
         if n < 2:
             raise ValueError(
-                f"tdiv-sdiv needs at least 2 teacher and 2 student members, got {t.shape[0]} "
+                f"tdiv-sdiv needs at least 2 teacher and 2 student members, got {mt} "
                 f"teacher(s) and {s.shape[0]} student member(s); use ods or gaussian instead"
             )
         i, j = (int(v) for v in torch.randperm(n, generator=gen)[:2])
-        objective = _cross_entropy(t[i], t[j]) - _cross_entropy(s[i], s[j])
+        t_i, t_j = (
+            _member_logits(lambda v: teacher(v, members=[i, j]), x_leaf, "teacher")
+            if subset
+            else (t[i], t[j])
+        )
+        objective = _cross_entropy(t_i, t_j) - _cross_entropy(s[i], s[j])
         (grad,) = torch.autograd.grad(objective, x_leaf)
     return TDivSDivDirection(grad, i, j)
 

@@ -346,3 +346,16 @@ def test_teacher_logits_must_be_member_stacked() -> None:
     single = _net(1)  # returns [B, K], not [M, B, K]
     with pytest.raises(ValueError, match=r"\[M, B=4, K\]"):
         perturb(_x(), PerturbConfig(kind="ods"), teacher=single, gen=_gen(0))
+
+
+@pytest.mark.parametrize("kind", ["ods", "confods", "tdiv-sdiv"])
+def test_member_subset_path_gives_the_same_perturbation(kind):
+    # MemberLogits runs only the chosen teacher(s); the result must equal running all of them
+    from ensc.compress.perturb import MemberLogits
+
+    teacher, student, x = _teacher(), _student(), _x()
+    cfg = PerturbConfig(kind=kind, step=2.0, temperature=2.0)
+    full = perturb(x, cfg, teacher=teacher, student=student, gen=_gen(5))
+    subset = perturb(x, cfg, teacher=MemberLogits(teacher.members), student=student, gen=_gen(5))
+    assert not torch.equal(full, x)
+    assert torch.allclose(full, subset, atol=1e-6)
