@@ -1,4 +1,4 @@
-"""`ensc eval`: metrics of a teacher's members and of its prefix ensembles."""
+"""`ensc eval`: metrics of a teacher's members, its prefix ensembles and single networks."""
 
 from __future__ import annotations
 
@@ -8,69 +8,54 @@ from pathlib import Path
 import click
 
 from ensc.cli.options import runtime_options
+from ensc.compress.data import DATASETS
 
-TEACHER_COLUMNS = ("acc", "nll", "bs", "ece", "cnll", "cece", "dee", "kl_div", "disagreement")
+COLUMNS = ("acc", "nll", "bs", "ece", "cnll", "cece", "dee", "kl_div", "disagreement")
 
 
-@click.command(
-    "eval",
-    epilog="""\b
+@click.command("eval", epilog="""\b
 Examples:
   ensc eval --teacher ckpts/
   ensc eval --teacher ckpts/ --test-subset 1000 --json teacher.json
-""",
-)
-@click.option(
-    "--teacher",
-    type=click.Path(path_type=Path),
-    required=True,
-    help="Folder of member checkpoints.",
-)
-@click.option("--dataset", type=click.Choice(("fashion-mnist", "cifar10", "cifar100", "imagefolder")),
-              help="Default: the dataset recorded in the checkpoints.")  # fmt: skip
-@click.option(
-    "--data-root",
-    type=click.Path(path_type=Path, file_okay=False),
-    help="Default: the recorded one.",
-)
-@click.option(
-    "--test-subset",
-    type=click.IntRange(min=1),
-    help="Evaluate on a class-balanced subset of N test images.",
-)
-@click.option(
-    "--json",
-    "json_path",
-    type=click.Path(path_type=Path, dir_okay=False),
-    help="Also write the results as JSON.",
-)
+  ensc eval --teacher ckpts/ --student runs/latest/student.pt
+""")  # fmt: skip
+@click.option("--teacher", type=click.Path(path_type=Path), help="Folder of member checkpoints.")
+@click.option("--student", "students", multiple=True, type=click.Path(path_type=Path),
+              help="A single-network ensc checkpoint (e.g. runs/latest/student.pt); repeatable.")  # fmt: skip
+@click.option("--dataset", type=click.Choice(DATASETS), help="Default: the dataset recorded in the checkpoints.")
+@click.option("--data-root", type=click.Path(path_type=Path, file_okay=False), help="Default: the recorded one.")
+@click.option("--test-subset", type=click.IntRange(min=1), help="Evaluate on a class-balanced subset of N test images.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), help="Also write the results as JSON.")
 @click.option("--force", is_flag=True, help="Overwrite an existing --json file.")
 @runtime_options
-def eval_cmd(
-    teacher, dataset, data_root, test_subset, json_path, force, device, amp, channels_last
-) -> None:
-    """Evaluate each teacher member and DE-1 ... DE-M on the test split."""
+def eval_cmd(teacher, students, dataset, data_root, test_subset, json_path, force, device, amp, channels_last) -> None:  # fmt: skip
+    """Evaluate teacher members, DE-1 ... DE-M and single networks on the test split."""
+    from ensc.compress.checkpoint import load_checkpoint
     from ensc.compress.data import load_dataset
     from ensc.compress.datasource import check_compatible, data_config_for
-    from ensc.compress.evaluate import evaluate_teacher
+    from ensc.compress.evaluate import evaluate
     from ensc.compress.fileio import atomic_write_text, refuse_overwrite
     from ensc.compress.runtime import resolve_runtime
     from ensc.compress.table import markdown_table
     from ensc.compress.teacher import load_teacher
 
+    if teacher is None and not students:
+        raise click.UsageError("pass --teacher DIR, --student FILE, or both")
     if json_path is not None:
         refuse_overwrite(json_path, force)
-    ens = load_teacher(teacher)
-    config = data_config_for(
-        ens.spec, ens.infos[0].get("data"), name=dataset, root=data_root, test_subset=test_subset
-    )
+    ens = load_teacher(teacher) if teacher is not None else None
+    ckpts = {str(path): load_checkpoint(path) for path in students}
+    first = next(iter(ckpts.values()), None)
+    spec, recorded = (ens.spec, ens.infos[0].get("data")) if ens else (first.spec, first.info.get("data"))
+    config = data_config_for(spec, recorded, name=dataset, root=data_root, test_subset=test_subset)
     data = load_dataset(config)
-    check_compatible(ens.spec, data)
-    result = evaluate_teacher(ens, data, resolve_runtime(device, amp, channels_last))
-    click.echo(
-        f"{data.name}: {result['n_test']} test images, T fitted on {result['n_val']} validation images"
-    )
-    click.echo(markdown_table(result["members"] + result["ensembles"], TEACHER_COLUMNS))
+    for ckpt in [*ckpts.values(), *([] if ens is None else [None])]:
+        check_compatible(ckpt.spec if ckpt else ens.spec, data)
+    models = {name: ckpt.build_model() for name, ckpt in ckpts.items()}
+    result = evaluate(data, resolve_runtime(device, amp, channels_last), teacher=ens, students=models)
+    click.echo(f"{data.name}: {result['n_test']} test images, T fitted on {result['n_val']} validation images")
+    columns = COLUMNS + (("agreement",) if ens and students else ())
+    click.echo(markdown_table(result["members"] + result["ensembles"] + result["students"], columns))
     if json_path is not None:
         atomic_write_text(json_path, json.dumps(result, indent=2) + "\n")
         click.echo(f"wrote {json_path}")

@@ -1,13 +1,14 @@
-"""Evaluate a DeepEns teacher: every member and every prefix ensemble DE-1 ... DE-M (SPEC.md §7)."""
+"""Evaluate saved models: a DeepEns teacher (each member, DE-1 ... DE-M) and single networks (SPEC.md §7)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+from torch import nn
 
 from ensc.compress.data import ImageDataset
-from ensc.compress.metrics import ensemble_nll_curve, evaluate_predictions
+from ensc.compress.metrics import agreement, ensemble_nll_curve, evaluate_predictions
 from ensc.compress.predict import predict_probs
 from ensc.compress.runtime import Runtime
 from ensc.compress.teacher import Teacher
@@ -23,38 +24,54 @@ def member_probs(
     return val, test
 
 
-def evaluate_teacher(teacher: Teacher, data: ImageDataset, runtime: Runtime) -> dict[str, Any]:
-    """Metrics of each member and of DE-m for m = 1..M, with DEE against the teacher's own curve."""
-    val, test = member_probs(teacher, data, runtime)
-    curve = ensemble_nll_curve(
-        test, data.test.labels, val_member_probs=val, val_labels=data.val.labels
-    )
+def evaluate(
+    data: ImageDataset,
+    runtime: Runtime,
+    teacher: Teacher | None = None,
+    students: dict[str, nn.Module] | None = None,
+) -> dict[str, Any]:
+    """Metrics of each teacher member, of DE-m for m = 1..M, and of each single network in ``students``.
 
-    def metrics(
-        test_probs: torch.Tensor, val_probs: torch.Tensor, members: torch.Tensor | None
-    ) -> dict[str, Any]:
-        return evaluate_predictions(
-            test_probs, data.test.labels, val_probs=val_probs, val_labels=data.val.labels,
-            member_probs=members, de_nll_curve=curve,
-        ).to_dict()  # fmt: skip
-
-    members = [
-        {"name": f"member {k}", "path": str(teacher.paths[k]), **metrics(test[k], val[k], None)}
-        for k in range(len(teacher))
-    ]
-    ensembles = [
-        {
-            "name": f"DE-{m}",
-            **metrics(test[:m].mean(0), val[:m].mean(0), test[:m] if m > 1 else None),
-        }
-        for m in range(1, len(teacher) + 1)
-    ]
-    return {
+    With a teacher, DEE is read off the teacher's own calibrated curve and each student row gets
+    its top-1 agreement with DE-M (percent).
+    """
+    result: dict[str, Any] = {
         "dataset": data.name,
         "n_val": len(data.val),
         "n_test": len(data.test),
-        "metric_units": "acc in percent; nll, bs, ece (fraction) and the calibrated c* metrics raw",
-        "de_cnll_curve": curve,
-        "members": members,
-        "ensembles": ensembles,
+        "metric_units": "acc and agreement in percent; nll, bs, ece (fraction) and the calibrated c* metrics raw",
+        "members": [],
+        "ensembles": [],
+        "students": [],
     }
+    labels, val_labels = data.test.labels, data.val.labels
+    curve, de_test = None, None
+    if teacher is not None:
+        val, test = member_probs(teacher, data, runtime)
+        curve = ensemble_nll_curve(test, labels, val_member_probs=val, val_labels=val_labels)
+        de_test = test.mean(0)
+        result["de_cnll_curve"] = curve
+
+    def metrics(test_probs: torch.Tensor, val_probs: torch.Tensor, members: torch.Tensor | None = None) -> dict[str, Any]:
+        return evaluate_predictions(
+            test_probs, labels, val_probs=val_probs, val_labels=val_labels,
+            member_probs=members, de_nll_curve=curve,
+        ).to_dict()  # fmt: skip
+
+    if teacher is not None:
+        result["members"] = [
+            {"name": f"member {k}", "path": str(teacher.paths[k]), **metrics(test[k], val[k])}
+            for k in range(len(teacher))
+        ]
+        result["ensembles"] = [
+            {"name": f"DE-{m}", **metrics(test[:m].mean(0), val[:m].mean(0), test[:m] if m > 1 else None)}
+            for m in range(1, len(teacher) + 1)
+        ]
+    for name, model in (students or {}).items():
+        model = runtime.prepare_model(model)
+        s_test, s_val = predict_probs(model, data.test, runtime), predict_probs(model, data.val, runtime)
+        row = {"name": name, **metrics(s_test, s_val)}
+        if de_test is not None:
+            row["agreement"] = agreement(s_test, de_test)
+        result["students"].append(row)
+    return result
