@@ -92,16 +92,16 @@ def load_dataset(config: DataConfig) -> ImageDataset:
         raise DataError(f"unknown dataset {config.name!r}: choose one of {', '.join(DATASETS)}")
     gen = torch.Generator().manual_seed(config.seed)
     if config.name == "imagefolder":
-        train, test, classes = _load_imagefolder(config, gen)
+        train, val, test, classes = _load_imagefolder(config, gen)
     else:
         if config.name == "fashion-mnist":
-            train, test = _load_fashion_mnist(config)
+            full, test = _load_fashion_mnist(config)
             classes = FASHION_MNIST_CLASSES
         else:
-            train, test, classes = _load_cifar(config)
-        train = _take_subset(train, config.train_subset, gen, "--train-subset")
+            full, test, classes = _load_cifar(config)
+        train_idx, val_idx = split_indices(full.labels, config, gen)
+        train, val = full.subset(train_idx), full.subset(val_idx)
         test = _take_subset(test, config.test_subset, gen, "--test-subset")
-    train, val = _carve_validation(train, config.val_size, gen)
     mean, std = channel_stats(train.images)
     log.info("%s: %d train / %d val / %d test", config.name, len(train), len(val), len(test))
     return ImageDataset(
@@ -134,28 +134,41 @@ def balanced_indices(labels: torch.Tensor, n: int, gen: torch.Generator) -> torc
     return torch.cat(picked).sort().values
 
 
+def split_indices(
+    labels: torch.Tensor, config: DataConfig, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training and validation indices into the full training set.
+
+    Validation is drawn from a fixed pool — the first min(10 %, 5,000) images of a seeded
+    permutation (or ``val_size`` if larger) — and training images from the rest. So validation
+    never overlaps a training subset drawn with the same seed, whatever ``train_subset`` is: a
+    student distilled on another subset than its teacher still gets a held-out validation split.
+    ``train_subset`` N counts both (N − val_size class-balanced training images).
+    """
+    n_full = len(labels)
+    n = min(config.train_subset or n_full, n_full)
+    val_size = (
+        config.val_size if config.val_size is not None else min(int(n * VAL_FRACTION), VAL_CAP)
+    )
+    if not 0 < val_size < n:
+        raise DataError(
+            f"--val-size must be between 1 and {n - 1} for {n} training images, got {val_size}"
+        )
+    pool = max(min(int(n_full * VAL_FRACTION), VAL_CAP), val_size)
+    order = torch.randperm(n_full, generator=gen)
+    val_idx, rest = order[:val_size], order[pool:]
+    n_train = n - val_size
+    if n_train < len(rest):
+        rest = rest[balanced_indices(labels[rest], n_train, gen)]
+    return rest.sort().values, val_idx.sort().values
+
+
 def _take_subset(split: Split, n: int | None, gen: torch.Generator, flag: str) -> Split:
     if n is None or n >= len(split):
         return split
     if n < 1:
         raise DataError(f"{flag} must be a positive number of images, got {n}")
     return split.subset(balanced_indices(split.labels, n, gen))
-
-
-def _carve_validation(
-    train: Split, val_size: int | None, gen: torch.Generator
-) -> tuple[Split, Split]:
-    n = len(train)
-    if val_size is None:
-        val_size = min(int(n * VAL_FRACTION), VAL_CAP)
-    if not 0 < val_size < n:
-        raise DataError(
-            f"--val-size must be between 1 and {n - 1} for {n} training images, got {val_size}"
-        )
-    order = torch.randperm(n, generator=gen)
-    return train.subset(order[val_size:].sort().values), train.subset(
-        order[:val_size].sort().values
-    )
 
 
 # --- Fashion-MNIST ---------------------------------------------------------------------------
@@ -254,39 +267,46 @@ def _load_cifar(config: DataConfig) -> tuple[Split, Split, list[str]]:
 # --- ImageFolder -----------------------------------------------------------------------------
 
 
-def _load_imagefolder(config: DataConfig, gen: torch.Generator) -> tuple[Split, Split, list[str]]:
+def _load_imagefolder(
+    config: DataConfig, gen: torch.Generator
+) -> tuple[Split, Split, Split, list[str]]:
+    """Scan train/ and test/, choose the indices to use, then decode only those images."""
     from torchvision.datasets import ImageFolder
 
     if config.root is None:
         raise DataError(
             "--dataset imagefolder needs --data-root DIR with train/ and test/ subfolders"
         )
-    splits, classes = [], None
-    for part, n, flag in (
-        ("train", config.train_subset, "--train-subset"),
-        ("test", config.test_subset, "--test-subset"),
-    ):
+    scans = {}
+    for part in ("train", "test"):
         folder = Path(config.root) / part
         if not folder.is_dir():
             raise DataError(
                 f"{folder} does not exist: --data-root must hold train/ and test/ subfolders"
             )
         try:
-            index = ImageFolder(str(folder), loader=lambda p: p)  # scan only; we decode below
+            scans[part] = ImageFolder(str(folder), loader=lambda p: p)  # scan only; decode below
         except (FileNotFoundError, RuntimeError) as err:
             raise DataError(f"no images found in {folder}: {err}") from err
-        if classes is not None and index.classes != classes:
-            raise DataError(f"train/ and test/ of {config.root} have different class folders")
-        classes = index.classes
-        labels = torch.tensor(index.targets, dtype=torch.int64)
-        keep = torch.arange(len(labels))
-        if n is not None and n < len(labels):  # subset before decoding: decode only what is used
-            if n < 1:
-                raise DataError(f"{flag} must be a positive number of images, got {n}")
-            keep = balanced_indices(labels, n, gen)
-        paths = [index.samples[i][0] for i in keep.tolist()]
-        splits.append(Split(_decode_images(paths), labels[keep]))
-    return splits[0], splits[1], classes
+    if scans["train"].classes != scans["test"].classes:
+        raise DataError(f"train/ and test/ of {config.root} have different class folders")
+
+    def decode(part: str, index: torch.Tensor) -> Split:
+        scan = scans[part]
+        labels = torch.tensor(scan.targets, dtype=torch.int64)[index]
+        return Split(_decode_images([scan.samples[i][0] for i in index.tolist()]), labels)
+
+    train_idx, val_idx = split_indices(torch.tensor(scans["train"].targets), config, gen)
+    test_labels = torch.tensor(scans["test"].targets)
+    test_idx = torch.arange(len(test_labels))
+    if config.test_subset is not None and config.test_subset < len(test_labels):
+        test_idx = balanced_indices(test_labels, config.test_subset, gen)
+    return (
+        decode("train", train_idx),
+        decode("train", val_idx),
+        decode("test", test_idx),
+        scans["train"].classes,
+    )
 
 
 def _decode_images(paths: list[str]) -> torch.Tensor:

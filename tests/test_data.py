@@ -149,3 +149,19 @@ def test_imagefolder_errors(tmp_path: Path):
         load_dataset(DataConfig("imagefolder"))
     with pytest.raises(DataError, match="train/ and test/"):
         load_dataset(DataConfig("imagefolder", root=tmp_path))
+
+
+def test_validation_stays_held_out_across_train_subsets():
+    # a teacher trained on 3,000 images and a student distilled on 1,000 (or all) share no image
+    # between the student's validation split and the teacher's training images
+    from ensc.compress.data import split_indices
+
+    labels = torch.arange(10).repeat(2000)  # 20,000 images
+    teacher_train, teacher_val = split_indices(labels, DataConfig("x", train_subset=3000), torch.Generator().manual_seed(0))
+    assert len(teacher_train) == 2700 and len(teacher_val) == 300
+    for n in (1000, None):
+        train, val = split_indices(labels, DataConfig("x", train_subset=n), torch.Generator().manual_seed(0))
+        assert not set(val.tolist()) & set(teacher_train.tolist())
+        assert not set(val.tolist()) & set(train.tolist())
+    _, full_val = split_indices(labels, DataConfig("x"), torch.Generator().manual_seed(0))
+    assert len(full_val) == 2000 and set(teacher_val.tolist()) <= set(full_val.tolist())
