@@ -29,7 +29,9 @@ data:
 demo: setup data
 	$(BIN)/ensc train --dataset fashion-mnist --arch resnet8 --members 4 --epochs 4 \
 	  --train-subset 12000 --out $(DEMO)/ckpts --force
-	$(BIN)/ensc eval --teacher $(DEMO)/ckpts --json $(DEMO)/teacher.json --force
+	$(BIN)/ensc eval --teacher $(DEMO)/ckpts --test-subset 2000 --json $(DEMO)/teacher.json --force
+	$(BIN)/ensc compress --teacher $(DEMO)/ckpts --arch resnet8 --epochs 2 --train-subset 6000 \
+	  --test-subset 2000 --out $(DEMO)/run --force
 
 test: setup data
 	$(BIN)/python -m pytest -q
