@@ -123,3 +123,53 @@ def test_compress_bad_teacher_is_one_line(tmp_path: Path):
         and "does not exist" in result.output
         and "Traceback" not in result.output
     )
+
+
+def test_amp_and_channels_last_paths_run_on_cpu(tiny_teacher: Path, tmp_path: Path):
+    # the CUDA speed options (autocast, NHWC) exercised on the CPU: bfloat16 autocast here
+    result = run_cli(
+        "compress", "--teacher", str(tiny_teacher), *SMOKE, "--max-steps", "2", "--perturb", "ods",
+        "--amp", "--channels-last", "--device", "cpu", "--out", str(tmp_path / "amp"), "--max-acc-drop", "100",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "amp" / "report.json").read_text())
+    assert report["parity"]["fold_max_abs_diff"] < 1e-3 and report["student_avg"]["acc"] >= 0
+
+
+def test_eval_student_checkpoint_against_teacher(tiny_teacher: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    assert (
+        run_cli(
+            "compress",
+            "--teacher",
+            str(tiny_teacher),
+            *SMOKE,
+            "--max-steps",
+            "2",
+            "--out",
+            str(run),
+            "--max-acc-drop",
+            "100",
+            cwd=tmp_path,
+        ).exit_code
+        == 0
+    )
+    out = tmp_path / "s.json"
+    result = run_cli(
+        "eval",
+        "--teacher",
+        str(tiny_teacher),
+        "--student",
+        str(run / "student.pt"),
+        "--test-subset",
+        "100",
+        "--json",
+        str(out),
+    )
+    assert result.exit_code == 0, result.output
+    student = json.loads(out.read_text())["students"][0]
+    assert student["name"].endswith("student.pt") and 0 <= student["agreement"] <= 100
+    report = json.loads((run / "report.json").read_text())
+    assert report["n_test"] == 200  # compress evaluated on 200 images, eval here on 100: both ran
+    assert run_cli("eval").exit_code != 0  # neither --teacher nor --student
