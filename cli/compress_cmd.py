@@ -156,5 +156,7 @@ def compress_cmd(teacher, arch, members, dataset, data_root, train_subset, test_
         command=command_line(click.get_current_context()),
     )  # fmt: skip
     result = run_compress(config, resolve_runtime(device, amp, channels_last))
+    if result is None:  # a non-main process of a torchrun launch: rank 0 reports
+        return
     click.echo(result.report_md)
     click.echo(f"run folder: {result.run_dir} (runs/latest points here)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import click
@@ -54,8 +55,9 @@ class EnscGroup(click.Group):
 def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
     """Compress a deep ensemble into one network that costs what one member costs."""
     ctx.obj = {"debug": debug}
+    secondary = os.environ.get("RANK", "0") != "0"  # torchrun: only rank 0 talks
     logging.basicConfig(
-        level=logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO,
+        level=logging.DEBUG if debug else logging.WARNING if quiet or secondary else logging.INFO,
         format="%(message)s",
         stream=sys.stderr,
         force=True,

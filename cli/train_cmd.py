@@ -74,5 +74,7 @@ def train_cmd(dataset, data_root, val_size, train_subset, test_subset, data_seed
         force=force,
         resume=resume,
     )  # fmt: skip
-    paths = train_teacher(config, resolve_runtime(device, amp, channels_last))
-    click.echo(f"teacher with {len(paths)} members in {out}")
+    runtime = resolve_runtime(device, amp, channels_last)
+    paths = train_teacher(config, runtime)
+    if runtime.is_main:
+        click.echo(f"teacher with {len(paths)} members in {out}")

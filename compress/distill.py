@@ -51,8 +51,16 @@ def make_distill_step(
     teachers: list[nn.Module],
     config: DistillConfig,
     gen: torch.Generator,
+    net: nn.Module | None = None,
 ) -> Callable[[torch.Tensor, torch.Tensor], StepResult]:
-    """The ``step`` function for :func:`ensc.compress.loop.train`."""
+    """The ``step`` function for :func:`ensc.compress.loop.train`.
+
+    ``net`` is the student as trained (``runtime.wrap(student)``: DistributedDataParallel under
+    torchrun); the perturbation's eval-mode pass uses ``student`` itself, since it needs no
+    parameter gradients.
+    """
+    net = net if net is not None else student
+    m = student.members
     loss_fn = DistillationLoss(config.alpha, config.temperature)
     teacher = MemberLogits(teachers)  # x [B, ...] -> [Mt, B, K]; gradients flow to x only
     student_eval = student_eval_logits_fn(student)
@@ -64,7 +72,10 @@ def make_distill_step(
         with torch.no_grad():
             targets = teacher(x_tilde)  # [Mt, B, K]
         inputs = torch.cat([x_tilde, x]) if need_clean else x_tilde  # [B or 2B, C, H, W]
-        logits = student.forward_members(inputs)  # [Ms, B or 2B, K]
+        tiled = inputs.repeat(
+            m, *([1] * (inputs.dim() - 1))
+        )  # [Ms*B', C, H, W]: M contiguous chunks
+        logits = net(tiled).view(m, inputs.shape[0], -1)  # [Ms, B', K]
         on_perturbed = logits[:, :b]
         on_clean = logits[:, b:] if need_clean else on_perturbed
         loss = loss_fn(on_perturbed, targets, on_clean, labels)

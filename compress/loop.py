@@ -91,6 +91,9 @@ def train(
 ) -> dict[str, Any]:
     """Run the loop; returns a history dict (per-epoch loss/acc, steps, seconds).
 
+    ``step`` must run the model through ``runtime.wrap(model)`` so data-parallel runs average
+    gradients; every process then trains on its share of each global batch of ``batch_size``.
+
     ``after_backward`` runs between backward and the optimizer step (e.g. gradient scaling of
     fast weights). ``identity`` is stored with the resumable state and must match on resume.
     """
@@ -132,7 +135,7 @@ def train(
         desc=desc,
         unit="step",
         dynamic_ncols=True,
-        disable=None,
+        disable=None if runtime.is_main else True,
     )
     t0 = time.perf_counter() - history["seconds"]
     for epoch in range(start_epoch, config.epochs):
@@ -143,6 +146,7 @@ def train(
         for images, labels in iterate_batches(
             data, config.batch_size, gen=gen, shuffle=True, augment_hflip=hflip, drop_last=True
         ):
+            images, labels = runtime.shard(images, labels)  # data-parallel: this process's share
             images, labels = runtime.to_device(images), labels.to(runtime.device, non_blocking=True)
             with runtime.autocast():
                 result = step(images, labels)
@@ -192,7 +196,7 @@ def train(
             100 * correct / max(1, count),
             history["seconds"],
         )
-        if state_path is not None:
+        if state_path is not None and runtime.is_main:
             atomic_torch_save(
                 {
                     "identity": identity,
@@ -206,5 +210,6 @@ def train(
                 },
                 Path(state_path),
             )
+        runtime.barrier()  # others wait until rank 0's state file is complete
     bar.close()
     return history

@@ -74,11 +74,14 @@ class CompressResult:
     report_md: str
 
 
-def run_compress(config: CompressConfig, runtime: Runtime) -> CompressResult:
-    """Distill, average, evaluate and write the run folder; raises ParityError after writing on failure."""
+def run_compress(config: CompressConfig, runtime: Runtime) -> CompressResult | None:
+    """Distill, average, evaluate and write the run folder; raises ParityError after writing on failure.
+
+    Returns None on the non-main processes of a data-parallel run.
+    """
     started = time.perf_counter()
-    run_dir = _prepare_run_dir(config)
-    handler = _log_to_file(run_dir / "log.txt")
+    run_dir = runtime.broadcast(_prepare_run_dir(config) if runtime.is_main else None)
+    handler = _log_to_file(run_dir / "log.txt") if runtime.is_main else logging.NullHandler()
     try:
         teacher = load_teacher(config.teacher)
         data_config = data_config_for(
@@ -89,16 +92,15 @@ def run_compress(config: CompressConfig, runtime: Runtime) -> CompressResult:
         members = config.members or len(teacher)
         student, spec = _build_student(config, teacher, data, members, runtime)
         teacher.to(runtime.device)
-        atomic_write_text(
-            run_dir / "config.json",
-            json.dumps(_config_record(config, data_config, members), indent=2) + "\n",
-        )
+        if runtime.is_main:
+            record = _config_record(config, data_config, members)
+            atomic_write_text(run_dir / "config.json", json.dumps(record, indent=2) + "\n")
 
         gen = torch.Generator().manual_seed(config.seed + 10_000)
         wd = config.optim.weight_decay
         history = train(
             student,
-            make_distill_step(student, teacher.members, config.distill, gen),
+            make_distill_step(student, teacher.members, config.distill, gen, net=runtime.wrap(student)),
             data.train,
             config.optim,
             runtime,
@@ -113,6 +115,8 @@ def run_compress(config: CompressConfig, runtime: Runtime) -> CompressResult:
                       "distill": asdict(config.distill), "init": config.init, "n_train": len(data.train)},
         )  # fmt: skip
         student.eval()
+        if not runtime.is_main:  # rank 0 evaluates, reports and writes the run folder
+            return None
         be_spec = replace(
             spec, kind="batchensemble", members=members, arch_kwargs={**spec.arch_kwargs}
         )

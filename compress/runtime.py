@@ -1,4 +1,9 @@
-"""Where and how tensors run: device choice, mixed precision and memory layout, decided once."""
+"""Where and how tensors run: device, mixed precision, memory layout and data parallelism, decided once.
+
+Data parallelism: launched with `torchrun --nproc_per_node N -m ensc.cli ...`, every process
+joins one process group (NCCL on CUDA, gloo on CPU), models are wrapped in
+DistributedDataParallel and each process takes its share of every global batch.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +23,46 @@ class Runtime:
     device: torch.device
     amp: bool = False  # autocast: float16 + GradScaler on CUDA, bfloat16 on CPU
     channels_last: bool = False  # NHWC memory layout; pays off on CUDA tensor cores
+    rank: int = 0  # this process in a data-parallel group (torchrun sets RANK / WORLD_SIZE)
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes files and reports (rank 0)."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """``model`` itself, or a DistributedDataParallel wrapper when running data-parallel."""
+        if not self.distributed:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+
+    def shard(
+        self, images: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This process's share of a global batch (every process saw the same global batch)."""
+        if not self.distributed:
+            return images, labels
+        return images[self.rank :: self.world_size], labels[self.rank :: self.world_size]
+
+    def barrier(self) -> None:
+        if self.distributed:
+            torch.distributed.barrier()
+
+    def broadcast(self, value):
+        """Rank 0's ``value`` on every process (any picklable object)."""
+        if not self.distributed:
+            return value
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
 
     @property
     def amp_dtype(self) -> torch.dtype:
@@ -48,7 +93,14 @@ class Runtime:
 def resolve_runtime(
     device: str = "auto", amp: bool | None = None, channels_last: bool | None = None
 ) -> Runtime:
-    """``device`` is auto | cpu | cuda | cuda:N; AMP and channels_last default to on for CUDA only."""
+    """``device`` is auto | cpu | cuda | cuda:N; AMP and channels_last default to on for CUDA only.
+
+    Under torchrun (WORLD_SIZE > 1) this also joins the process group, and each process on CUDA
+    takes the GPU of its LOCAL_RANK.
+    """
+    import os
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if device == "auto":
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
@@ -69,9 +121,19 @@ def resolve_runtime(
                 )
         elif dev.type != "cpu":
             raise ConfigError(f"unsupported --device {device!r}: use auto, cpu, cuda or cuda:N")
+    rank = 0
+    if world_size > 1:
+        rank = int(os.environ["RANK"])
+        if dev.type == "cuda":
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(dev)
+        if not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     on_cuda = dev.type == "cuda"
     return Runtime(
         device=dev,
         amp=on_cuda if amp is None else amp,
         channels_last=on_cuda if channels_last is None else channels_last,
+        rank=rank,
+        world_size=world_size,
     )

@@ -93,14 +93,15 @@ def _train_member(config: TeacherTrainConfig, runtime: Runtime, data: ImageDatas
         data_root=str(config.data.root or ""),
     )
     model = runtime.prepare_model(spec.build())
+    net = runtime.wrap(model)  # DistributedDataParallel under torchrun
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> StepResult:
-        logits = model(images)
+        logits = net(images)
         loss = F.cross_entropy(logits, labels)
         return StepResult(loss, int((logits.argmax(-1) == labels).sum()), len(labels))
 
     state_path = _state_path(config.out, k)
-    if config.force:
+    if config.force and runtime.is_main:
         state_path.unlink(missing_ok=True)
     history = train(
         model,
@@ -129,8 +130,10 @@ def _train_member(config: TeacherTrainConfig, runtime: Runtime, data: ImageDatas
         "train_seconds": round(history["seconds"], 1),
     }
     info = {"seed": seed, "data": jsonable(asdict(config.data)), "optim": asdict(config.optim)}
-    save_checkpoint(member_path(config.out, k), model, spec, metrics=metrics, info=info)
-    state_path.unlink(missing_ok=True)
+    if runtime.is_main:
+        save_checkpoint(member_path(config.out, k), model, spec, metrics=metrics, info=info)
+        state_path.unlink(missing_ok=True)
+    runtime.barrier()
     log.info(
         "member %d: val acc %.2f%% nll %.4f -> %s",
         k,
