@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ensc.cli.options import command_line, runtime_options
+from ensc.cli.teachers_cmd import check_member_ref, json_object, member_index, teacher_options
 from ensc.compress.data import DATASETS
 
 PERTURB_CHOICES = ("none", "gaussian", "ods", "confods", "tdiv-sdiv")
@@ -19,13 +20,14 @@ Examples:
   ensc compress --teacher ckpts/ --arch wrn28x5
   ensc compress --teacher ckpts/ --arch resnet8 --epochs 1 --train-subset 2000 --test-subset 1000
   ensc compress --teacher ckpts/ --arch resnet20 --perturb ods --step 2 --alpha 0.9 --temperature 1 --init normal
+  ensc compress --teacher zoo/ensemble.json --code-path src/ --dataset cifar10 --arch resnet20 --student-init member:0
 """,
 )
 @click.option(
     "--teacher",
     type=click.Path(path_type=Path),
     required=True,
-    help="Folder of teacher member checkpoints.",
+    help="Teacher members: a folder (with or without ensemble.json), a manifest, a file or a quoted glob.",
 )
 @click.option(
     "--arch", required=True, help="Student architecture (registry name or package.module:callable)."
@@ -124,10 +126,14 @@ Examples:
     "--resume", is_flag=True, help="Continue an interrupted run (--out, else runs/latest)."
 )
 @click.option("--force", is_flag=True, help="Overwrite an existing run folder.")
+@teacher_options
+@click.option("--student-init", metavar="member:K", callback=check_member_ref,
+              help="Start the student from teacher member K's weights (it must have the student's --arch).")  # fmt: skip
 @runtime_options
 def compress_cmd(teacher, arch, members, dataset, data_root, train_subset, test_subset, epochs, batch_size, lr,
                  weight_decay, max_steps, perturb, step, alpha, temperature, init, fast_weights, recalibrate_bn,
-                 max_acc_drop, seed, out, resume, force, device, amp, channels_last) -> None:  # fmt: skip
+                 max_acc_drop, seed, out, resume, force, teacher_arch, teacher_arch_kwargs, code_path,
+                 unsafe_load, student_init, device, amp, channels_last) -> None:  # fmt: skip
     """Distill a teacher ensemble into a BatchEns student and average it into one network."""
     from ensc.compress.distill import DistillConfig
     from ensc.compress.loop import OptimConfig
@@ -154,6 +160,11 @@ def compress_cmd(teacher, arch, members, dataset, data_root, train_subset, test_
         resume=resume,
         force=force,
         command=command_line(click.get_current_context()),
+        teacher_arch=teacher_arch,
+        teacher_arch_kwargs=json_object(teacher_arch_kwargs),
+        code_path=code_path,
+        unsafe_load=unsafe_load,
+        student_init=member_index(student_init),
     )  # fmt: skip
     result = run_compress(config, resolve_runtime(device, amp, channels_last))
     if result is None:  # a non-main process of a torchrun launch: rank 0 reports

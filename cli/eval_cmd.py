@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from ensc.cli.options import runtime_options
+from ensc.cli.teachers_cmd import json_object, teacher_options
 from ensc.compress.data import DATASETS
 
 COLUMNS = ("acc", "nll", "bs", "ece", "cnll", "cece", "dee", "kl_div", "disagreement")
@@ -19,16 +20,36 @@ Examples:
   ensc eval --teacher ckpts/ --test-subset 1000 --json teacher.json
   ensc eval --teacher ckpts/ --student runs/latest/student.pt
 """)  # fmt: skip
-@click.option("--teacher", type=click.Path(path_type=Path), help="Folder of member checkpoints.")
+@click.option("--teacher", type=click.Path(path_type=Path),
+              help="Teacher members: a folder (with or without ensemble.json), a manifest, a file or a quoted glob.")  # fmt: skip
 @click.option("--student", "students", multiple=True, type=click.Path(path_type=Path),
               help="A single-network ensc checkpoint (e.g. runs/latest/student.pt); repeatable.")  # fmt: skip
-@click.option("--dataset", type=click.Choice(DATASETS), help="Default: the dataset recorded in the checkpoints.")
-@click.option("--data-root", type=click.Path(path_type=Path, file_okay=False), help="Default: the recorded one.")
-@click.option("--test-subset", type=click.IntRange(min=1), help="Evaluate on a class-balanced subset of N test images.")
-@click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), help="Also write the results as JSON.")
+@click.option(
+    "--dataset",
+    type=click.Choice(DATASETS),
+    help="Default: the dataset recorded in the checkpoints.",
+)
+@click.option(
+    "--data-root",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Default: the recorded one.",
+)
+@click.option(
+    "--test-subset",
+    type=click.IntRange(min=1),
+    help="Evaluate on a class-balanced subset of N test images.",
+)
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Also write the results as JSON.",
+)
 @click.option("--force", is_flag=True, help="Overwrite an existing --json file.")
+@teacher_options
 @runtime_options
-def eval_cmd(teacher, students, dataset, data_root, test_subset, json_path, force, device, amp, channels_last) -> None:  # fmt: skip
+def eval_cmd(teacher, students, dataset, data_root, test_subset, json_path, force, teacher_arch, teacher_arch_kwargs,
+             code_path, unsafe_load, device, amp, channels_last) -> None:  # fmt: skip
     """Evaluate teacher members, DE-1 ... DE-M and single networks on the test split."""
     from ensc.compress.checkpoint import load_checkpoint
     from ensc.compress.data import load_dataset
@@ -43,19 +64,28 @@ def eval_cmd(teacher, students, dataset, data_root, test_subset, json_path, forc
         raise click.UsageError("pass --teacher DIR, --student FILE, or both")
     if json_path is not None:
         refuse_overwrite(json_path, force)
-    ens = load_teacher(teacher) if teacher is not None else None
+    ens = load_teacher(
+        teacher, arch=teacher_arch, arch_kwargs=json_object(teacher_arch_kwargs), code_path=code_path,
+        unsafe_load=unsafe_load, dataset=dataset,
+    ) if teacher is not None else None  # fmt: skip
     ckpts = {str(path): load_checkpoint(path) for path in students}
     first = next(iter(ckpts.values()), None)
-    spec, recorded = (ens.spec, ens.infos[0].get("data")) if ens else (first.spec, first.info.get("data"))
+    spec, recorded = (ens.spec, ens.data_record) if ens else (first.spec, first.info.get("data"))
     config = data_config_for(spec, recorded, name=dataset, root=data_root, test_subset=test_subset)
     data = load_dataset(config)
     for ckpt in [*ckpts.values(), *([] if ens is None else [None])]:
         check_compatible(ckpt.spec if ckpt else ens.spec, data)
     models = {name: ckpt.build_model() for name, ckpt in ckpts.items()}
-    result = evaluate(data, resolve_runtime(device, amp, channels_last), teacher=ens, students=models)
-    click.echo(f"{data.name}: {result['n_test']} test images, T fitted on {result['n_val']} validation images")
+    result = evaluate(
+        data, resolve_runtime(device, amp, channels_last), teacher=ens, students=models
+    )
+    click.echo(
+        f"{data.name}: {result['n_test']} test images, T fitted on {result['n_val']} validation images"
+    )
     columns = COLUMNS + (("agreement",) if ens and students else ())
-    click.echo(markdown_table(result["members"] + result["ensembles"] + result["students"], columns))
+    click.echo(
+        markdown_table(result["members"] + result["ensembles"] + result["students"], columns)
+    )
     if json_path is not None:
         atomic_write_text(json_path, json.dumps(result, indent=2) + "\n")
         click.echo(f"wrote {json_path}")

@@ -11,6 +11,7 @@ import click
 from ensc import __version__
 from ensc.cli.compress_cmd import compress_cmd
 from ensc.cli.eval_cmd import eval_cmd
+from ensc.cli.teachers_cmd import teachers_cmd
 from ensc.cli.train_cmd import train_cmd
 
 EPILOG = """\b
@@ -67,6 +68,7 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
 cli.add_command(train_cmd)
 cli.add_command(eval_cmd)
 cli.add_command(compress_cmd)
+cli.add_command(teachers_cmd)
 
 
 def main() -> None:

@@ -21,9 +21,11 @@ def data_config_for(
     """
     known = {f.name for f in fields(DataConfig)}
     base = {k: v for k, v in (recorded or {}).items() if k in known}
-    base.setdefault("name", spec.dataset)
+    base.setdefault("name", spec.dataset or overrides.get("name"))
     if not base.get("name"):
-        raise ConfigError("the checkpoints record no dataset; pass --dataset")
+        raise ConfigError(
+            "the checkpoints record no dataset (those from other code never do); pass --dataset"
+        )
     base["root"] = Path(base["root"]) if base.get("root") else None
     config = DataConfig(**base)
     changes = {k: v for k, v in overrides.items() if v is not None}

@@ -30,7 +30,8 @@ from ensc.compress.loop import OptimConfig, train
 from ensc.compress.predict import predict_member_probs, predict_probs
 from ensc.compress.report import Predictions, build_report, parity, render_markdown
 from ensc.compress.runtime import Runtime
-from ensc.compress.teacher import Teacher, load_teacher
+from ensc.compress.teacher import Teacher, load_teacher, sanity_check
+from ensc.compress.warmstart import init_from_member
 from ensc.errors import ConfigError, EnscError
 from ensc.models.batchensemble import BatchEnsemble, to_batchensemble
 
@@ -47,7 +48,7 @@ class ParityError(EnscError):
 class CompressConfig:
     """Everything `ensc compress` does; defaults are [WA]'s recipe (SPEC.md §3–§6)."""
 
-    teacher: Path  # folder of member checkpoints
+    teacher: Path  # teacher members: folder, ensemble.json, file or glob
     arch: str  # student architecture
     members: int | None = None  # BatchEns size; None = number of teachers
     data_overrides: dict[str, Any] = field(default_factory=dict)  # DataConfig fields to change
@@ -65,6 +66,11 @@ class CompressConfig:
     resume: bool = False
     force: bool = False
     command: str = ""  # the command line, for the report
+    teacher_arch: str | None = None  # architecture of weight-only teacher files (--teacher-arch)
+    teacher_arch_kwargs: dict[str, Any] = field(default_factory=dict)  # its builder's arguments
+    code_path: Path | None = None  # folder of user code (architectures, pickled classes) to import
+    unsafe_load: bool = False  # allow full unpickling of teacher files (runs code from them)
+    student_init: int | None = None  # start the student from teacher member K's weights
 
 
 @dataclass(frozen=True)
@@ -83,16 +89,19 @@ def run_compress(config: CompressConfig, runtime: Runtime) -> CompressResult | N
     run_dir = runtime.broadcast(_prepare_run_dir(config) if runtime.is_main else None)
     handler = _log_to_file(run_dir / "log.txt") if runtime.is_main else logging.NullHandler()
     try:
-        teacher = load_teacher(config.teacher)
-        data_config = data_config_for(
-            teacher.spec, teacher.infos[0].get("data"), **config.data_overrides
-        )
+        teacher = load_teacher(
+            config.teacher, arch=config.teacher_arch, arch_kwargs=config.teacher_arch_kwargs,
+            code_path=config.code_path, unsafe_load=config.unsafe_load,
+            dataset=config.data_overrides.get("name"),
+        )  # fmt: skip
+        data_config = data_config_for(teacher.spec, teacher.data_record, **config.data_overrides)
         data = load_dataset(data_config)
         check_compatible(teacher.spec, data)
         members = config.members or len(teacher)
         student, spec = _build_student(config, teacher, data, members, runtime)
         teacher.to(runtime.device)
         if runtime.is_main:
+            sanity_check(teacher, data.val, runtime)  # validation, not test: test labels stay unseen until the report
             record = _config_record(config, data_config, members)
             atomic_write_text(run_dir / "config.json", json.dumps(record, indent=2) + "\n")
 
@@ -156,7 +165,7 @@ def run_compress(config: CompressConfig, runtime: Runtime) -> CompressResult | N
                   "teacher": str(config.teacher), "recalibrated_bn": config.recalibrate_bn},
         )  # fmt: skip
         details = {
-            "teacher": f"{len(teacher)} × {teacher.spec.arch} from {config.teacher}",
+            "teacher": f"{teacher.arch_summary} from {config.teacher}",
             "student": f"BE-{members} {config.arch} (init {config.init}), perturbation {config.distill.perturb.kind} "
             f"(step {config.distill.perturb.step}/255), α={config.distill.alpha}, T={config.distill.temperature}",
             "data": f"{data.name}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test",
@@ -198,7 +207,10 @@ def _build_student(
         data_root=teacher.spec.data_root,
     )
     torch.manual_seed(config.seed)
-    student = to_batchensemble(spec.build(), members=members, init=config.init)
+    net = spec.build()
+    if config.student_init is not None:
+        spec = init_from_member(net, spec, teacher, config.student_init)
+    student = to_batchensemble(net, members=members, init=config.init)
     return runtime.prepare_model(student), spec
 
 

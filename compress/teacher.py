@@ -1,8 +1,18 @@
-"""A DeepEns teacher: the member networks found in a folder of checkpoints (SPEC.md §2)."""
+"""A DeepEns teacher (SPEC.md §2): member networks from ensc or from anyone else's code.
+
+Each member ends up as a frozen ``nn.Module`` in eval mode that takes [0, 1] pixels (SPEC.md §1)
+and returns logits ``[B, K]``, with a :class:`ModelSpec` describing it. Files are read by
+:mod:`ensc.compress.teacher_formats`; which files, with which architecture and normalization,
+comes from :mod:`ensc.compress.manifest`; :mod:`ensc.compress.member` turns each into a module.
+"""
 
 from __future__ import annotations
 
-import re
+import importlib
+import logging
+import math
+import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,10 +20,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from ensc.compress.checkpoint import ModelSpec, load_checkpoint
-from ensc.errors import CheckpointError
+from ensc.compress.checkpoint import ModelSpec
+from ensc.compress.data import Split
+from ensc.compress.manifest import find_member_files, member_entries
+from ensc.compress.member import load_member
+from ensc.compress.runtime import Runtime
+from ensc.errors import CheckpointError, ConfigError
 
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
+__all__ = ["Teacher", "find_member_files", "load_teacher", "near_chance_limit", "sanity_check"]
+
+log = logging.getLogger(__name__)
+
+# (channels, height, width) of the built-in datasets: the test input for members that do not say
+DATASET_INPUT = {"fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32)}
 
 
 @dataclass
@@ -23,7 +42,7 @@ class Teacher:
     members: list[nn.Module]
     specs: list[ModelSpec]
     paths: list[Path]
-    infos: list[dict[str, Any]]  # provenance of each member: seed, data config, ...
+    infos: list[dict[str, Any]]  # provenance of each member: format, seed, data config, ...
 
     def __len__(self) -> int:
         return len(self.members)
@@ -34,55 +53,117 @@ class Teacher:
 
     @property
     def spec(self) -> ModelSpec:
-        """The first member's spec: dataset, input contract and class names of the ensemble."""
-        return self.specs[0]
+        """The spec of the first member that records its dataset (else the first member's)."""
+        return next((s for s in self.specs if s.dataset), self.specs[0])
+
+    @property
+    def data_record(self) -> dict[str, Any] | None:
+        """The DataConfig record of the first member trained by ensc; None for third-party teachers."""
+        return next((i["data"] for i in self.infos if i.get("data")), None)
+
+    @property
+    def arch_summary(self) -> str:
+        """E.g. ``2 × resnet20 + 1 × torchscript``."""
+        return " + ".join(
+            f"{n} × {arch}" for arch, n in Counter(s.arch for s in self.specs).items()
+        )
 
     def to(self, device: torch.device) -> Teacher:
         self.members = [m.to(device) for m in self.members]
         return self
 
 
-def find_member_files(folder: Path) -> list[Path]:
-    """Checkpoint files in ``folder``, in natural order (member2 before member10)."""
-    folder = Path(folder)
-    if not folder.exists():
-        raise CheckpointError(
-            f"teacher {folder} does not exist; make one with `ensc train --out {folder}`"
-        )
-    if folder.is_file():
-        return [folder]
-    files = [
-        p
-        for p in folder.iterdir()
-        if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES and not p.name.startswith(".")
-    ]
-    if not files:
-        raise CheckpointError(
-            f"no checkpoints ({', '.join('*' + s for s in CHECKPOINT_SUFFIXES)}) in {folder}; "
-            "train members with `ensc train` or point --teacher at a folder of member checkpoints"
-        )
-    return sorted(
-        files, key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)]
-    )
+def load_teacher(
+    source: Path | str,
+    *,
+    arch: str | None = None,
+    arch_kwargs: dict[str, Any] | None = None,
+    code_path: Path | None = None,
+    unsafe_load: bool = False,
+    dataset: str | None = None,
+) -> Teacher:
+    """Load every member of a teacher, frozen and in eval mode.
 
-
-def load_teacher(folder: Path) -> Teacher:
-    """Load every member checkpoint of a teacher folder, frozen and in eval mode."""
-    paths = find_member_files(folder)
+    Args:
+        source: a folder of member files (with or without an ``ensemble.json``), a manifest, a
+            single file or a glob.
+        arch: architecture of weight-only members (registry name or ``package.module:callable``)
+            without one in the manifest.
+        arch_kwargs: arguments of that architecture's builder, e.g. ``{"num_classes": 100}``.
+        code_path: a folder prepended to ``sys.path`` (as PYTHONPATH would be), so that user
+            architectures and pickled classes import.
+        unsafe_load: allow full unpickling of files that hold Python objects. Runs code from the
+            file: only for files you trust.
+        dataset: the dataset the teacher is used with, a hint for the input size of members
+            that do not record it (``fashion-mnist`` 1×28×28, ``cifar10``/``cifar100`` 3×32×32).
+    """
+    if code_path is not None:
+        add_code_path(code_path)
+    entries = member_entries(source, arch=arch, arch_kwargs=arch_kwargs)
+    hint = DATASET_INPUT.get(dataset or "")
     members, specs, infos = [], [], []
-    for path in paths:
-        ckpt = load_checkpoint(path)
-        members.append(ckpt.build_model().requires_grad_(False))
-        specs.append(ckpt.spec)
-        infos.append(ckpt.info)
-    classes = {s.num_classes for s in specs}
-    if len(classes) > 1:
-        raise CheckpointError(
-            f"teacher members in {folder} disagree on the number of classes: {sorted(classes)}"
-        )
-    channels = {s.in_channels for s in specs}
-    if len(channels) > 1:
-        raise CheckpointError(
-            f"teacher members in {folder} disagree on input channels: {sorted(channels)}"
-        )
-    return Teacher(members, specs, paths, infos)
+    for entry in entries:
+        model, spec, info = load_member(entry, unsafe_load=unsafe_load, hint=hint)
+        members.append(model.eval().requires_grad_(False))
+        specs.append(spec)
+        infos.append(info)
+    for what, values in (
+        ("the number of classes", [s.num_classes for s in specs]),
+        ("input channels", [s.in_channels for s in specs]),
+    ):
+        if len(set(values)) > 1:
+            listing = ", ".join(f"{e.path.name}: {v}" for e, v in zip(entries, values, strict=True))
+            raise CheckpointError(f"teacher members in {source} disagree on {what} ({listing})")
+    return Teacher(members, specs, [e.path for e in entries], infos)
+
+
+def add_code_path(code_path: Path) -> None:
+    """Put ``code_path`` first on ``sys.path`` so user code imports from it."""
+    folder = Path(code_path).expanduser().resolve()
+    if not folder.is_dir():
+        raise ConfigError(f"--code-path {code_path} is not a folder")
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    importlib.invalidate_caches()
+
+
+@torch.no_grad()
+def sanity_check(
+    teacher: Teacher, split: Split, runtime: Runtime, *, n: int = 256, seed: int = 0
+) -> list[float]:
+    """Each member's accuracy (%) on ``n`` random images of ``split``; warns when near chance.
+
+    A member far below its usual accuracy almost always means a wrong input normalization
+    (``mean``/``std`` in ensemble.json) or a class order other than the dataset's.
+    """
+    from ensc.compress.predict import predict_logits
+
+    gen = torch.Generator().manual_seed(seed)
+    sample = split.subset(torch.randperm(len(split), generator=gen)[:n])
+    if len(sample) == 0:
+        return [float("nan")] * len(teacher)
+    limit = near_chance_limit(teacher.num_classes, len(sample))
+    accs = []
+    for k, (model, path) in enumerate(zip(teacher.members, teacher.paths, strict=True)):
+        pred = predict_logits(model, sample, runtime).argmax(-1)
+        acc = 100.0 * float((pred == sample.labels).float().mean())
+        accs.append(acc)
+        if acc < limit:
+            log.warning(
+                "teacher member %d (%s) is near chance: %.1f%% on %d images (chance %.1f%%); "
+                "usually a wrong normalization (mean/std in ensemble.json) or another class order",
+                k, path.name, acc, len(sample), 100.0 / teacher.num_classes,
+            )  # fmt: skip
+    return accs
+
+
+def near_chance_limit(num_classes: int, n: int) -> float:
+    """Accuracy (%) below which a member counts as guessing, on ``n`` images of ``num_classes``.
+
+    chance + margin, with margin = chance / 2 (at most 10 points, for few classes) but at least
+    3 standard errors of a guessing model's accuracy on n images: 15.6 % for 10 classes and 256
+    images, 60 % for 2 classes, 2.9 % for 100 classes.
+    """
+    p = 1.0 / num_classes
+    chance, stderr = 100.0 * p, 100.0 * math.sqrt(p * (1 - p) / n)
+    return chance + max(min(0.5 * chance, 10.0), 3.0 * stderr)

@@ -1,0 +1,77 @@
+"""``--student-init member:K``: start the student from teacher member K's weights.
+
+When member K has the student's architecture, copying its weights into the student's shared
+weights (before conversion to BatchEns, so every member starts as member K) gives distillation a
+head start: the cheap path to a good student on a CPU budget.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from ensc.compress.checkpoint import ModelSpec
+from ensc.compress.teacher import Teacher
+from ensc.errors import ConfigError
+from ensc.models.normalize import Normalize, NormalizedModel
+
+
+@torch.no_grad()
+def init_from_member(student: nn.Module, spec: ModelSpec, teacher: Teacher, k: int) -> ModelSpec:
+    """Copy member ``k``'s weights (and input normalization) into the plain ``student`` network.
+
+    Returns ``spec`` with the member's mean/std, which the student now normalizes with. Raises
+    :class:`ConfigError` naming the differing keys when member ``k`` has another architecture.
+    """
+    if not 0 <= k < len(teacher):
+        raise ConfigError(
+            f"--student-init member:{k}: the teacher has members 0 to {len(teacher) - 1}"
+        )
+    member = teacher.members[k]
+    s_norm, s_core = _split(student)
+    t_norm, t_core = _split(member)
+    ours, theirs = s_core.state_dict(), t_core.state_dict()
+    missing = [key for key in ours if key not in theirs]
+    unexpected = [key for key in theirs if key not in ours]
+    shapes = [key for key in ours if key in theirs and ours[key].shape != theirs[key].shape]
+    if missing or unexpected or shapes:
+        what = ", ".join(
+            f"{name} {', '.join(keys[:3])}{', …' if len(keys) > 3 else ''}"
+            for name, keys in (
+                ("missing", missing),
+                ("unexpected", unexpected),
+                ("other shapes", shapes),
+            )
+            if keys
+        )
+        raise ConfigError(
+            f"--student-init member:{k}: member {k} ({teacher.specs[k].arch}) does not have the "
+            f"student's architecture {spec.arch} ({what}); pick a member of that architecture "
+            "or drop --student-init"
+        )
+    s_core.load_state_dict(theirs)
+    # the member's input normalization goes with its weights
+    if s_norm is not None:
+        s_norm.load_state_dict((t_norm or Normalize(s_norm.num_channels)).state_dict())
+    elif t_norm is not None:
+        own = getattr(s_core, "normalize", None)
+        if not isinstance(own, Normalize):
+            raise ConfigError(
+                f"--student-init member:{k}: the student has no input normalization to take member {k}'s"
+            )
+        own.load_state_dict(t_norm.state_dict())
+    norm = s_norm if s_norm is not None else getattr(s_core, "normalize", None)
+    if not isinstance(norm, Normalize):
+        return spec
+    return replace(
+        spec, mean=tuple(norm.mean.flatten().tolist()), std=tuple(norm.std.flatten().tolist())
+    )
+
+
+def _split(model: nn.Module) -> tuple[Normalize | None, nn.Module]:
+    """(the wrapper's Normalize, the network inside) of a NormalizedModel; (None, model) otherwise."""
+    if isinstance(model, NormalizedModel):
+        return model.normalize, model.model
+    return None, model
