@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -17,6 +17,9 @@ from torch import nn
 from ensc import __version__
 from ensc.compress.fileio import atomic_torch_save
 from ensc.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from ensc.models.batchensemble import BatchEnsemble
 
 FORMAT = "ensc-checkpoint"
 FORMAT_VERSION = 1
@@ -73,6 +76,18 @@ class Checkpoint:
         model.load_state_dict(self.state_dict)
         return model.eval()
 
+    def build_batchensemble(self) -> BatchEnsemble:
+        """The BatchEns student with these weights (``kind="batchensemble"``), in eval mode."""
+        from ensc.models.batchensemble import to_batchensemble
+
+        if self.spec.kind != "batchensemble":
+            raise CheckpointError(
+                f"{self.path} holds a {self.spec.kind} model, not a BatchEnsemble student"
+            )
+        model = to_batchensemble(self.spec.build(), members=self.spec.members)
+        model.load_state_dict(self.state_dict)
+        return model.eval()
+
 
 def save_checkpoint(
     path: Path,
@@ -115,7 +130,11 @@ def is_ensc_payload(payload: Any) -> bool:
 
 def load_checkpoint(path: Path) -> Checkpoint:
     """Load an ensc checkpoint saved by :func:`save_checkpoint`."""
-    payload = read_payload(path)
+    return checkpoint_from_payload(read_payload(path), path)
+
+
+def checkpoint_from_payload(payload: Any, path: Path) -> Checkpoint:
+    """The :class:`Checkpoint` in a payload already read from ``path`` by :func:`read_payload`."""
     if not is_ensc_payload(payload):
         raise CheckpointError(f"{path} is not an ensc checkpoint (no '{FORMAT}' record)")
     if payload.get("format_version", 0) > FORMAT_VERSION:
