@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from ensc.compress.average import average, recalibrate_bn
+from ensc.compress.average import average
 from ensc.compress.checkpoint import load_checkpoint
-from ensc.compress.data import DataConfig, iterate_batches, load_dataset
+from ensc.compress.data import DataConfig, load_dataset
 from ensc.compress.distill import DistillConfig
 from ensc.compress.evaluate import evaluate
 from ensc.compress.fileio import atomic_write_text
@@ -34,7 +34,6 @@ from ensc.compress.runtime import resolve_runtime
 from ensc.compress.table import markdown_table
 from ensc.compress.teacher import load_teacher
 from ensc.compress.train_teacher import TeacherTrainConfig, train_teacher
-from ensc.models.batchensemble import to_batchensemble
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = {
@@ -91,9 +90,9 @@ def run_dataset(name: str, args: argparse.Namespace) -> dict[str, Any]:
         report = json.loads((run_dir / "report.json").read_text())
         timings.setdefault(kind, report["wall_seconds"])
         rows.append({**report["student_be"], "name": f"BE-4 {label}"})
-        rows.append({**report["student_avg"], "name": f"  ↳ averaged (1 net) {label}"})
+        rows.append({**report["student_avg"], "name": f"  ↳ averaged (1 net, BN recal.) {label}"})
         rows.append(
-            {"name": f"  ↳ averaged + BN recal. {label}", "model": _recalibrated(run_dir, data)}
+            {"name": f"  ↳ averaged, no BN recal. {label}", "model": _not_recalibrated(run_dir)}
         )
 
     single = load_checkpoint(single_dir / "member0.pt").build_model()
@@ -118,12 +117,9 @@ def run_dataset(name: str, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _recalibrated(run_dir: Path, data) -> torch.nn.Module:
-    """The run's averaged network with BN statistics re-estimated on (unaugmented) training images."""
-    ckpt = load_checkpoint(run_dir / "student_be.pt")
-    be = to_batchensemble(ckpt.spec.build(), members=ckpt.spec.members)
-    be.load_state_dict(ckpt.state_dict)
-    return recalibrate_bn(average(be), (x for x, _ in iterate_batches(data.train, 256))).eval()
+def _not_recalibrated(run_dir: Path) -> torch.nn.Module:
+    """The run's averaged network with the BE student's BN statistics (`--no-recalibrate-bn`)."""
+    return average(load_checkpoint(run_dir / "student_be.pt").build_batchensemble())
 
 
 def render(results: list[dict[str, Any]], args: argparse.Namespace, wall: float) -> str:

@@ -105,9 +105,11 @@ Examples:
     help="Fast-weight regularization. Default: wa for --init ones, dm for normal.",
 )
 @click.option(
-    "--recalibrate-bn",
-    is_flag=True,
-    help="Re-estimate BatchNorm statistics of the averaged network on training data.",
+    "--recalibrate-bn/--no-recalibrate-bn",
+    default=True,
+    show_default=True,
+    help="Re-estimate BatchNorm statistics of the averaged network on training data (the BE "
+    "student's running statistics describe a mix of its members, not their average).",
 )
 @click.option(
     "--max-acc-drop",

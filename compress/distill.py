@@ -110,10 +110,12 @@ def param_groups(student: BatchEnsemble, regime: str, weight_decay: float) -> li
 def fast_weight_hook(
     student: BatchEnsemble, regime: str, weight_decay: float
 ) -> Callable[[], None] | None:
-    """[WA]'s treatment, run after backward: grad ← M·grad + (λ/M)·(r − 1) for r, s; M·grad for member biases.
+    """[WA]'s treatment, run after backward: grad ← M·(grad + (λ/M)·(r − 1)) for r and s.
 
-    Each member sees only 1/M of the batch, hence the factor M; the penalty (λ/2M)·Σ(1 − r)² keeps
-    the fast weights near 1, where averaging them loses little.
+    The penalty (λ/2M)·Σ(1 − r)² keeps the fast weights near 1, where averaging them loses
+    little; each member sees only 1/M of the batch, hence the factor M, which (as in the
+    authors' code, cs-giung/distill-latentbe) scales the whole gradient, penalty included.
+    Member biases get M·grad and ordinary weight decay.
     """
     if regime != "wa":
         return None
@@ -125,7 +127,7 @@ def fast_weight_hook(
     def hook() -> None:
         for p in fast:
             if p.grad is not None:
-                p.grad.mul_(m).add_(p - 1.0, alpha=weight_decay / m)
+                p.grad.add_(p - 1.0, alpha=weight_decay / m).mul_(m)
         for p in bias:
             if p.grad is not None:
                 p.grad.mul_(m)

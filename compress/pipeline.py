@@ -55,7 +55,7 @@ class CompressConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=200))
     distill: DistillConfig = field(default_factory=DistillConfig)
     init: str = "ones"  # fast-weight init: "ones" ([WA], needed for averaging) or "normal" ([DM])
-    recalibrate_bn: bool = False  # re-estimate BN statistics of the averaged network on train data
+    recalibrate_bn: bool = True  # re-estimate BN statistics of the averaged network on train data
     max_acc_drop: float = (
         1.0  # parity gate: allowed accuracy drop (points) of averaged vs BE student
     )
@@ -101,7 +101,9 @@ def run_compress(config: CompressConfig, runtime: Runtime) -> CompressResult | N
         student, spec = _build_student(config, teacher, data, members, runtime)
         teacher.to(runtime.device)
         if runtime.is_main:
-            sanity_check(teacher, data.val, runtime)  # validation, not test: test labels stay unseen until the report
+            sanity_check(
+                teacher, data.val, runtime
+            )  # validation, not test: test labels stay unseen until the report
             record = _config_record(config, data_config, members)
             atomic_write_text(run_dir / "config.json", json.dumps(record, indent=2) + "\n")
 
