@@ -77,8 +77,12 @@ def run_dataset(name: str, args: argparse.Namespace) -> dict[str, Any]:
         timed(folder.name, lambda c=config: train_teacher(c, runtime, data))
 
     rows: list[dict[str, Any]] = []
+    missing: list[str] = []
     for label, kind in METHODS.items():
         run_dir = out / kind
+        if args.only_finished and not (run_dir / "report.json").exists():
+            missing.append(label)  # render what has finished; the missing methods are listed
+            continue
         if not (run_dir / "report.json").exists():
             config = CompressConfig(
                 teacher=teacher_dir, arch=args.arch, data_overrides={"train_subset": args.train_subset, "test_subset": args.test_subset},
@@ -113,6 +117,7 @@ def run_dataset(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "n_test": len(data.test),
         "rows": [de, measured["single network trained alone"], *rows],
         "timings_seconds": timings,
+        "not_run": missing,
         "teacher_members": base["members"],
     }
 
@@ -153,6 +158,8 @@ def render(results: list[dict[str, Any]], args: argparse.Namespace, wall: float)
             "",
         ]
         lines += [markdown_table(r["rows"], COLUMNS, name_header="model"), ""]
+        if r.get("not_run"):
+            lines += [f"Not run yet (the session's time ran out): {', '.join(r['not_run'])}.", ""]
         t = r["timings_seconds"]
         lines += ["Wall time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in t.items()), ""]
     return "\n".join(lines)
@@ -169,6 +176,9 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default=str(REPO / "runs" / "study"))
     parser.add_argument("--markdown", default=str(REPO / "docs" / "results.md"))
+    parser.add_argument(
+        "--only-finished", action="store_true", help="train nothing new; tabulate the finished runs"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     started = time.perf_counter()
