@@ -9,8 +9,10 @@ import sys
 import click
 
 from ensc import __version__
+from ensc.cli.bench_cmd import bench_cmd
 from ensc.cli.compress_cmd import compress_cmd
 from ensc.cli.eval_cmd import eval_cmd
+from ensc.cli.export_cmd import export_cmd
 from ensc.cli.teachers_cmd import teachers_cmd
 from ensc.cli.train_cmd import train_cmd
 
@@ -68,6 +70,8 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
 cli.add_command(train_cmd)
 cli.add_command(eval_cmd)
 cli.add_command(compress_cmd)
+cli.add_command(export_cmd)
+cli.add_command(bench_cmd)
 cli.add_command(teachers_cmd)
 
 

@@ -43,3 +43,20 @@ def tiny_teacher(tmp_path_factory) -> Path:
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_teacher: Path, tmp_path_factory) -> Path:
+    """A finished `ensc compress` run folder of the tiny teacher (resnet8 student, 2 steps).
+
+    Tests that write into a run (exports) copy it first; this folder stays pristine.
+    """
+    cwd = tmp_path_factory.mktemp("tiny_run")
+    run = cwd / "runs" / "tiny"
+    result = run_cli(
+        "compress", "--teacher", str(tiny_teacher), "--arch", "resnet8", "--epochs", "1",
+        "--batch-size", "32", "--train-subset", "400", "--test-subset", "200", "--max-steps", "2",
+        "--perturb", "none", "--max-acc-drop", "100", "--out", str(run), cwd=cwd,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return run

@@ -1,0 +1,484 @@
+"""`ensc bench`: latency and throughput of the teacher, the BatchEns student and the single network.
+
+Candidates (each on PyTorch eager and on onnxruntime): the DE-M teacher (one graph, members'
+mean), the BE-M student (batch tiled inside), the averaged single network, plus its fp16/int8 ONNX
+files when `ensc export` wrote them. Every candidate returns the same thing, ``probs [B, K]``.
+
+Timing is round-robin: each of ``repeats`` rounds calls every candidate once (in a rotating
+order) per batch size, so load from other processes on a shared machine hits all candidates
+alike and the ratios stay meaningful. onnxruntime sessions are created without spin-waiting
+threads for the same reason (a spinning idle pool steals the next candidate's cores); that costs
+onnxruntime a little at tiny batch sizes. Both engines use ``threads`` intra-op threads. On a
+machine whose cores are busy with other work, use ``threads=1``: PyTorch's OpenMP thread pool
+degrades badly when oversubscribed. Results are dataclasses; rendering is
+:mod:`ensc.export.render`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ensc import __version__
+from ensc.errors import ConfigError
+from ensc.export.sources import (
+    CheckImages,
+    Exportable,
+    load_check_images,
+    load_exportable,
+    onnx_path,
+    resolve_run,
+)
+from ensc.export.validate import ParityError, make_session
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+log = logging.getLogger(__name__)
+
+PROVIDERS = ("auto", "cpu", "cuda")
+FAMILIES = ("teacher", "student-be", "student")  # row order of the tables
+ONNX_FILES = {"teacher": "teacher", "student-be": "student_be", "student": "student"}
+REDUCED = ("fp16", "int8")  # extra single-network files used when present
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """How `ensc bench` measures; CLI options map onto the fields."""
+
+    batch_sizes: tuple[int, ...] = (1, 8, 64)
+    warmup: int = 5  # untimed calls per candidate and batch size
+    repeats: int = 50  # timed calls per candidate and batch size
+    threads: int | None = None  # intra-op threads of both engines; None = torch's default
+    provider: str = "auto"  # auto (CUDA when onnxruntime-gpu and a GPU are there) | cpu | cuda
+    test_samples: int = 1000  # test images for the accuracy column
+    data_root: Path | None = None  # dataset location, if not the recorded one
+
+    def __post_init__(self) -> None:
+        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
+            raise ConfigError(f"batch sizes must be positive integers; got {self.batch_sizes}")
+        if self.repeats < 1 or self.warmup < 0:
+            raise ConfigError(
+                f"need repeats >= 1 and warmup >= 0; got {self.repeats}, {self.warmup}"
+            )
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"--threads must be >= 1; got {self.threads}")
+        if self.provider not in PROVIDERS:
+            raise ConfigError(
+                f"unknown provider {self.provider!r}: choose one of {', '.join(PROVIDERS)}"
+            )
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One model on one engine; ``predict`` maps images float32 [B, C, H, W] to probs [B, K]."""
+
+    name: str  # e.g. "DE-4 teacher"
+    family: str  # teacher | student-be | student
+    engine: str  # pytorch | onnxruntime
+    precision: str  # fp32 | fp16 | int8
+    predict: Callable[[np.ndarray], np.ndarray]
+    params: int
+    macs: int  # multiply-accumulates of conv/linear layers per image
+    file_bytes: int  # what is deployed: the checkpoint(s) for PyTorch, the .onnx for onnxruntime
+    source: str  # file(s) it came from
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Per-call wall time of one candidate at one batch size."""
+
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    images_per_s: float  # batch size / median call time
+    calls: int
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    name: str
+    family: str
+    engine: str
+    precision: str
+    batch_size: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    images_per_s: float
+    calls: int
+    params: int
+    macs: int
+    file_bytes: int
+    accuracy: float  # test accuracy, percent
+    speedup_vs_teacher: float | None  # teacher's p50 / this p50, same engine and batch size
+    source: str
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    rows: tuple[BenchRow, ...]
+    environment: dict[str, Any]
+    config: dict[str, Any]
+    notes: tuple[str, ...] = ()
+    command: str = ""
+    n_test: int = 0
+    dataset: str = ""
+    schema: str = "ensc-bench/1"
+
+    def row(self, family: str, engine: str, batch_size: int, precision: str = "fp32") -> BenchRow:
+        for r in self.rows:
+            if (r.family, r.engine, r.batch_size, r.precision) == (
+                family,
+                engine,
+                batch_size,
+                precision,
+            ):
+                return r
+        raise KeyError(f"no row for {family} on {engine} ({precision}) at batch {batch_size}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BenchResult:
+        """Rebuild a result from :meth:`to_dict` output (e.g. a ``--json`` file)."""
+        return cls(
+            rows=tuple(BenchRow(**r) for r in data["rows"]),
+            environment=data["environment"],
+            config=data["config"],
+            notes=tuple(data.get("notes", ())),
+            command=data.get("command", ""),
+            n_test=data.get("n_test", 0),
+            dataset=data.get("dataset", ""),
+            schema=data.get("schema", "ensc-bench/1"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": self.schema,
+            "command": self.command,
+            "dataset": self.dataset,
+            "n_test": self.n_test,
+            "environment": self.environment,
+            "config": self.config,
+            "units": "latency in ms per call (one batch); images_per_s = batch / p50; accuracy in percent; "
+            "macs per image; speedup_vs_teacher = teacher p50 / p50 on the same engine and batch size",
+            "rows": [asdict(r) for r in self.rows],
+            "notes": list(self.notes),
+        }
+
+
+# --- measuring ---------------------------------------------------------------------------------
+
+
+def measure(
+    candidates: Sequence[Candidate],
+    images: np.ndarray,
+    batch_sizes: Sequence[int],
+    *,
+    warmup: int,
+    repeats: int,
+) -> dict[tuple[int, int], Latency]:
+    """Latency of every candidate at every batch size, keyed by (candidate index, batch size).
+
+    Batches are cut from ``images`` (tiled when there are fewer images than the batch size).
+    Rounds are interleaved across candidates with a rotating start, so that machine load is shared
+    fairly; each candidate gets ``warmup`` untimed calls per batch size first.
+    """
+    out: dict[tuple[int, int], Latency] = {}
+    n = len(candidates)
+    for b in batch_sizes:
+        reps = -(-b // len(images))
+        batch = np.ascontiguousarray(np.concatenate([images] * reps)[:b])  # [b, C, H, W]
+        for cand in candidates:
+            for _ in range(warmup):
+                cand.predict(batch)
+        times: list[list[float]] = [[] for _ in candidates]
+        for r in range(repeats):
+            for j in range(n):
+                i = (r + j) % n
+                start = time.perf_counter()
+                candidates[i].predict(batch)
+                times[i].append(time.perf_counter() - start)
+        for i, t in enumerate(times):
+            ms = np.asarray(t) * 1e3
+            p50 = float(np.percentile(ms, 50))
+            out[(i, b)] = Latency(
+                p50_ms=p50,
+                p90_ms=float(np.percentile(ms, 90)),
+                p99_ms=float(np.percentile(ms, 99)),
+                mean_ms=float(ms.mean()),
+                images_per_s=b / (p50 / 1e3),
+                calls=len(ms),
+            )
+    return out
+
+
+def count_macs(module: nn.Module, example: torch.Tensor) -> int:
+    """Multiply-accumulates of conv/linear/matmul ops for ``example``, via FlopCounterMode (2 FLOPs per MAC)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        module(example)
+    return int(counter.get_total_flops() // 2)
+
+
+def accuracy(
+    predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray, labels: np.ndarray
+) -> float:
+    """Top-1 accuracy (percent) of ``predict`` on ``images``, in batches of 256."""
+    preds = np.concatenate(
+        [predict(images[i : i + 256]).argmax(1) for i in range(0, len(images), 256)]
+    )
+    return 100.0 * float((preds == labels).mean())
+
+
+# --- candidates ------------------------------------------------------------------------------------
+
+
+def torch_predictor(module: nn.Module, device: torch.device) -> Callable[[np.ndarray], np.ndarray]:
+    import torch
+
+    module = module.to(device).eval()
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            _, probs = module(torch.from_numpy(images).to(device))  # [B, K]
+            return probs.cpu().numpy()  # synchronizes on CUDA
+
+    return predict
+
+
+def onnx_predictor(session: Any) -> Callable[[np.ndarray], np.ndarray]:
+    def predict(images: np.ndarray) -> np.ndarray:
+        return session.run(["probs"], {"images": images})[0]
+
+    return predict
+
+
+def resolve_provider(provider: str) -> tuple[list[str], str]:
+    """onnxruntime providers and the torch device for ``provider`` (auto | cpu | cuda)."""
+    import onnxruntime as ort
+    import torch
+
+    has_cuda = (
+        "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
+    )
+    if provider == "cuda" and not has_cuda:
+        raise ConfigError(
+            "--provider cuda needs onnxruntime-gpu (pip install 'ensc[gpu]') and a visible GPU; use --provider cpu"
+        )
+    if provider == "cuda" or (provider == "auto" and has_cuda):
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"], "cuda"
+    return ["CPUExecutionProvider"], "cpu"
+
+
+# --- the benchmark -----------------------------------------------------------------------------------
+
+
+def run_bench(
+    config: BenchConfig,
+    *,
+    run: Path | None = None,
+    teacher: Path | None = None,
+    runs_dir: Path = Path("runs"),
+    command: str = "",
+) -> BenchResult:
+    """Benchmark the run's teacher, BE student and averaged network side by side."""
+    import torch
+
+    run_dir = resolve_run(run, runs_dir)
+    providers, device_type = resolve_provider(config.provider)
+    exportables = {
+        "student": load_exportable("student", run=run_dir),
+        "student-be": load_exportable("student-be", run=run_dir),
+        "teacher": load_exportable("teacher", run=run_dir, teacher=teacher),
+    }
+    student = exportables["student"]
+    images = load_check_images(
+        student.spec,
+        student.recorded_data,
+        test_samples=config.test_samples,
+        data_root=config.data_root,
+    )
+    device = torch.device(device_type)
+    threads = config.threads or torch.get_num_threads()
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    notes: list[str] = []
+    try:
+        candidates = _candidates(exportables, run_dir, images, providers, device, threads, notes)
+        x, y = images.test_images.numpy(), images.test_labels.numpy()
+        acc = [accuracy(c.predict, x, y) for c in candidates]
+        log.info(
+            "timing %d candidates at batch sizes %s (%d warm-up + %d timed calls each)",
+            len(candidates), ",".join(map(str, config.batch_sizes)), config.warmup, config.repeats,
+        )  # fmt: skip
+        load_before = _loadavg()
+        latency = measure(
+            candidates, x, config.batch_sizes, warmup=config.warmup, repeats=config.repeats
+        )
+        load_after = _loadavg()
+    finally:
+        torch.set_num_threads(saved_threads)
+    rows = _rows(candidates, latency, acc, config.batch_sizes)
+    environment = _environment(threads, providers, device_type)
+    environment["loadavg_1min"] = {"before": load_before, "after": load_after}
+    return BenchResult(
+        rows=tuple(rows),
+        environment=environment,
+        config={**asdict(config), "data_root": str(config.data_root) if config.data_root else None,
+                "run": str(run_dir), "threads": threads},
+        notes=tuple(notes),
+        command=command,
+        n_test=len(y),
+        dataset=images.dataset,
+    )  # fmt: skip
+
+
+def _candidates(
+    exportables: dict[str, Exportable],
+    run_dir: Path,
+    images: CheckImages,
+    providers: list[str],
+    device: torch.device,
+    threads: int,
+    notes: list[str],
+) -> list[Candidate]:
+    import onnx
+
+    example = images.test_images[:1]  # [1, C, H, W]
+    out: list[Candidate] = []
+    for family in FAMILIES:
+        exp = exportables[family]
+        name = _display_name(exp)
+        macs = count_macs(exp.module, example)
+        sources = ", ".join(str(p) for p in exp.sources)
+        out.append(Candidate(
+            name, family, "pytorch", "fp32", torch_predictor(exp.module, device),
+            exp.params, macs, exp.source_bytes, sources,
+        ))  # fmt: skip
+        fp32_path = run_dir / f"{ONNX_FILES[family]}.onnx"
+        files = [("fp32", fp32_path)]
+        if family == "student":
+            files += [
+                (p, onnx_path(fp32_path, p)) for p in REDUCED if onnx_path(fp32_path, p).is_file()
+            ]
+        for precision, path in files:
+            if path.is_file():
+                model_bytes = path.read_bytes()
+            else:
+                model_bytes = _export_for_bench(exp, images)
+                notes.append(
+                    f"{path.name} was not in the run; exported and checked it for this benchmark only "
+                    f"(keep it with `ensc export --onnx --what {family}`)"
+                )
+            # no spin-waiting: the idle thread pools of 5 sessions would steal the cores of
+            # whichever candidate runs next in the round-robin
+            session = make_session(
+                model_bytes, threads=threads, providers=providers, spinning=False
+            )
+            metadata = {e.key: e.value for e in onnx.load_from_string(model_bytes).metadata_props}
+            if metadata.get("precision", precision) != precision:
+                notes.append(
+                    f"{path.name} says its precision is {metadata['precision']}, not {precision}"
+                )
+            out.append(Candidate(
+                name, family, "onnxruntime", precision, onnx_predictor(session),
+                exp.params, macs, len(model_bytes), str(path) if path.is_file() else "(exported for this run)",
+            ))  # fmt: skip
+    return out
+
+
+def _export_for_bench(exp: Exportable, images: CheckImages) -> bytes:
+    from ensc.export.pipeline import ExportConfig, build_onnx
+
+    model, reports = build_onnx(exp, images, ExportConfig())
+    if not reports[0].passed:
+        raise ParityError(
+            f"the {exp.what} graph exported for the benchmark fails its parity check: "
+            + "; ".join(reports[0].failures)
+        )
+    return model.SerializeToString()
+
+
+def _display_name(exp: Exportable) -> str:
+    arch = "+".join(sorted(set(exp.archs)))
+    if exp.what == "teacher":
+        return f"DE-{exp.members} teacher ({arch})"
+    if exp.what == "student-be":
+        return f"BE-{exp.members} student ({arch})"
+    return f"averaged student ({arch})"
+
+
+def _rows(
+    candidates: Sequence[Candidate],
+    latency: dict[tuple[int, int], Latency],
+    acc: Sequence[float],
+    batch_sizes: Sequence[int],
+) -> list[BenchRow]:
+    teacher = {
+        (c.engine, b): latency[(i, b)].p50_ms
+        for i, c in enumerate(candidates)
+        if c.family == "teacher" and c.precision == "fp32"
+        for b in batch_sizes
+    }
+    rows = []
+    for b in batch_sizes:
+        for i, c in enumerate(candidates):
+            lat = latency[(i, b)]
+            ref = teacher.get((c.engine, b))
+            rows.append(BenchRow(
+                name=c.name, family=c.family, engine=c.engine, precision=c.precision, batch_size=b,
+                **asdict(lat), params=c.params, macs=c.macs, file_bytes=c.file_bytes, accuracy=acc[i],
+                speedup_vs_teacher=None if ref is None else ref / lat.p50_ms, source=c.source,
+            ))  # fmt: skip
+    return rows
+
+
+def _environment(threads: int, providers: list[str], device: str) -> dict[str, Any]:
+    import onnxruntime as ort
+    import torch
+
+    return {
+        "cpu": cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "threads": threads,
+        "onnxruntime_providers": providers,
+        "onnxruntime_spinning": False,
+        "torch_device": device,
+        "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "onnxruntime": ort.__version__,
+        "ensc": __version__,
+    }
+
+
+def cpu_model() -> str:
+    """The CPU's model name as lscpu shows it (``/proc/cpuinfo`` on Linux, else platform)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _loadavg() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None

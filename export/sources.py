@@ -1,0 +1,235 @@
+"""What gets exported or benchmarked, and on which images: run folders, checkpoints, teachers.
+
+A run folder of `ensc compress` (default ``runs/latest``) holds ``student.pt`` (the averaged
+single network), ``student_be.pt`` (the BatchEns student) and ``config.json`` (which names the
+teacher folder). Any ensc checkpoint can be exported on its own with ``model=FILE.pt``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ensc.compress.checkpoint import Checkpoint, ModelSpec, load_checkpoint
+from ensc.errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+WHATS = ("student", "student-be", "teacher")  # what --what can name in a run
+RUN_FILES = {"student": "student.pt", "student-be": "student_be.pt"}
+ONNX_NAMES = {"student": "student", "student-be": "student_be", "teacher": "teacher"}
+
+
+@dataclass
+class Exportable:
+    """A network ready to export: the wrapper module plus what describes it."""
+
+    module: nn.Module  # returns (logits, probs); see ensc.export.wrappers
+    spec: ModelSpec  # input contract and classes (the first member's, for a teacher)
+    what: str  # "student", "student-be", "teacher" or "model" (a checkpoint given directly)
+    members: int  # networks averaged in the graph (1 for a single network)
+    sources: tuple[Path, ...]  # checkpoint files it was built from
+    archs: tuple[str, ...]
+    recorded_data: dict[str, Any] | None  # DataConfig recorded at training time
+    default_out: Path  # where its fp32 ONNX file goes unless told otherwise
+
+    @property
+    def params(self) -> int:
+        return sum(p.numel() for p in self.module.parameters())
+
+    @property
+    def source_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.sources)
+
+
+def resolve_run(run: Path | None, runs_dir: Path = Path("runs")) -> Path:
+    """The run folder: ``run`` or ``runs_dir/latest``; a one-line error when there is none."""
+    run_dir = Path(run) if run is not None else Path(runs_dir) / "latest"
+    if not run_dir.exists():
+        hint = "" if run is not None else f" (no {run_dir} here)"
+        raise CheckpointError(
+            f"no run found at {run_dir}{hint}: run `ensc compress --teacher DIR --arch ARCH` "
+            "first, or pass --run DIR or --model FILE.pt"
+        )
+    if not run_dir.is_dir():
+        raise CheckpointError(f"--run {run_dir} is a file; pass the run folder of `ensc compress`")
+    return run_dir
+
+
+def run_checkpoint(run_dir: Path, what: str) -> Checkpoint:
+    path = run_dir / RUN_FILES[what]
+    if not path.is_file():
+        raise CheckpointError(
+            f"run {run_dir} has no {path.name}: `ensc compress` did not finish there; "
+            "rerun it with --resume, or pass --model FILE.pt"
+        )
+    return load_checkpoint(path)
+
+
+def run_teacher_dir(run_dir: Path) -> Path:
+    """The teacher folder recorded in the run's config.json (relative paths: from the cwd)."""
+    config = run_dir / "config.json"
+    try:
+        recorded = json.loads(config.read_text())["teacher"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(
+            f"cannot read the teacher folder from {config}: pass --teacher DIR"
+        ) from err
+    folder = Path(recorded)
+    if not folder.exists():
+        raise CheckpointError(
+            f"the run's teacher {folder} (recorded in {config}) is not here: pass --teacher DIR"
+        )
+    return folder
+
+
+def run_data_record(run_dir: Path) -> dict[str, Any] | None:
+    """The DataConfig the run was evaluated on (student.pt, else config.json)."""
+    student = run_dir / RUN_FILES["student"]
+    if student.is_file():
+        data = load_checkpoint(student).info.get("data")
+        if data:
+            return data
+    try:
+        return json.loads((run_dir / "config.json").read_text()).get("data")
+    except (OSError, ValueError):
+        return None
+
+
+def load_exportable(
+    what: str | None = None,
+    *,
+    run: Path | None = None,
+    model: Path | None = None,
+    teacher: Path | None = None,
+    runs_dir: Path = Path("runs"),
+) -> Exportable:
+    """The network to export.
+
+    ``model`` (any ensc checkpoint) wins over a run; ``what="teacher"`` uses ``teacher`` or the
+    run's recorded teacher folder; otherwise ``what`` picks ``student.pt`` / ``student_be.pt`` of
+    ``run`` (default ``runs_dir/latest``).
+    """
+    if what is not None and what not in WHATS:
+        raise ConfigError(f"unknown --what {what!r}: choose one of {', '.join(WHATS)}")
+    if model is not None:
+        if what is not None or teacher is not None:
+            raise ConfigError(
+                "--model exports that checkpoint itself; drop --what/--teacher, or use --run"
+            )
+        return _from_checkpoint(
+            load_checkpoint(model), "model", None, Path(model).with_suffix(".onnx")
+        )
+    what = what or "student"
+    if what == "teacher":
+        run_dir = resolve_run(run, runs_dir) if teacher is None or run is not None else None
+        folder = Path(teacher) if teacher is not None else run_teacher_dir(run_dir)
+        recorded = run_data_record(run_dir) if run_dir is not None else None
+        out_dir = run_dir if run_dir is not None else folder
+        return load_teacher_exportable(folder, recorded, out_dir / "teacher.onnx")
+    if teacher is not None:
+        raise ConfigError("--teacher only applies to --what teacher")
+    run_dir = resolve_run(run, runs_dir)
+    ckpt = run_checkpoint(run_dir, what)
+    out = run_dir / f"{ONNX_NAMES[what]}.onnx"
+    return _from_checkpoint(ckpt, what, run_data_record(run_dir), out)
+
+
+def load_teacher_exportable(folder: Path, recorded: dict[str, Any] | None, out: Path) -> Exportable:
+    """A DeepEns teacher folder as one graph (``probs`` = the members' mean)."""
+    from ensc.compress.teacher import load_teacher
+    from ensc.export.wrappers import EnsembleMean
+
+    teacher = load_teacher(folder)
+    return Exportable(
+        module=EnsembleMean(teacher.members).eval(),
+        spec=teacher.spec,
+        what="teacher",
+        members=len(teacher),
+        sources=tuple(teacher.paths),
+        archs=tuple(s.arch for s in teacher.specs),
+        recorded_data=recorded or teacher.infos[0].get("data"),
+        default_out=out,
+    )
+
+
+def _from_checkpoint(
+    ckpt: Checkpoint, what: str, recorded: dict[str, Any] | None, out: Path
+) -> Exportable:
+    from ensc.export.wrappers import BatchEnsembleMean, SingleNetwork
+
+    if ckpt.spec.kind == "batchensemble":
+        module, members = BatchEnsembleMean(ckpt.build_batchensemble()), ckpt.spec.members
+        what = "student-be" if what == "model" else what
+    else:
+        module, members = SingleNetwork(ckpt.build_model()), 1
+    return Exportable(
+        module=module.eval(),
+        spec=ckpt.spec,
+        what=what,
+        members=members,
+        sources=(ckpt.path,) if ckpt.path else (),
+        archs=(ckpt.spec.arch,),
+        recorded_data=recorded or ckpt.info.get("data"),
+        default_out=out,
+    )
+
+
+def onnx_path(fp32_path: Path, precision: str) -> Path:
+    """``student.onnx`` -> ``student.int8.onnx`` (fp32 keeps the plain name)."""
+    fp32_path = Path(fp32_path)
+    if precision == "fp32":
+        return fp32_path
+    return fp32_path.with_name(f"{fp32_path.stem}.{precision}.onnx")
+
+
+@dataclass(frozen=True)
+class CheckImages:
+    """Real images for parity checks and calibration: float32 in [0, 1]."""
+
+    dataset: str
+    test_images: torch.Tensor  # [N, C, H, W], a class-balanced subset of the test split
+    test_labels: torch.Tensor  # [N]
+    calib_images: torch.Tensor  # [N_calib, C, H, W] from the training split
+
+
+def load_check_images(
+    spec: ModelSpec,
+    recorded: dict[str, Any] | None,
+    *,
+    test_samples: int,
+    calib_samples: int = 0,
+    data_root: Path | None = None,
+) -> CheckImages:
+    """Test images (the model's recorded test split, at most ``test_samples``) and calibration images."""
+    import torch
+
+    from ensc.compress.data import balanced_indices, load_dataset
+    from ensc.compress.datasource import check_compatible, data_config_for
+
+    if test_samples < 1:
+        raise ConfigError(f"the parity check needs at least one test image; got {test_samples}")
+    config = data_config_for(spec, recorded, root=data_root)
+    n_test = min(test_samples, config.test_subset or test_samples)
+    # only calibration needs training images: decode a small subset of train (val carved from it)
+    n_train = min(config.train_subset or 10**9, max(2 * calib_samples, 100))
+    config = replace(config, test_subset=n_test, train_subset=n_train, val_size=None)
+    data = load_dataset(config)
+    check_compatible(spec, data)
+    gen = torch.Generator().manual_seed(config.seed)
+    n_calib = min(calib_samples, len(data.train))
+    calib = (
+        data.train.images[balanced_indices(data.train.labels, n_calib, gen)]
+        if n_calib
+        else data.train.images[:0]
+    )
+    return CheckImages(
+        dataset=data.name,
+        test_images=data.test.images.float().div_(255),
+        test_labels=data.test.labels,
+        calib_images=calib.float().div_(255),
+    )
