@@ -52,7 +52,9 @@ def evaluate(
         de_test = test.mean(0)
         result["de_cnll_curve"] = curve
 
-    def metrics(test_probs: torch.Tensor, val_probs: torch.Tensor, members: torch.Tensor | None = None) -> dict[str, Any]:
+    def metrics(
+        test_probs: torch.Tensor, val_probs: torch.Tensor, members: torch.Tensor | None = None
+    ) -> dict[str, Any]:
         return evaluate_predictions(
             test_probs, labels, val_probs=val_probs, val_labels=val_labels,
             member_probs=members, de_nll_curve=curve,
@@ -64,12 +66,18 @@ def evaluate(
             for k in range(len(teacher))
         ]
         result["ensembles"] = [
-            {"name": f"DE-{m}", **metrics(test[:m].mean(0), val[:m].mean(0), test[:m] if m > 1 else None)}
+            {
+                "name": f"DE-{m}",
+                **metrics(test[:m].mean(0), val[:m].mean(0), test[:m] if m > 1 else None),
+            }
             for m in range(1, len(teacher) + 1)
         ]
     for name, model in (students or {}).items():
         model = runtime.prepare_model(model)
-        s_test, s_val = predict_probs(model, data.test, runtime), predict_probs(model, data.val, runtime)
+        s_test, s_val = (
+            predict_probs(model, data.test, runtime),
+            predict_probs(model, data.val, runtime),
+        )
         row = {"name": name, **metrics(s_test, s_val)}
         if de_test is not None:
             row["agreement"] = agreement(s_test, de_test)

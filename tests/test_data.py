@@ -157,10 +157,14 @@ def test_validation_stays_held_out_across_train_subsets():
     from ensc.compress.data import split_indices
 
     labels = torch.arange(10).repeat(2000)  # 20,000 images
-    teacher_train, teacher_val = split_indices(labels, DataConfig("x", train_subset=3000), torch.Generator().manual_seed(0))
+    teacher_train, teacher_val = split_indices(
+        labels, DataConfig("x", train_subset=3000), torch.Generator().manual_seed(0)
+    )
     assert len(teacher_train) == 2700 and len(teacher_val) == 300
     for n in (1000, None):
-        train, val = split_indices(labels, DataConfig("x", train_subset=n), torch.Generator().manual_seed(0))
+        train, val = split_indices(
+            labels, DataConfig("x", train_subset=n), torch.Generator().manual_seed(0)
+        )
         assert not set(val.tolist()) & set(teacher_train.tolist())
         assert not set(val.tolist()) & set(train.tolist())
     _, full_val = split_indices(labels, DataConfig("x"), torch.Generator().manual_seed(0))
