@@ -329,6 +329,13 @@ def run_bench(
             candidates, x, config.batch_sizes, warmup=config.warmup, repeats=config.repeats
         )
         load_after = _loadavg()
+        cpus = os.cpu_count() or 1
+        if threads > 1 and load_before is not None and (load_before - 1) + threads > cpus:
+            notes.append(
+                f"the {cpus} CPUs were already busy (1-min load average {load_before}) and {threads} "
+                "threads oversubscribed them: PyTorch's OpenMP pool stalls then, so its times are "
+                "inflated far more than onnxruntime's; rerun with --threads 1 or on free cores"
+            )
     finally:
         torch.set_num_threads(saved_threads)
     rows = _rows(candidates, latency, acc, config.batch_sizes)

@@ -27,7 +27,19 @@ ROW_KEYS = {
     "name", "family", "engine", "precision", "batch_size", "p50_ms", "p90_ms", "p99_ms", "mean_ms",
     "images_per_s", "calls", "params", "macs", "file_bytes", "accuracy", "speedup_vs_teacher", "source",
 }  # fmt: skip
-BENCH = ("bench", "--batch-sizes", "1,4", "--warmup", "1", "--repeats", "3", "--test-samples", "64")
+BENCH = (
+    "bench",
+    "--batch-sizes",
+    "1,4",
+    "--warmup",
+    "1",
+    "--repeats",
+    "3",
+    "--test-samples",
+    "64",
+    "--threads",
+    "1",
+)
 
 
 def test_measure_interleaves_candidates_and_tiles_batches():
@@ -114,6 +126,7 @@ def test_bench_json_schema_and_invariants(benched):
         "ensc bench --batch-sizes 1,4"
     )
     assert {"cpu", "logical_cpus", "threads", "torch", "onnxruntime"} <= set(result["environment"])
+    assert result["environment"]["threads"] == 1 and result["config"]["threads"] == 1
     assert result["config"]["batch_sizes"] == [1, 4] and result["n_test"] == 64
     rows = result["rows"]
     assert all(set(r) == ROW_KEYS for r in rows)
