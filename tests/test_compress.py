@@ -31,7 +31,15 @@ SMOKE = (
 
 def test_compress_writes_run_folder_and_latest(tiny_teacher: Path, tmp_path: Path):
     result = run_cli(
-        "compress", "--teacher", str(tiny_teacher), *SMOKE, "--max-steps", "4", "--max-acc-drop", "100", cwd=tmp_path
+        "compress",
+        "--teacher",
+        str(tiny_teacher),
+        *SMOKE,
+        "--max-steps",
+        "4",
+        "--max-acc-drop",
+        "100",
+        cwd=tmp_path,
     )
     assert result.exit_code == 0, result.output
     latest = tmp_path / "runs" / "latest"
