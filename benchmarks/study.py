@@ -78,7 +78,10 @@ def run_dataset(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
     rows: list[dict[str, Any]] = []
     missing: list[str] = []
+    distill = DistillConfig(alpha=args.alpha, temperature=args.temperature)
     for label, kind in METHODS.items():
+        if kind not in args.methods.split(","):
+            continue
         run_dir = out / kind
         if args.only_finished and not (run_dir / "report.json").exists():
             missing.append(label)  # render what has finished; the missing methods are listed
@@ -86,9 +89,9 @@ def run_dataset(name: str, args: argparse.Namespace) -> dict[str, Any]:
         if not (run_dir / "report.json").exists():
             config = CompressConfig(
                 teacher=teacher_dir, arch=args.arch, data_overrides={"train_subset": args.train_subset, "test_subset": args.test_subset},
-                optim=optim, distill=DistillConfig(perturb=PerturbConfig(kind=kind, temperature=DistillConfig().temperature)),
+                optim=optim, distill=replace(distill, perturb=PerturbConfig(kind=kind, temperature=distill.temperature)),
                 max_acc_drop=100.0, out=run_dir, runs_dir=out / "runs", resume=(run_dir / ".state.pt").exists(),
-                command=f"ensc compress --teacher {teacher_dir} --arch {args.arch} --perturb {kind} --epochs {args.epochs}",
+                command=f"ensc compress --teacher {teacher_dir} --arch {args.arch} --perturb {kind} --epochs {args.epochs} --alpha {args.alpha} --temperature {args.temperature}",
             )  # fmt: skip
             timed(kind, lambda c=config: run_compress(c, runtime))
         report = json.loads((run_dir / "report.json").read_text())
@@ -137,16 +140,17 @@ def render(results: list[dict[str, Any]], args: argparse.Namespace, wall: float)
         "Measured by",
         "",
         f"    python benchmarks/study.py --datasets {','.join(r['dataset'] for r in results)} "
-        f"--epochs {args.epochs} --train-subset {args.train_subset} --arch {args.arch}",
+        f"--epochs {args.epochs} --train-subset {args.train_subset} --arch {args.arch} "
+        f"--alpha {args.alpha:g} --temperature {args.temperature:g}",
         "",
         f"Hardware: {cpu or platform.processor()}, {torch.get_num_threads()} threads, CPU only; torch {torch.__version__}. "
-        f"Wall time of the whole study: {wall / 60:.0f} min (other jobs shared the machine).",
+        f"Wall time of the whole study: {wall / 60:.0f} min{args.note}.",
         "",
         f"Setup: DE-4 teacher of {args.arch} members (seeds 0–3) and BE-4 {args.arch} students, all trained "
         f"{args.epochs} epochs on the same {args.train_subset}-image class-balanced training subset (batch "
-        f"{args.batch_size}, SGD-Nesterov, lr 0.1 × batch/128, warm-up + cosine). Students use [WA]'s recipe: "
-        "`ones` fast-weight init, α = 1, T = 4, fast-weight decay towards 1 with gradients × M, perturbation "
-        "step 1/255 (both papers' value). The single network trained alone is one more member (seed 100) "
+        f"{args.batch_size}, SGD-Nesterov, lr 0.1 × batch/128, warm-up + cosine). Students: `ones` "
+        f"fast-weight init, fast-weight decay towards 1 with gradients × M ([WA]), α = {args.alpha:g}, "
+        f"T = {args.temperature:g}, perturbation step 1/255 (both papers' value). The single network trained alone is one more member (seed 100) "
         "with the teacher's recipe. Test metrics on the full test split; cNLL after temperature scaling on "
         "the validation split; DEE against the teacher's calibrated DE-m curve; agreement = top-1 "
         "agreement with DE-4 (%); disagreement = pairwise member disagreement (fraction).",
@@ -173,7 +177,17 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--train-subset", type=int, default=8000)
     parser.add_argument("--test-subset", type=int, default=None)
+    parser.add_argument("--alpha", type=float, default=DistillConfig().alpha, help="KD weight α")
+    parser.add_argument(
+        "--temperature", type=float, default=DistillConfig().temperature, help="KD T"
+    )
+    parser.add_argument(
+        "--methods", default=",".join(METHODS.values()), help="perturbations to run"
+    )
     parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--note", default="", help="appended to the wall time, e.g. ' (shared machine)'"
+    )
     parser.add_argument("--out", default=str(REPO / "runs" / "study"))
     parser.add_argument("--markdown", default=str(REPO / "docs" / "results.md"))
     parser.add_argument(

@@ -82,14 +82,14 @@ Examples:
 @click.option(
     "--alpha",
     type=click.FloatRange(0, 1),
-    default=1.0,
+    default=0.9,
     show_default=True,
     help="Weight of the KD term ([WA] 1.0, [DM] 0.9).",
 )
 @click.option(
     "--temperature",
     type=click.FloatRange(min=0, min_open=True),
-    default=4.0,
+    default=1.0,
     show_default=True,
     help="KD temperature ([WA] 4, [DM] 1).",
 )

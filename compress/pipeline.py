@@ -46,7 +46,7 @@ class ParityError(EnscError):
 
 @dataclass(frozen=True)
 class CompressConfig:
-    """Everything `ensc compress` does; defaults are [WA]'s recipe (SPEC.md §3–§6)."""
+    """Everything `ensc compress` does; defaults: [WA]'s student, [DM]'s loss (SPEC.md §3–§6)."""
 
     teacher: Path  # teacher members: folder, ensemble.json, file or glob
     arch: str  # student architecture
