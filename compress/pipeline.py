@@ -101,30 +101,12 @@ def run_compress(config: CompressConfig, runtime: Runtime) -> CompressResult | N
         student, spec = _build_student(config, teacher, data, members, runtime)
         teacher.to(runtime.device)
         if runtime.is_main:
-            sanity_check(
-                teacher, data.val, runtime
-            )  # validation, not test: test labels stay unseen until the report
+            # validation, not test: test labels stay unseen until the report
+            sanity_check(teacher, data.val, runtime)
             record = _config_record(config, data_config, members)
             atomic_write_text(run_dir / "config.json", json.dumps(record, indent=2) + "\n")
 
-        gen = torch.Generator().manual_seed(config.seed + 10_000)
-        wd = config.optim.weight_decay
-        history = train(
-            student,
-            make_distill_step(student, teacher.members, config.distill, gen, net=runtime.wrap(student)),
-            data.train,
-            config.optim,
-            runtime,
-            param_groups=param_groups(student, config.distill.fast_weights, wd),
-            hflip=data.hflip,
-            seed=config.seed,
-            state_path=run_dir / STATE_FILE,
-            resume=config.resume,
-            desc=f"distill BE-{members}",
-            after_backward=fast_weight_hook(student, config.distill.fast_weights, wd),
-            identity={"teacher": [str(p) for p in teacher.paths], "arch": config.arch, "members": members,
-                      "distill": asdict(config.distill), "init": config.init, "n_train": len(data.train)},
-        )  # fmt: skip
+        history = _distill(config, runtime, student, teacher, data, run_dir)
         student.eval()
         if not runtime.is_main:  # rank 0 evaluates, reports and writes the run folder
             return None
@@ -137,17 +119,7 @@ def run_compress(config: CompressConfig, runtime: Runtime) -> CompressResult | N
             be_spec,
             info={"seed": config.seed, "init": config.init},
         )
-
-        averaged = average(student).to(runtime.device)
-        probe = next(iterate_batches(data.test, 64))[0].to(runtime.device)
-        fold_diff = fold_max_abs_diff(student, averaged, probe)
-        if config.recalibrate_bn:
-            batches = (
-                x.to(runtime.device)
-                for x, _ in iterate_batches(data.train, config.optim.batch_size)
-            )
-            averaged = recalibrate_bn(averaged, batches, device=runtime.device)
-        averaged.eval()
+        averaged, fold_diff = _average_student(config, student, data, runtime)
 
         preds = _predict_all(teacher, student, averaged, data, runtime)
         report = build_report(preds, data.val.labels, data.test.labels)
@@ -166,32 +138,96 @@ def run_compress(config: CompressConfig, runtime: Runtime) -> CompressResult | N
             info={"seed": config.seed, "data": jsonable(asdict(data_config)), "source": "ensc compress",
                   "teacher": str(config.teacher), "recalibrated_bn": config.recalibrate_bn},
         )  # fmt: skip
-        details = {
-            "teacher": f"{teacher.arch_summary} from {config.teacher}",
-            "student": f"BE-{members} {config.arch} (init {config.init}), perturbation {config.distill.perturb.kind} "
-            f"(step {config.distill.perturb.step}/255), α={config.distill.alpha}, T={config.distill.temperature}",
-            "data": f"{data.name}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test",
-            "training": f"{history['steps']} steps, {history['seconds']:.0f} s on {runtime.device}; run total {report['wall_seconds']:.0f} s",
-        }
-        md = render_markdown(
-            report, title=f"ensc compress: {run_dir.name}", command=config.command, details=details
-        )
+        md = _render_report(config, report, run_dir, teacher, data, members, history, runtime)
         atomic_write_text(run_dir / "report.json", json.dumps(report, indent=2) + "\n")
         atomic_write_text(run_dir / "report.md", md)
         (run_dir / STATE_FILE).unlink(missing_ok=True)
         _point_latest(config.runs_dir, run_dir)
-        gate = report["parity"]
-        if not gate["passed"]:
-            reason = (
-                f"the averaged network is {gate['acc_drop_vs_student_be']:.2f} points below the BE student "
-                f"(allowed {gate['max_acc_drop']})" if not gate["acc_gate_passed"]
-                else f"the fold is not exact (max |Δlogit| {gate['fold_max_abs_diff']:.2e})"
-            )  # fmt: skip
-            raise ParityError(f"parity gate failed: {reason}; see {run_dir / 'report.md'}")
+        _enforce_gate(report["parity"], run_dir)
         return CompressResult(run_dir, report, md)
     finally:
         logging.getLogger("ensc").removeHandler(handler)
         handler.close()
+
+
+def _distill(
+    config: CompressConfig,
+    runtime: Runtime,
+    student: BatchEnsemble,
+    teacher: Teacher,
+    data: ImageDataset,
+    run_dir: Path,
+) -> dict[str, Any]:
+    """Train the BatchEns student on the teachers (resumable from ``run_dir``); the loop's history."""
+    gen = torch.Generator().manual_seed(config.seed + 10_000)
+    wd = config.optim.weight_decay
+    return train(
+        student,
+        make_distill_step(student, teacher.members, config.distill, gen, net=runtime.wrap(student)),
+        data.train,
+        config.optim,
+        runtime,
+        param_groups=param_groups(student, config.distill.fast_weights, wd),
+        hflip=data.hflip,
+        seed=config.seed,
+        state_path=run_dir / STATE_FILE,
+        resume=config.resume,
+        desc=f"distill BE-{student.members}",
+        after_backward=fast_weight_hook(student, config.distill.fast_weights, wd),
+        identity={"teacher": [str(p) for p in teacher.paths], "arch": config.arch, "members": student.members,
+                  "distill": asdict(config.distill), "init": config.init, "n_train": len(data.train)},
+    )  # fmt: skip
+
+
+def _average_student(
+    config: CompressConfig, student: BatchEnsemble, data: ImageDataset, runtime: Runtime
+) -> tuple[torch.nn.Module, float]:
+    """The folded single network (BN re-estimated unless disabled) and the fold's max |Δlogit|."""
+    averaged = average(student).to(runtime.device)
+    probe = next(iterate_batches(data.test, 64))[0].to(runtime.device)
+    fold_diff = fold_max_abs_diff(student, averaged, probe)
+    if config.recalibrate_bn:
+        batches = (
+            x.to(runtime.device) for x, _ in iterate_batches(data.train, config.optim.batch_size)
+        )
+        averaged = recalibrate_bn(averaged, batches, device=runtime.device)
+    return averaged.eval(), fold_diff
+
+
+def _render_report(
+    config: CompressConfig,
+    report: dict[str, Any],
+    run_dir: Path,
+    teacher: Teacher,
+    data: ImageDataset,
+    members: int,
+    history: dict[str, Any],
+    runtime: Runtime,
+) -> str:
+    """report.md: the metrics table with what was run, on what, and how long it took."""
+    distill = config.distill
+    details = {
+        "teacher": f"{teacher.arch_summary} from {config.teacher}",
+        "student": f"BE-{members} {config.arch} (init {config.init}), perturbation {distill.perturb.kind} "
+        f"(step {distill.perturb.step}/255), α={distill.alpha}, T={distill.temperature}",
+        "data": f"{data.name}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test",
+        "training": f"{history['steps']} steps, {history['seconds']:.0f} s on {runtime.device}; run total {report['wall_seconds']:.0f} s",
+    }
+    return render_markdown(
+        report, title=f"ensc compress: {run_dir.name}", command=config.command, details=details
+    )
+
+
+def _enforce_gate(gate: dict[str, Any], run_dir: Path) -> None:
+    """Raise ParityError (after the report is written) when the parity gate failed."""
+    if gate["passed"]:
+        return
+    reason = (
+        f"the averaged network is {gate['acc_drop_vs_student_be']:.2f} points below the BE student "
+        f"(allowed {gate['max_acc_drop']})" if not gate["acc_gate_passed"]
+        else f"the fold is not exact (max |Δlogit| {gate['fold_max_abs_diff']:.2e})"
+    )  # fmt: skip
+    raise ParityError(f"parity gate failed: {reason}; see {run_dir / 'report.md'}")
 
 
 def _build_student(
