@@ -19,6 +19,7 @@ from ensc.compress.fileio import atomic_torch_save
 from ensc.errors import CheckpointError
 
 if TYPE_CHECKING:
+    from ensc.compress.data import ImageDataset
     from ensc.models.batchensemble import BatchEnsemble
 
 FORMAT = "ensc-checkpoint"
@@ -41,6 +42,28 @@ class ModelSpec:
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
     kind: str = "model"  # "model" (a plain network) or "batchensemble"
     members: int = 1  # ensemble size for kind="batchensemble"
+
+    @classmethod
+    def for_data(
+        cls,
+        arch: str,
+        data: ImageDataset,
+        *,
+        class_names: tuple[str, ...] = (),
+        data_root: str = "",
+    ) -> ModelSpec:
+        """The spec of an ``arch`` network trained on ``data``: its classes, input shape, normalization."""
+        return cls(
+            arch=arch,
+            num_classes=data.num_classes,
+            in_channels=data.channels,
+            image_size=data.image_size,
+            mean=data.mean,
+            std=data.std,
+            class_names=class_names or data.class_names,
+            dataset=data.name,
+            data_root=data_root,
+        )
 
     def build(self) -> nn.Module:
         """A freshly initialized model of this spec (weights not loaded)."""

@@ -233,15 +233,10 @@ def _enforce_gate(gate: dict[str, Any], run_dir: Path) -> None:
 def _build_student(
     config: CompressConfig, teacher: Teacher, data: ImageDataset, members: int, runtime: Runtime
 ) -> tuple[BatchEnsemble, ModelSpec]:
-    spec = ModelSpec(
-        arch=config.arch,
-        num_classes=teacher.num_classes,
-        in_channels=data.channels,
-        image_size=data.image_size,
-        mean=data.mean,
-        std=data.std,
-        class_names=teacher.spec.class_names or data.class_names,
-        dataset=data.name,
+    spec = ModelSpec.for_data(
+        config.arch,
+        data,
+        class_names=teacher.spec.class_names,
         data_root=teacher.spec.data_root,
     )
     torch.manual_seed(config.seed)

@@ -81,17 +81,7 @@ def train_teacher(
 def _train_member(config: TeacherTrainConfig, runtime: Runtime, data: ImageDataset, k: int) -> None:
     seed = config.seed + k
     torch.manual_seed(seed)
-    spec = ModelSpec(
-        arch=config.arch,
-        num_classes=data.num_classes,
-        in_channels=data.channels,
-        image_size=data.image_size,
-        mean=data.mean,
-        std=data.std,
-        class_names=data.class_names,
-        dataset=data.name,
-        data_root=str(config.data.root or ""),
-    )
+    spec = ModelSpec.for_data(config.arch, data, data_root=str(config.data.root or ""))
     model = runtime.prepare_model(spec.build())
     net = runtime.wrap(model)  # DistributedDataParallel under torchrun
 
