@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from ensc.cli.options import recorded_data_root_option, run_option
+
 PROVIDERS = ("auto", "cpu", "cuda")  # = ensc.export.bench.PROVIDERS
 
 
@@ -29,11 +31,7 @@ Examples:
   ensc bench --batch-sizes 1,64 --repeats 200 --markdown bench.md --json bench.json
   ensc bench --run runs/resnet8-tdiv-sdiv-20250101-120000 --threads 1
 """)  # fmt: skip
-@click.option(
-    "--run",
-    type=click.Path(path_type=Path),
-    help="Run folder of `ensc compress`. Default: runs/latest.",
-)
+@run_option
 @click.option(
     "--teacher", type=click.Path(path_type=Path), help="Teacher folder. Default: the run's."
 )
@@ -76,11 +74,7 @@ Examples:
     show_default=True,
     help="Test images for the accuracy column.",
 )
-@click.option(
-    "--data-root",
-    type=click.Path(path_type=Path, file_okay=False),
-    help="Default: the recorded one.",
-)
+@recorded_data_root_option
 @click.option(
     "--json", "json_path", type=click.Path(path_type=Path), help="Also write the results as JSON."
 )

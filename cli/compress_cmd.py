@@ -8,7 +8,7 @@ import click
 
 from ensc.cli.options import command_line, runtime_options
 from ensc.cli.teachers_cmd import check_member_ref, json_object, member_index, teacher_options
-from ensc.compress.data import DATASETS
+from ensc.compress.catalog import DATASETS
 
 PERTURB_CHOICES = ("none", "gaussian", "ods", "confods", "tdiv-sdiv")
 

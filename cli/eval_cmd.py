@@ -9,7 +9,7 @@ import click
 
 from ensc.cli.options import runtime_options
 from ensc.cli.teachers_cmd import json_object, teacher_options
-from ensc.compress.data import DATASETS
+from ensc.compress.catalog import DATASETS
 
 COLUMNS = ("acc", "nll", "bs", "ece", "cnll", "cece", "dee", "kl_div", "disagreement")
 

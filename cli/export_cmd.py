@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from ensc.cli.options import recorded_data_root_option, run_option
+
 # copies of ensc.export.sources.WHATS, ensc.export.quantize.PRECISIONS and
 # ensc.export.onnx.DEFAULT_OPSET: importing those modules would import torch for `ensc --help`
 WHATS = ("student", "student-be", "teacher")
@@ -21,11 +23,7 @@ Examples:
   ensc export --onnx --model ckpts/member0.pt --out member0.onnx
 """)  # fmt: skip
 @click.option("--onnx", "to_onnx", is_flag=True, help="Export to ONNX (the only format so far).")
-@click.option(
-    "--run",
-    type=click.Path(path_type=Path),
-    help="Run folder of `ensc compress`. Default: runs/latest.",
-)
+@run_option
 @click.option(
     "--model",
     type=click.Path(path_type=Path, dir_okay=False),
@@ -89,11 +87,7 @@ Examples:
     show_default=True,
     help="fp32: fail when max |Δlogit| onnxruntime vs PyTorch exceeds this (or top-1 agreement < 99.9 %).",
 )
-@click.option(
-    "--data-root",
-    type=click.Path(path_type=Path, file_okay=False),
-    help="Default: the recorded one.",
-)
+@recorded_data_root_option
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 def export_cmd(to_onnx, run, model, what, teacher, precision, opset, out, check_samples, calib_samples,
                max_acc_drop, atol, data_root, force) -> None:  # fmt: skip

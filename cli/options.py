@@ -5,10 +5,14 @@ from __future__ import annotations
 import shlex
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from ensc.compress.data import DATASETS, DataConfig
+from ensc.compress.catalog import DATASETS
+
+if TYPE_CHECKING:
+    from ensc.compress.data import DataConfig
 
 
 def data_options(required: bool) -> Callable:
@@ -35,6 +39,8 @@ def data_options(required: bool) -> Callable:
 
 def data_config(dataset: str, data_root: Path | None, val_size: int | None, train_subset: int | None,
                 test_subset: int | None, data_seed: int, download: bool) -> DataConfig:  # fmt: skip
+    from ensc.compress.data import DataConfig
+
     return DataConfig(
         name=dataset,
         root=data_root,
@@ -66,6 +72,24 @@ def runtime_options(f: Callable) -> Callable:
     for opt in reversed(opts):
         f = opt(f)
     return f
+
+
+def run_option(f: Callable) -> Callable:
+    """--run: the `ensc compress` run folder that export and bench read (default runs/latest)."""
+    return click.option(
+        "--run",
+        type=click.Path(path_type=Path),
+        help="Run folder of `ensc compress`. Default: runs/latest.",
+    )(f)
+
+
+def recorded_data_root_option(f: Callable) -> Callable:
+    """--data-root for commands that otherwise read the dataset location from the checkpoints."""
+    return click.option(
+        "--data-root",
+        type=click.Path(path_type=Path, file_okay=False),
+        help="Default: the recorded one.",
+    )(f)
 
 
 def command_line(ctx: click.Context) -> str:

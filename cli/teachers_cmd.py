@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from ensc.cli.options import runtime_options
-from ensc.compress.data import DATASETS
+from ensc.compress.catalog import DATASETS
 
 
 def json_object(text: str | None) -> dict[str, Any]:

@@ -19,11 +19,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ensc.compress.catalog import DATASETS
 from ensc.errors import DataError
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("fashion-mnist", "cifar10", "cifar100", "imagefolder")
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
