@@ -164,9 +164,31 @@ def render(results: list[dict[str, Any]], args: argparse.Namespace, wall: float)
         lines += [markdown_table(r["rows"], COLUMNS, name_header="model"), ""]
         if r.get("not_run"):
             lines += [f"Not run yet (the session's time ran out): {', '.join(r['not_run'])}.", ""]
+        lines += [acceptance_line(r["rows"]), ""]
         t = r["timings_seconds"]
         lines += ["Wall time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in t.items()), ""]
     return "\n".join(lines)
+
+
+def acceptance_line(rows: list[dict[str, Any]]) -> str:
+    """The issue's bar, computed: does the best averaged network beat the single one on NLL while
+    staying within 1 accuracy point of its BE student?"""
+    by_name = {r["name"]: r for r in rows}
+    single = by_name["single network trained alone"]
+    done = [label for label in METHODS if f"BE-4 {label}" in by_name]
+    if not done:
+        return "No student finished yet."
+    best = min(done, key=lambda label: by_name[f"  ↳ averaged (1 net, BN recal.) {label}"]["nll"])
+    avg = by_name[f"  ↳ averaged (1 net, BN recal.) {best}"]
+    be = by_name[f"BE-4 {best}"]
+    beats = avg["nll"] < single["nll"]
+    gap = be["acc"] - avg["acc"]
+    return (
+        f"Best averaged network (lowest NLL): {best}, NLL {avg['nll']:.4f} vs {single['nll']:.4f} for "
+        f"the single network trained alone ({'beats it' if beats else 'does not beat it'}); accuracy "
+        f"{avg['acc']:.2f} %, {-gap:+.2f} points vs its BE-4 student "
+        f"({'within' if gap <= 1.0 else 'outside'} 1 point)."
+    )
 
 
 def main() -> None:
