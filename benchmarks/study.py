@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ensc.compress.average import average
+from ensc.compress.average import average, fast_weight_spread
 from ensc.compress.checkpoint import load_checkpoint
 from ensc.compress.data import DataConfig, load_dataset
 from ensc.compress.distill import DistillConfig
@@ -49,7 +49,17 @@ METHODS = {
     "KD + ConfODS": "confods",
     "KD + TDiv-SDiv": "tdiv-sdiv",
 }
-COLUMNS = ("acc", "nll", "bs", "ece", "cnll", "dee", "disagreement", "agreement")
+COLUMNS = (
+    "acc",
+    "nll",
+    "bs",
+    "ece",
+    "cnll",
+    "dee",
+    "disagreement",
+    "agreement",
+    "fast_weight_spread",
+)
 log = logging.getLogger("study")
 
 
@@ -96,7 +106,16 @@ def run_dataset(name: str, args: argparse.Namespace) -> dict[str, Any]:
             timed(kind, lambda c=config: run_compress(c, runtime))
         report = json.loads((run_dir / "report.json").read_text())
         timings.setdefault(kind, report["wall_seconds"])
-        rows.append({**report["student_be"], "name": f"BE-4 {label}"})
+        spread = fast_weight_spread(
+            load_checkpoint(run_dir / "student_be.pt").build_batchensemble()
+        )
+        rows.append(
+            {
+                **report["student_be"],
+                "name": f"BE-4 {label}",
+                "fast_weight_spread": spread["max_member_spread"],
+            }
+        )
         rows.append({**report["student_avg"], "name": f"  ↳ averaged (1 net, BN recal.) {label}"})
         rows.append(
             {"name": f"  ↳ averaged, no BN recal. {label}", "model": _not_recalibrated(run_dir)}
@@ -153,7 +172,8 @@ def render(results: list[dict[str, Any]], args: argparse.Namespace, wall: float)
         f"T = {args.temperature:g}, perturbation step 1/255 (both papers' value). The single network trained alone is one more member (seed 100) "
         "with the teacher's recipe. Test metrics on the full test split; cNLL after temperature scaling on "
         "the validation split; DEE against the teacher's calibrated DE-m curve; agreement = top-1 "
-        "agreement with DE-4 (%); disagreement = pairwise member disagreement (fraction).",
+        "agreement with DE-4 (%); disagreement = pairwise member disagreement (fraction); r,s spread = "
+        "max |r_m − r̄| over the BE student's fast weights (how far apart the members are when averaged).",
         "",
     ]
     for r in results:

@@ -131,6 +131,21 @@ def fold_max_abs_diff(be: BatchEnsemble, plain: nn.Module, x: Tensor) -> float:
     return float((members - single).abs().max())
 
 
+@torch.no_grad()
+def fast_weight_spread(be: BatchEnsemble) -> dict[str, float]:
+    """How far the fast weights moved: max |r − 1| over all r, s, and max |r_m − r̄| across members.
+
+    Averaging is exact for the averaged fast weights, but the averaged network only behaves like
+    its members while they stay close together; a large spread explains a large parity loss.
+    """
+    _check_be(be, "fast_weight_spread")
+    from_one = spread = 0.0
+    for p in be.fast_weight_parameters():  # [M, features]
+        from_one = max(from_one, float((p - 1).abs().max()))
+        spread = max(spread, float((p - p.mean(0, keepdim=True)).abs().max()))
+    return {"max_abs_from_one": from_one, "max_member_spread": spread}
+
+
 def recalibrate_bn(
     model: nn.Module,
     batches: Iterable[Tensor] | Iterable[tuple[Tensor, ...]],

@@ -19,7 +19,12 @@ from typing import Any
 
 import torch
 
-from ensc.compress.average import average, fold_max_abs_diff, recalibrate_bn
+from ensc.compress.average import (
+    average,
+    fast_weight_spread,
+    fold_max_abs_diff,
+    recalibrate_bn,
+)
 from ensc.compress.checkpoint import ModelSpec, save_checkpoint
 from ensc.compress.data import DataConfig, ImageDataset, iterate_batches, load_dataset
 from ensc.compress.datasource import check_compatible, data_config_for
@@ -124,6 +129,7 @@ def run_compress(config: CompressConfig, runtime: Runtime) -> CompressResult | N
         preds = _predict_all(teacher, student, averaged, data, runtime)
         report = build_report(preds, data.val.labels, data.test.labels)
         report["parity"] = parity(report, config.max_acc_drop, fold_diff, config.fold_tolerance)
+        report["fast_weights"] = fast_weight_spread(student)
         report["params"] = {
             "teacher": sum(p.numel() for m in teacher.members for p in m.parameters()),
             "student_be": sum(p.numel() for p in student.parameters()),

@@ -132,6 +132,11 @@ def render_markdown(
         f"(tolerance {gate['fold_tolerance']:.0e}): {'ok' if gate['fold_passed'] else 'FAILED'}",
         f"- averaged network vs teacher ensemble: ACC {gate['vs_teacher']['acc']:+.2f}, "
         f"NLL {gate['vs_teacher']['nll']:+.4f}, ECE {gate['vs_teacher']['ece']:+.4f}",
-        "",
     ]
-    return "\n".join(lines)
+    if "fast_weights" in report:  # where the averaged network's loss comes from
+        fw = report["fast_weights"]
+        lines.append(
+            f"- fast weights: max |r − 1| {fw['max_abs_from_one']:.2f}, max spread across members "
+            f"{fw['max_member_spread']:.2f} (the farther apart the members, the more averaging loses)"
+        )
+    return "\n".join([*lines, ""])

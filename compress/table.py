@@ -18,6 +18,7 @@ COLUMNS: dict[str, tuple[str, str]] = {
     "kl_div": ("KL div", "{:.4f}"),
     "disagreement": ("disagr.", "{:.4f}"),
     "agreement": ("agree DE %", "{:.2f}"),
+    "fast_weight_spread": ("r,s spread", "{:.2f}"),
 }
 
 

@@ -8,7 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from ensc.compress.average import average, average_fast_weights, fold_max_abs_diff, recalibrate_bn
+from ensc.compress.average import (
+    average,
+    average_fast_weights,
+    fast_weight_spread,
+    fold_max_abs_diff,
+    recalibrate_bn,
+)
 from ensc.models import build_model
 from ensc.models.batchensemble import BatchEnsemble, BEConv2d, BELinear, to_batchensemble
 
@@ -162,3 +168,14 @@ def test_recalibrate_bn_by_hand() -> None:
 def test_type_errors() -> None:
     with pytest.raises(TypeError, match="needs a BatchEnsemble"):
         average(small_cnn())  # type: ignore[arg-type]
+
+
+def test_fast_weight_spread_measures_how_far_members_moved() -> None:
+    be = to_batchensemble(small_cnn(), members=4, init="ones")
+    assert fast_weight_spread(be) == {"max_abs_from_one": 0.0, "max_member_spread": 0.0}
+    layer = next(be.be_layers())
+    with torch.no_grad():
+        layer.r[0, 0] = 3.0  # member 0 moved by 2; the members' mean there is 1.5
+    spread = fast_weight_spread(be)
+    assert spread["max_abs_from_one"] == pytest.approx(2.0)
+    assert spread["max_member_spread"] == pytest.approx(1.5)

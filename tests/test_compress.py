@@ -58,6 +58,7 @@ def test_compress_writes_run_folder_and_latest(tiny_teacher: Path, tmp_path: Pat
     for section in ("teacher", "student_be", "student_avg"):
         assert {"acc", "nll", "bs", "ece", "dee"} <= set(report[section]), section
     assert report["parity"]["fold_max_abs_diff"] < 1e-3
+    assert report["fast_weights"]["max_member_spread"] >= 0.0
     assert (
         report["params"]["student_avg"] * 2 == report["params"]["teacher"]
     )  # same arch, 2 teachers
