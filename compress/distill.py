@@ -26,13 +26,15 @@ FAST_WEIGHT_REGIMES = ("wa", "dm")
 class DistillConfig:
     """Loss, perturbation and fast-weight treatment.
 
-    Defaults: [WA]'s student (``ones`` init, fast weights decayed towards 1, gradients × M) with
-    [DM]'s loss (α 0.9, T 1), which beat [WA]'s α 1, T 4 side by side in docs/results.md.
+    Defaults: [WA]'s student (``ones`` init, fast weights decayed towards 1, gradients × M) and
+    perturbation (TDiv-SDiv) with [DM]'s loss (α 0.9, T 1), which beat [WA]'s α 1, T 4 side by
+    side (README, Compress).
     """
 
     alpha: float = 0.9  # weight of the KD term ([WA] 1.0; [DM] 0.9)
     temperature: float = 1.0  # KD temperature ([WA] 4; [DM] 1)
-    perturb: PerturbConfig = field(default_factory=PerturbConfig)
+    # [WA]'s TDiv-SDiv: best or second-best averaged network in docs/results.md
+    perturb: PerturbConfig = field(default_factory=lambda: PerturbConfig(kind="tdiv-sdiv"))
     fast_weights: str = "wa"  # "wa": decay r, s towards 1 with λ/M and scale their grads by M; "dm": no decay, half lr
 
 
