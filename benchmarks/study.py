@@ -98,8 +98,9 @@ def run_dataset(name: str, args: argparse.Namespace) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     missing: list[str] = []
     distill = DistillConfig(alpha=args.alpha, temperature=args.temperature)
+    chosen = args.methods.split(",")
     for label, kind in METHODS.items():
-        if kind not in args.methods.split(","):
+        if kind not in chosen:
             continue
         run_dir = out / kind
         if args.only_finished and not (run_dir / "report.json").exists():
@@ -115,20 +116,12 @@ def run_dataset(name: str, args: argparse.Namespace) -> dict[str, Any]:
             timed(kind, lambda c=config: run_compress(c, runtime))
         report = json.loads((run_dir / "report.json").read_text())
         timings.setdefault(kind, report["wall_seconds"])
-        spread = fast_weight_spread(
-            load_checkpoint(run_dir / "student_be.pt").build_batchensemble()
-        )
-        rows.append(
-            {
-                **report["student_be"],
-                "name": f"BE-4 {label}",
-                "fast_weight_spread": spread["max_member_spread"],
-            }
-        )
+        student_be = load_checkpoint(run_dir / "student_be.pt").build_batchensemble()
+        spread = fast_weight_spread(student_be)["max_member_spread"]
+        rows.append({**report["student_be"], "name": f"BE-4 {label}", "fast_weight_spread": spread})
         rows.append({**report["student_avg"], "name": f"  ↳ averaged (1 net, BN recal.) {label}"})
-        rows.append(
-            {"name": f"  ↳ averaged, no BN recal. {label}", "model": _not_recalibrated(run_dir)}
-        )
+        # the averaged network with the BE student's BN statistics (`--no-recalibrate-bn`)
+        rows.append({"name": f"  ↳ averaged, no BN recal. {label}", "model": average(student_be)})
 
     single = load_checkpoint(single_dir / "member0.pt").build_model()
     extra = {r["name"]: r.pop("model") for r in rows if "model" in r}
@@ -151,11 +144,6 @@ def run_dataset(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "not_run": missing,
         "teacher_members": base["members"],
     }
-
-
-def _not_recalibrated(run_dir: Path) -> torch.nn.Module:
-    """The run's averaged network with the BE student's BN statistics (`--no-recalibrate-bn`)."""
-    return average(load_checkpoint(run_dir / "student_be.pt").build_batchensemble())
 
 
 def render(results: list[dict[str, Any]], args: argparse.Namespace, wall: float) -> str:

@@ -136,7 +136,8 @@ def load_exportable(
     run_dir = resolve_run(run, runs_dir)
     ckpt = run_checkpoint(run_dir, what)
     out = run_dir / f"{ONNX_NAMES[what]}.onnx"
-    return _from_checkpoint(ckpt, what, run_data_record(run_dir), out)
+    recorded = ckpt.info.get("data") or run_data_record(run_dir)  # student.pt: no second load
+    return _from_checkpoint(ckpt, what, recorded, out)
 
 
 def load_teacher_exportable(folder: Path, recorded: dict[str, Any] | None, out: Path) -> Exportable:
