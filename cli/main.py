@@ -58,6 +58,9 @@ class EnscGroup(click.Group):
 def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
     """Compress a deep ensemble into one network that costs what one member costs."""
     ctx.obj = {"debug": debug}
+    from ensc.compress.allocator import tune_malloc
+
+    tune_malloc()  # before any tensor is allocated: see ensc/compress/allocator.py
     secondary = os.environ.get("RANK", "0") != "0"  # torchrun: only rank 0 talks
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.WARNING if quiet or secondary else logging.INFO,

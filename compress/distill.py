@@ -7,6 +7,7 @@ x when α < 1, in the same forward so BatchNorm sees one batch), and return the 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,12 +15,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from ensc.compress.loop import StepResult
+from ensc.compress.loop import BackwardFn, StepFn, StepResult
 from ensc.compress.losses import DistillationLoss
 from ensc.compress.perturb import MemberLogits, PerturbConfig, perturb
+from ensc.compress.timing import NO_TIMER, PhaseTimer
+from ensc.errors import ConfigError
 from ensc.models.batchensemble import BatchEnsemble
 
 FAST_WEIGHT_REGIMES = ("wa", "dm")
+# "repeat": every member sees the whole batch (M× the compute of one network; the papers' setup);
+# "split": member m sees only the m-th 1/M of it (the compute of one network, as MIMO's and the
+# original BatchEnsemble's training batches).
+MEMBER_BATCH_MODES = ("repeat", "split")
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,14 @@ class DistillConfig:
     # [WA]'s TDiv-SDiv: best or second-best averaged network in docs/results.md
     perturb: PerturbConfig = field(default_factory=lambda: PerturbConfig(kind="tdiv-sdiv"))
     fast_weights: str = "wa"  # "wa": decay r, s towards 1 with λ/M and scale their grads by M; "dm": no decay, half lr
+    member_batch: str = "repeat"  # one of MEMBER_BATCH_MODES
+
+    def __post_init__(self) -> None:
+        if self.member_batch not in MEMBER_BATCH_MODES:
+            raise ValueError(
+                f"unknown member batch mode {self.member_batch!r}: choose one of "
+                f"{', '.join(MEMBER_BATCH_MODES)}"
+            )
 
 
 def student_eval_logits_fn(student: BatchEnsemble) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -58,12 +73,18 @@ def make_distill_step(
     config: DistillConfig,
     gen: torch.Generator,
     net: nn.Module | None = None,
-) -> Callable[[torch.Tensor, torch.Tensor], StepResult]:
+    timer: PhaseTimer = NO_TIMER,
+) -> StepFn:
     """The ``step`` function for :func:`ensc.compress.loop.train`.
 
     ``net`` is the student as trained (``runtime.wrap(student)``: DistributedDataParallel under
     torchrun); the perturbation's eval-mode pass uses ``student`` itself, since it needs no
     parameter gradients.
+
+    With α < 1 and a perturbation the student runs twice, on x̃ for the KD term and on x for the
+    CE term, and each pass is backpropagated before the next one starts: the gradient is that of
+    the sum, and only one pass's activations are held at a time (half the memory of one pass on
+    both). BatchNorm sees the two batches separately, as in the papers' code.
     """
     net = net if net is not None else student
     m = student.members
@@ -71,24 +92,64 @@ def make_distill_step(
     teacher = MemberLogits(teachers)  # x [B, ...] -> [Mt, B, K]; gradients flow to x only
     student_eval = student_eval_logits_fn(student)
     need_clean = config.alpha < 1 and config.perturb.kind != "none"
+    split = config.member_batch == "split"
 
-    def step(x: torch.Tensor, labels: torch.Tensor) -> StepResult:
-        b = x.shape[0]
-        x_tilde = perturb(x, config.perturb, teacher=teacher, student=student_eval, gen=gen)
+    def member_inputs(x: torch.Tensor) -> torch.Tensor:
+        """What the student's M members see: chunk m of x (split) or all of x, tiled (repeat)."""
+        return x if split else x.repeat(m, *([1] * (x.dim() - 1)))  # [M*B', ...]
+
+    def targets_for(x_tilde: torch.Tensor) -> torch.Tensor:
+        """Teacher logits [Mt, B', K] matching the student's [Ms, B', K] (B' = B/M when split)."""
         with torch.no_grad():
-            targets = teacher(x_tilde)  # [Mt, B, K]
-        inputs = torch.cat([x_tilde, x]) if need_clean else x_tilde  # [B or 2B, C, H, W]
-        tiled = inputs.repeat(
-            m, *([1] * (inputs.dim() - 1))
-        )  # [Ms*B', C, H, W]: M contiguous chunks
-        logits = net(tiled).view(m, inputs.shape[0], -1)  # [Ms, B', K]
-        on_perturbed = logits[:, :b]
-        on_clean = logits[:, b:] if need_clean else on_perturbed
-        loss = loss_fn(on_perturbed, targets, on_clean, labels)
-        correct = int((on_clean.detach().float().softmax(-1).mean(0).argmax(-1) == labels).sum())
-        return StepResult(loss, correct, b)
+            if not split:
+                return teacher(x_tilde)  # [Mt, B, K]
+            if len(teacher) == m:  # member-wise: teacher k only on student member k's chunk
+                chunks = x_tilde.unflatten(0, (m, -1))
+                return torch.cat([teacher(chunks[k], members=[k]) for k in range(m)])
+            return teacher(x_tilde).mean(0).unflatten(0, (m, -1))  # ensemble mean, per chunk
+
+    def student_logits(x: torch.Tensor) -> torch.Tensor:
+        logits = net(member_inputs(x))  # [Ms*B', K]
+        return logits.view(m, -1, logits.shape[-1])  # [Ms, B', K]
+
+    def step(x: torch.Tensor, labels: torch.Tensor, backward: BackwardFn) -> StepResult:
+        b = x.shape[0]
+        if split and b % m:
+            raise ConfigError(
+                f"--member-batch split needs a batch divisible by M={m}, got {b}; "
+                f"choose --batch-size as a multiple of {m}"
+            )
+        member_labels = labels.view(m, -1) if split else labels  # [Ms, B/M] or [B]
+        with timer("perturb"):
+            x_tilde = perturb(x, config.perturb, teacher=teacher, student=student_eval, gen=gen)
+        with timer("teacher"):
+            targets = targets_for(x_tilde)
+        if not need_clean:  # one pass: KD and CE on the same logits
+            with timer("student"):
+                logits = student_logits(x_tilde)
+                loss = loss_fn(logits, targets, logits, member_labels)
+            backward(loss)
+            return StepResult(loss.detach(), _correct(logits, member_labels, split), b)
+        first_pass = getattr(net, "no_sync", contextlib.nullcontext)  # DDP: reduce once, at the end
+        with first_pass():
+            with timer("student"):
+                kd = config.alpha * loss_fn.kd(student_logits(x_tilde), targets)
+            backward(kd)
+        with timer("student"):
+            on_clean = student_logits(x)
+            ce = (1 - config.alpha) * loss_fn.ce(on_clean, member_labels)
+        backward(ce)
+        return StepResult(kd.detach() + ce.detach(), _correct(on_clean, member_labels, split), b)
 
     return step
+
+
+def _correct(logits: torch.Tensor, labels: torch.Tensor, split: bool) -> int:
+    """Top-1 hits for the progress bar: each member on its chunk (split), or the BE mean (repeat)."""
+    logits = logits.detach().float()
+    if split:
+        return int((logits.argmax(-1) == labels).sum())
+    return int((logits.softmax(-1).mean(0).argmax(-1) == labels).sum())
 
 
 def param_groups(student: BatchEnsemble, regime: str, weight_decay: float) -> list[dict[str, Any]]:

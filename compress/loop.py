@@ -8,6 +8,7 @@ an interrupted run resumes from its last finished epoch with the same data order
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -22,6 +23,7 @@ from ensc.compress.data import Split, iterate_batches, steps_per_epoch
 from ensc.compress.fileio import atomic_torch_save
 from ensc.compress.runtime import Runtime
 from ensc.compress.schedule import default_warmup_epochs, scaled_lr, warmup_cosine
+from ensc.compress.timing import NO_TIMER, PhaseTimer
 from ensc.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -50,14 +52,18 @@ class OptimConfig:
 
 
 class StepResult(NamedTuple):
-    """What a step function returns: the loss to minimize and top-1 counts for the progress bar."""
+    """What a step function returns: the (detached) loss it minimized and top-1 counts for the bar."""
 
     loss: torch.Tensor
     correct: int
     count: int
 
 
-StepFn = Callable[[torch.Tensor, torch.Tensor], StepResult]
+BackwardFn = Callable[[torch.Tensor], None]
+# step(images, labels, backward): computes its loss, calls backward(loss) on it (or on each part,
+# so one part's graph is freed before the next part's forward), and returns a StepResult.
+StepFn = Callable[[torch.Tensor, torch.Tensor, BackwardFn], StepResult]
+LOG_EVERY_SECONDS = 60.0  # progress lines in the log, also when no terminal shows the bar
 
 
 def make_optimizer(param_groups: Iterable[dict[str, Any]], config: OptimConfig) -> torch.optim.SGD:
@@ -88,6 +94,7 @@ def train(
     desc: str = "train",
     after_backward: Callable[[], None] | None = None,
     identity: dict[str, Any] | None = None,
+    timer: PhaseTimer = NO_TIMER,
 ) -> dict[str, Any]:
     """Run the loop; returns a history dict (per-epoch loss/acc, steps, seconds).
 
@@ -96,6 +103,7 @@ def train(
 
     ``after_backward`` runs between backward and the optimizer step (e.g. gradient scaling of
     fast weights). ``identity`` is stored with the resumable state and must match on resume.
+    ``timer`` collects seconds per phase (the step adds its own phases to the same timer).
     """
     if len(data) == 0:
         raise ConfigError("the training split is empty")
@@ -138,30 +146,43 @@ def train(
         disable=None if runtime.is_main else True,
     )
     t0 = time.perf_counter() - history["seconds"]
+    t_start = last_log = time.perf_counter()
+    start_steps = history["steps"]
+
+    def backward(loss: torch.Tensor) -> None:
+        with torch.autocast(runtime.device.type, enabled=False), timer("student"):
+            scaler.scale(loss).backward()
+
     for epoch in range(start_epoch, config.epochs):
         if history["steps"] >= total:
             break
         model.train()
         loss_sum, correct, count, n_steps = 0.0, 0, 0, 0
-        for images, labels in iterate_batches(
+        batches = iterate_batches(
             data, config.batch_size, gen=gen, shuffle=True, augment_hflip=hflip, drop_last=True
-        ):
-            images, labels = runtime.shard(images, labels)  # data-parallel: this process's share
-            images, labels = runtime.to_device(images), labels.to(runtime.device, non_blocking=True)
-            with runtime.autocast():
-                result = step(images, labels)
+        )
+        while True:
+            with timer("data"):
+                batch = next(batches, None)
+                if batch is None:
+                    break
+                images, labels = runtime.shard(*batch)  # data-parallel: this process's share
+                images = runtime.to_device(images)
+                labels = labels.to(runtime.device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(result.loss).backward()
-            if after_backward is not None:
-                scaler.unscale_(optimizer)
-                after_backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            loss_value = float(result.loss.detach())
-            if loss_value != loss_value:  # NaN
+            with runtime.autocast():
+                result = step(images, labels, backward)
+            with timer("optimizer"):
+                if after_backward is not None:
+                    scaler.unscale_(optimizer)
+                    after_backward()
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+            loss_value = float(result.loss)
+            if not math.isfinite(loss_value):
                 raise FloatingPointError(
-                    f"{desc}: loss became NaN at step {history['steps']}; lower --lr"
+                    f"{desc}: loss became {loss_value} at step {history['steps']}; lower --lr"
                 )
             loss_sum, correct, count, n_steps = (
                 loss_sum + loss_value,
@@ -170,6 +191,9 @@ def train(
                 n_steps + 1,
             )
             history["steps"] += 1
+            if time.perf_counter() - last_log >= LOG_EVERY_SECONDS:
+                last_log = time.perf_counter()
+                _log_progress(desc, history["steps"], total, start_steps, last_log - t_start, timer)
             bar.update(1)
             bar.set_postfix(
                 epoch=epoch + 1,
@@ -213,3 +237,29 @@ def train(
         runtime.barrier()  # others wait until rank 0's state file is complete
     bar.close()
     return history
+
+
+def _log_progress(
+    desc: str, steps: int, total: int, start_steps: int, seconds: float, timer: PhaseTimer
+) -> None:
+    """A progress line for logs (nohup, CI): the bar alone is invisible without a terminal."""
+    rate = (steps - start_steps) / max(seconds, 1e-9)  # steps per second in this session
+    eta = (total - steps) / rate if rate > 0 else float("inf")
+    phases = timer.shares()
+    log.info(
+        "%s: step %d/%d, %.2f s/step, ETA %s%s",
+        desc,
+        steps,
+        total,
+        1 / rate if rate > 0 else float("inf"),
+        _duration(eta),
+        f" ({phases})" if phases else "",
+    )
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"

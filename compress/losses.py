@@ -1,4 +1,4 @@
-"""Member-wise ensemble distillation loss (SPEC.md §4)."""
+"""Member-wise ensemble distillation loss ([DM] NeurIPS 2021 §3, [WA] ICML 2022 §3)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ class DistillationLoss(nn.Module):
     treated as constants.
     """
 
-    def __init__(self, alpha: float = 1.0, temperature: float = 4.0) -> None:
+    def __init__(self, alpha: float = 0.9, temperature: float = 1.0) -> None:
         super().__init__()
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
@@ -38,9 +38,11 @@ class DistillationLoss(nn.Module):
 
     @staticmethod
     def ce(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of every member on the labels; student [Ms, B, K], labels [B]."""
+        """Cross-entropy of every member on its labels; student [Ms, B, K], labels [B] (shared by
+        all members) or [Ms, B] (each member its own examples)."""
         m, b, k = student_logits.shape
-        return F.cross_entropy(student_logits.float().reshape(m * b, k), labels.repeat(m))
+        labels = labels.reshape(m * b) if labels.dim() == 2 else labels.repeat(m)
+        return F.cross_entropy(student_logits.float().reshape(m * b, k), labels)
 
     def forward(
         self,

@@ -36,6 +36,7 @@ from ensc.compress.predict import predict_member_probs, predict_probs
 from ensc.compress.report import Predictions, build_report, parity, render_markdown
 from ensc.compress.runtime import Runtime
 from ensc.compress.teacher import Teacher, load_teacher, sanity_check
+from ensc.compress.timing import PhaseTimer
 from ensc.compress.warmstart import init_from_member
 from ensc.errors import ConfigError, EnscError
 from ensc.models.batchensemble import BatchEnsemble, to_batchensemble
@@ -167,9 +168,13 @@ def _distill(
     """Train the BatchEns student on the teachers (resumable from ``run_dir``); the loop's history."""
     gen = torch.Generator().manual_seed(config.seed + 10_000)
     wd = config.optim.weight_decay
+    timer = PhaseTimer(synchronize=runtime.device.type == "cuda")  # phase shares in the log
+    step = make_distill_step(
+        student, teacher.members, config.distill, gen, net=runtime.wrap(student), timer=timer
+    )
     return train(
         student,
-        make_distill_step(student, teacher.members, config.distill, gen, net=runtime.wrap(student)),
+        step,
         data.train,
         config.optim,
         runtime,
@@ -182,6 +187,7 @@ def _distill(
         after_backward=fast_weight_hook(student, config.distill.fast_weights, wd),
         identity={"teacher": [str(p) for p in teacher.paths], "arch": config.arch, "members": student.members,
                   "distill": asdict(config.distill), "init": config.init, "n_train": len(data.train)},
+        timer=timer,
     )  # fmt: skip
 
 

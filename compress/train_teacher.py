@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from ensc.compress.checkpoint import ModelSpec, save_checkpoint
 from ensc.compress.data import DataConfig, ImageDataset, load_dataset
 from ensc.compress.fileio import jsonable
-from ensc.compress.loop import OptimConfig, StepResult, train
+from ensc.compress.loop import BackwardFn, OptimConfig, StepResult, train
 from ensc.compress.metrics import accuracy, nll
 from ensc.compress.predict import predict_probs
 from ensc.compress.runtime import Runtime
@@ -85,10 +85,11 @@ def _train_member(config: TeacherTrainConfig, runtime: Runtime, data: ImageDatas
     model = runtime.prepare_model(spec.build())
     net = runtime.wrap(model)  # DistributedDataParallel under torchrun
 
-    def step(images: torch.Tensor, labels: torch.Tensor) -> StepResult:
+    def step(images: torch.Tensor, labels: torch.Tensor, backward: BackwardFn) -> StepResult:
         logits = net(images)
         loss = F.cross_entropy(logits, labels)
-        return StepResult(loss, int((logits.argmax(-1) == labels).sum()), len(labels))
+        backward(loss)
+        return StepResult(loss.detach(), int((logits.argmax(-1) == labels).sum()), len(labels))
 
     state_path = _state_path(config.out, k)
     if config.force and runtime.is_main:

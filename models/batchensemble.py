@@ -2,11 +2,15 @@
 
 Every ``nn.Conv2d`` / ``nn.Linear`` of a base network keeps its shared weight ``W`` (and bias) and
 gets per-member fast weights ``r`` [M, in], ``s`` [M, out] and, where the layer has a bias, a
-per-member bias ``member_bias`` [M, out]. Member m computes (SPEC.md §3)::
+per-member bias ``member_bias`` [M, out]. Member m computes ([WA] §2, Wen et al. eq. 1)::
 
     y_m = (layer(x_m ⊙ r_m) ⊙ s_m) + member_bias_m      # layer = the shared conv / matmul + bias
 
 which is the plain layer with weight ``W ⊙ (s_m r_mᵀ)`` and bias ``bias ⊙ s_m + member_bias_m``.
+That is how the layers compute it: M small per-member weights, one conv / matmul per member
+chunk. Same arithmetic as scaling the activations, but autograd keeps only the layer input for
+the backward pass instead of three activation-sized tensors per layer, which halves a BE
+student's training memory (``docs/bench-distill.md``).
 BatchNorm layers stay shared: one BN over the whole M·B batch, which keeps averaging exact (§6).
 
 Ensemble-axis convention, used by every module here: the input is ``(M*B, C, H, W)``, made of M
@@ -69,19 +73,6 @@ def _check_batch(x: Tensor, members: int) -> None:
         )
 
 
-def _per_member(x: Tensor, scale: Tensor, shift: Tensor | None, dim: int) -> Tensor:
-    """``x ⊙ scale_m (+ shift_m)`` along feature axis ``dim`` of each member's chunk of ``x``."""
-    m, c = scale.shape
-    xs = x.unflatten(0, (m, -1))  # [M*B, ...] -> [M, B, ...]
-    axis = dim + 1 if dim >= 0 else xs.dim() + dim  # the feature axis of xs
-    shape = [1] * xs.dim()
-    shape[0], shape[axis] = m, c  # e.g. [M, 1, C, 1, 1] for NCHW, [M, 1, C] for [N, C]
-    out = xs * scale.view(shape)
-    if shift is not None:
-        out = out + shift.view(shape)
-    return out.flatten(0, 1)  # [M, B, ...] -> [M*B, ...]
-
-
 class _BEMixin:
     """Fast weights r, s and member biases shared by :class:`BEConv2d` and :class:`BELinear`."""
 
@@ -117,6 +108,19 @@ class _BEMixin:
                 p.normal_(1.0, 0.5)
         if self.member_bias is not None:
             self.member_bias.zero_()
+
+    def member_weights(self) -> Tensor:
+        """``W ⊙ (s_m r_mᵀ)`` for every member: [M, out, in, *kernel]."""
+        scale = self.s.unsqueeze(2) * self.r.unsqueeze(1)  # [M, out, in]
+        scale = scale.view(*scale.shape, *([1] * (self.weight.dim() - 2)))
+        return self.weight.unsqueeze(0) * scale
+
+    def member_biases(self) -> Tensor | None:
+        """``bias ⊙ s_m + member_bias_m`` for every member: [M, out], or None without biases."""
+        bias = self.bias * self.s if self.bias is not None else None
+        if self.member_bias is not None:
+            bias = self.member_bias if bias is None else bias + self.member_bias
+        return bias
 
     def _be_extra_repr(self) -> str:
         return f"members={self.members}, init={self.init!r}, member_bias={self.member_bias is not None}"
@@ -189,8 +193,13 @@ class BEConv2d(_BEMixin, nn.Conv2d):
                 f"BEConv2d expects a batched input (M*B, C, H, W); got shape {tuple(x.shape)}"
             )
         _check_batch(x, self.members)
-        y = super().forward(_per_member(x, self.r, None, dim=1))  # [M*B, C_out, H', W']
-        return _per_member(y, self.s, self.member_bias, dim=1)
+        chunks = x.unflatten(0, (self.members, -1))  # [M, B, C_in, H, W], views of x
+        weights, biases = self.member_weights(), self.member_biases()
+        outs = [
+            self._conv_forward(chunks[m], weights[m], None if biases is None else biases[m])
+            for m in range(self.members)
+        ]
+        return torch.cat(outs)  # [M*B, C_out, H', W']
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._be_extra_repr()}"
@@ -245,8 +254,14 @@ class BELinear(_BEMixin, nn.Linear):
                 f"BELinear expects a batched input (M*B, ..., in); got shape {tuple(x.shape)}"
             )
         _check_batch(x, self.members)
-        y = super().forward(_per_member(x, self.r, None, dim=-1))  # [M*B, ..., out]
-        return _per_member(y, self.s, self.member_bias, dim=-1)
+        chunks = x.unflatten(0, (self.members, -1))  # [M, B, ..., in]
+        rows = chunks.flatten(1, -2)  # [M, N, in]
+        weights, biases = self.member_weights(), self.member_biases()  # [M, out, in], [M, out]
+        if biases is None:
+            y = torch.bmm(rows, weights.transpose(1, 2))
+        else:
+            y = torch.baddbmm(biases.unsqueeze(1), rows, weights.transpose(1, 2))  # [M, N, out]
+        return y.view(*chunks.shape[:-1], -1).flatten(0, 1)  # [M*B, ..., out]
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._be_extra_repr()}"

@@ -38,9 +38,11 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     net = runtime.wrap(model)
     shard_sizes = []
 
-    def step(x, y):
+    def step(x, y, backward):
         shard_sizes.append(len(y))
-        return StepResult(F.cross_entropy(net(x), y), 0, len(y))
+        loss = F.cross_entropy(net(x), y)
+        backward(loss)
+        return StepResult(loss.detach(), 0, len(y))
 
     train(
         model,

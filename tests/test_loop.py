@@ -43,12 +43,13 @@ def _run(
     model = build_model("resnet8", num_classes=10, in_channels=1)
     calls = {"n": 0}
 
-    def step(x: torch.Tensor, y: torch.Tensor) -> StepResult:
+    def step(x: torch.Tensor, y: torch.Tensor, backward) -> StepResult:
         calls["n"] += 1
         if interrupt_at is not None and calls["n"] == interrupt_at:
             raise Interrupt
-        logits = model(x)
-        return StepResult(F.cross_entropy(logits, y), 0, len(y))
+        loss = F.cross_entropy(model(x), y)
+        backward(loss)
+        return StepResult(loss.detach(), 0, len(y))
 
     config = OptimConfig(epochs=3, batch_size=100)  # 297 train images -> 2 steps per epoch
     if resume:  # a new process would rebuild the model from scratch before resuming
@@ -84,8 +85,10 @@ def test_resume_with_other_settings_is_refused(tmp_path: Path):
     data = load_dataset(DataConfig("fashion-mnist", train_subset=330, test_subset=10))
     model = build_model("resnet8", num_classes=10, in_channels=1)
 
-    def step(x, y):
-        return StepResult(F.cross_entropy(model(x), y), 0, len(y))
+    def step(x, y, backward):
+        loss = F.cross_entropy(model(x), y)
+        backward(loss)
+        return StepResult(loss.detach(), 0, len(y))
 
     rt = resolve_runtime("cpu")
     train(

@@ -1,0 +1,406 @@
+"""How fast ensc distills, side by side with the same step written the plain PyTorch way.
+
+    python benchmarks/bench_distill.py                      # everything (~10 min on 2 cores)
+    python benchmarks/bench_distill.py --only main --steps 2
+
+Every measurement runs in its own process (so peak RSS is that configuration's own), one after
+another in the same run, on the same synthetic data and randomly initialised networks (timing does
+not depend on the weights). Writes ``docs/bench-distill.json`` and ``docs/bench-distill.md``.
+
+* **ensc** — ``ensc.compress.loop.train`` with ``make_distill_step``, exactly what `ensc compress`
+  runs, after ``tune_malloc()`` as the CLI does; phases from its :class:`PhaseTimer`.
+* **plain** — the obvious loop: torchvision ``DataLoader`` with per-sample PIL transforms, the
+  BatchEnsemble written as activation scaling (``conv(x ⊙ r) ⊙ s``, as in Wen et al.'s code), the
+  perturbation through one teacher, the teachers one after another, the student run on x̃ and on
+  x and one backward of the summed loss; glibc's default allocator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+TEACHERS = ("resnet20", "resnet32", "resnet44", "resnet56")
+STUDENT = "resnet32"
+N_IMAGES = 2048  # synthetic training images (uint8), reshuffled every epoch
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def configurations(only: str) -> list[dict[str, Any]]:
+    """The named configurations: main comparison first, then how ensc's cost grows."""
+    base = {"members": 4, "batch": 128, "image": 32, "perturb": "ods", "member_batch": "repeat"}
+    main = []
+    for perturb in ("none", "ods", "tdiv-sdiv"):
+        for impl in ("plain", "ensc"):
+            main.append({**base, "impl": impl, "perturb": perturb, "group": "main"})
+    main.append({**base, "impl": "ensc", "member_batch": "split", "group": "main"})
+    scaling = [
+        {**base, "impl": "ensc", "group": "scaling", **change}
+        for change in (
+            {"members": 2},
+            {"members": 8},
+            {"batch": 32},
+            {"batch": 64},
+            {"batch": 256},
+            {"image": 64},
+        )
+    ]
+    return {"main": main, "scaling": scaling, "all": main + scaling}[only]
+
+
+# --- worker side: one configuration in this process ----------------------------------------
+
+
+def _teachers(members: int, num_classes: int, channels: int) -> list:
+    from ensc.models import build_model
+
+    archs = [TEACHERS[k % len(TEACHERS)] for k in range(members)]
+    return [
+        build_model(a, num_classes=num_classes, in_channels=channels).eval().requires_grad_(False)
+        for a in archs
+    ]
+
+
+def _data(cfg: dict[str, Any]):
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    size = cfg["image"]
+    images = torch.randint(0, 256, (N_IMAGES, 3, size, size), dtype=torch.uint8, generator=gen)
+    labels = torch.randint(0, 10, (N_IMAGES,), generator=gen)
+    return images, labels
+
+
+def run_ensc(cfg: dict[str, Any]) -> dict[str, Any]:
+    """ensc's own loop and step; returns seconds per step and per phase."""
+    from ensc.compress.allocator import tune_malloc
+
+    allocator = tune_malloc()
+    import torch
+
+    from ensc.compress.data import Split
+    from ensc.compress.distill import (
+        DistillConfig,
+        fast_weight_hook,
+        make_distill_step,
+        param_groups,
+    )
+    from ensc.compress.loop import OptimConfig, train
+    from ensc.compress.perturb import PerturbConfig
+    from ensc.compress.runtime import resolve_runtime
+    from ensc.compress.timing import PhaseTimer
+    from ensc.models import build_model
+    from ensc.models.batchensemble import to_batchensemble
+
+    torch.manual_seed(0)
+    images, labels = _data(cfg)
+    teachers = _teachers(cfg["members"], 10, 3)
+    student = to_batchensemble(
+        build_model(STUDENT, num_classes=10, in_channels=3), members=cfg["members"]
+    )
+    config = DistillConfig(
+        perturb=PerturbConfig(kind=cfg["perturb"]), member_batch=cfg["member_batch"]
+    )
+    timer = PhaseTimer()
+    step = make_distill_step(
+        student, teachers, config, torch.Generator().manual_seed(1), timer=timer
+    )
+    warmup, steps = cfg["warmup"], cfg["steps"]
+    marks: dict[str, float] = {}
+
+    def measured(x, y, backward):
+        if len(marks) == 0 and measured.calls == warmup:
+            timer.reset()
+            marks["start"] = time.perf_counter()
+        measured.calls += 1
+        return step(x, y, backward)
+
+    measured.calls = 0
+    train(
+        student,
+        measured,
+        Split(images, labels),
+        OptimConfig(epochs=100, batch_size=cfg["batch"], lr=0.01, max_steps=warmup + steps),
+        resolve_runtime("cpu", amp=False),
+        param_groups=param_groups(student, "wa", 5e-4),
+        after_backward=fast_weight_hook(student, "wa", 5e-4),
+        timer=timer,
+    )
+    seconds = (time.perf_counter() - marks["start"]) / steps
+    phases = {k: v / steps for k, v in timer.seconds.items()}
+    return {"s_per_step": seconds, "phases": phases, "allocator": allocator}
+
+
+def _naive_batchensemble(model, members: int):
+    """BatchEnsemble the obvious way: every Conv2d/Linear wrapped as ``layer(x ⊙ r) ⊙ s``."""
+    import torch
+    from torch import nn
+
+    class Scaled(nn.Module):
+        def __init__(self, layer: nn.Module) -> None:
+            super().__init__()
+            fan_in = layer.in_channels if isinstance(layer, nn.Conv2d) else layer.in_features
+            fan_out = layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
+            self.layer = layer
+            self.r = nn.Parameter(torch.ones(members, fan_in))
+            self.s = nn.Parameter(torch.ones(members, fan_out))
+
+        def forward(self, x):
+            shape = (members, -1, x.shape[1]) + (1,) * (x.dim() - 2)
+            x = (x.view(members, -1, *x.shape[1:]) * self.r.view(shape)).flatten(0, 1)
+            y = self.layer(x)
+            shape = (members, -1, y.shape[1]) + (1,) * (y.dim() - 2)
+            return (y.view(members, -1, *y.shape[1:]) * self.s.view(shape)).flatten(0, 1)
+
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if type(child) in (nn.Conv2d, nn.Linear):
+                setattr(module, child_name, Scaled(child))
+    return model
+
+
+def run_plain(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The reference loop, written as a user would without ensc."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader, Dataset
+    from torchvision import transforms
+    from torchvision.transforms.functional import to_pil_image
+
+    from ensc.models import build_model
+
+    torch.manual_seed(0)
+    images, labels = _data(cfg)
+    m, alpha, step_size = cfg["members"], 0.9, 1 / 255
+
+    class Images(Dataset):
+        transform = transforms.Compose(
+            [
+                transforms.RandomCrop(cfg["image"], padding=4),
+                transforms.RandomHorizontalFlip(),
+                transforms.ToTensor(),
+            ]
+        )
+
+        def __len__(self) -> int:
+            return len(labels)
+
+        def __getitem__(self, i: int):
+            return self.transform(to_pil_image(images[i])), labels[i]
+
+    loader = DataLoader(Images(), batch_size=cfg["batch"], shuffle=True, drop_last=True)
+    teachers = _teachers(m, 10, 3)
+    student = _naive_batchensemble(build_model(STUDENT, num_classes=10, in_channels=3), m)
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+
+    def student_logits(x):
+        return student(x.repeat(m, 1, 1, 1)).view(m, x.shape[0], -1)
+
+    def perturb(x):
+        kind = cfg["perturb"]
+        if kind == "none":
+            return x
+        x = x.clone().requires_grad_()
+        if kind == "ods":
+            j = int(torch.randint(m, (1,)))
+            probs = teachers[j](x).softmax(-1)
+            w = torch.rand_like(probs) * 2 - 1
+            (w * probs).sum().backward()
+        else:  # tdiv-sdiv, student in eval mode
+            i, j = torch.randperm(m)[:2].tolist()
+            t_i, t_j = teachers[i](x), teachers[j](x)
+            student.eval()
+            s = student_logits(x)
+            student.train()
+
+            def ce(a, b):
+                return -(b.detach().softmax(-1) * a.log_softmax(-1)).sum()
+
+            (ce(t_i, t_j) - ce(s[i], s[j])).backward()
+        g = x.grad.flatten(1)
+        eps = step_size * g.shape[1] ** 0.5 * g / g.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        student.zero_grad()
+        return (x.detach() + eps.view_as(x)).clamp(0, 1)
+
+    def one_step(x, y):
+        x_tilde = perturb(x)
+        with torch.no_grad():
+            targets = torch.stack([t(x_tilde) for t in teachers])  # [M, B, K]
+        kd = -(targets.softmax(-1) * student_logits(x_tilde).log_softmax(-1)).sum(-1).mean()
+        ce = F.cross_entropy(student_logits(x).flatten(0, 1), y.repeat(m))
+        loss = alpha * kd + (1 - alpha) * ce
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    batches = iter(loader)
+    for _ in range(cfg["warmup"]):
+        one_step(*next(batches))
+    start = time.perf_counter()
+    for _ in range(cfg["steps"]):
+        one_step(*next(batches))
+    return {"s_per_step": (time.perf_counter() - start) / cfg["steps"], "phases": {}}
+
+
+def worker(cfg: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(cfg["threads"])
+    result = (run_plain if cfg["impl"] == "plain" else run_ensc)(cfg)
+    result["images_per_s"] = cfg["batch"] / result["s_per_step"]
+    result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB -> GB
+    return result
+
+
+# --- orchestration ---------------------------------------------------------------------------
+
+
+def hardware() -> dict[str, Any]:
+    import torch
+
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+         if line.startswith("model name")),
+        platform.processor(),
+    )  # fmt: skip
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "mkldnn_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+        "python": platform.python_version(),
+    }
+
+
+def run_one(cfg: dict[str, Any]) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--worker", json.dumps(cfg)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def label(cfg: dict[str, Any]) -> str:
+    return (
+        f"{cfg['impl']} {cfg['perturb']} M={cfg['members']} B={cfg['batch']} "
+        f"{cfg['image']}px {cfg['member_batch']}"
+    )
+
+
+def render(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    hw = meta["hardware"]
+    lines = [
+        "# Distillation step: ensc vs the plain PyTorch loop",
+        "",
+        f"Command: `{meta['command']}` ({meta['date']}, {meta['wall_seconds']:.0f} s).",
+        f"Hardware: {hw['cpu']}, {hw['cores']} cores, torch {hw['torch']} "
+        f"(CPU capability {hw['cpu_capability']}, oneDNN bf16 {hw['mkldnn_bf16']}), "
+        f"{meta['threads']} threads, float32, {meta['steps']} measured steps after "
+        f"{meta['warmup']} warm-up. Teachers: DE-M of {'/'.join(TEACHERS)} (cycled for M > 4), "
+        f"student BE-M {STUDENT}, α 0.9, T 1, step 1/255, randomly initialised.",
+        "",
+        "## Side by side (DE-4 → BE-4 ResNet-32, batch 128, 32×32)",
+        "",
+        "perturb | member batch | plain s/step | ensc s/step | speed-up | plain peak RSS GB | "
+        "ensc peak RSS GB | memory ratio | ensc phases (s/step)",
+        "---|---|---:|---:|---:|---:|---:|---:|---",
+    ]
+    main = [r for r in results if r["cfg"]["group"] == "main"]
+    plain = {r["cfg"]["perturb"]: r for r in main if r["cfg"]["impl"] == "plain"}
+    for r in main:
+        if r["cfg"]["impl"] != "ensc" or "error" in r:
+            continue
+        p = plain.get(r["cfg"]["perturb"], {})
+        phases = ", ".join(f"{k} {v:.2f}" for k, v in sorted(r["phases"].items()))
+        if "s_per_step" in p:
+            ratio = f"{p['s_per_step'] / r['s_per_step']:.2f}×"
+            mem = f"{r['peak_rss_gb'] / p['peak_rss_gb']:.0%}"
+            p_s, p_m = f"{p['s_per_step']:.2f}", f"{p['peak_rss_gb']:.2f}"
+        else:
+            ratio = mem = p_s = p_m = "–"
+        lines.append(
+            f"{r['cfg']['perturb']} | {r['cfg']['member_batch']} | {p_s} | "
+            f"{r['s_per_step']:.2f} | {ratio} | {p_m} | {r['peak_rss_gb']:.2f} | {mem} | {phases}"
+        )
+    scaling = [r for r in results if r["cfg"]["group"] in ("scaling", "main")]
+    lines += [
+        "",
+        "## How ensc's step grows (ODS, repeat mode unless said)",
+        "",
+        "M | batch | image | s/step | images/s | peak RSS GB",
+        "---|---:|---:|---:|---:|---:",
+    ]
+    seen = set()
+    for r in scaling:
+        c = r["cfg"]
+        key = (c["members"], c["batch"], c["image"])
+        if c["impl"] != "ensc" or c["perturb"] != "ods" or c["member_batch"] != "repeat":
+            continue
+        if key in seen or "error" in r:
+            continue
+        seen.add(key)
+        lines.append(
+            f"{c['members']} | {c['batch']} | {c['image']}² | {r['s_per_step']:.2f} | "
+            f"{r['images_per_s']:.1f} | {r['peak_rss_gb']:.2f}"
+        )
+    failed = [f"- {label(r['cfg'])}: {r['error']}" for r in results if "error" in r]
+    if failed:
+        lines += ["", "Failed:", *failed]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", choices=("main", "scaling", "all"), default="all")
+    parser.add_argument("--steps", type=int, default=3, help="measured steps per configuration")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--json", type=Path, default=ROOT / "docs" / "bench-distill.json")
+    parser.add_argument("--markdown", type=Path, default=ROOT / "docs" / "bench-distill.md")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+
+    started = time.perf_counter()
+    results = []
+    for cfg in configurations(args.only):
+        cfg = {**cfg, "steps": args.steps, "warmup": args.warmup, "threads": args.threads}
+        result = {"cfg": cfg, **run_one(cfg)}
+        results.append(result)
+        shown = result.get("error") or (
+            f"{result['s_per_step']:.2f} s/step, {result['peak_rss_gb']:.2f} GB"
+        )
+        print(f"{label(cfg)}: {shown}", flush=True)
+    meta = {
+        "command": "python benchmarks/bench_distill.py " + " ".join(sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d"),
+        "wall_seconds": time.perf_counter() - started,
+        "hardware": hardware(),
+        "threads": args.threads,
+        "steps": args.steps,
+        "warmup": args.warmup,
+    }
+    for path, text in (
+        (args.json, json.dumps({"meta": meta, "results": results}, indent=2) + "\n"),
+        (args.markdown, render(results, meta)),
+    ):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    print(f"wrote {args.json} and {args.markdown}")
+
+
+if __name__ == "__main__":
+    main()

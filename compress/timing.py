@@ -1,0 +1,54 @@
+"""Wall-clock time per phase of a training step (data, perturbation, teacher, student, optimizer).
+
+The loop and the distillation step mark their phases with ``with timer("teacher"): ...``; the
+default :data:`NO_TIMER` does nothing, so timing costs nothing unless a benchmark or a log asks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+
+import torch
+
+PHASES = ("data", "perturb", "teacher", "student", "optimizer")
+
+
+class PhaseTimer:
+    """Accumulates seconds per phase name; ``synchronize`` waits for CUDA kernels at each edge."""
+
+    def __init__(self, synchronize: bool = False) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.synchronize = synchronize and torch.cuda.is_available()
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        if self.synchronize:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.synchronize:
+                torch.cuda.synchronize()
+            self.seconds[phase] += time.perf_counter() - start
+
+    def reset(self) -> None:
+        self.seconds.clear()
+
+    def shares(self) -> str:
+        """E.g. ``student 71% teacher 18% perturb 8% data 2% optimizer 1%``."""
+        total = sum(self.seconds.values()) or 1.0
+        ordered = sorted(self.seconds.items(), key=lambda kv: -kv[1])
+        return " ".join(f"{name} {100 * s / total:.0f}%" for name, s in ordered)
+
+
+class _NoTimer:
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        yield
+
+
+NO_TIMER: PhaseTimer = _NoTimer()  # type: ignore[assignment]

@@ -1,0 +1,205 @@
+"""The fast distillation step computes the plain maths: same loss and gradients as a reference.
+
+Reference = the obvious way, written here from the formulas: BatchEnsemble as activation
+scaling (``conv(x ⊙ r) ⊙ s + b``), the student run on x̃ and on x, one backward of the sum.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ensc.compress.distill import DistillConfig, make_distill_step
+from ensc.compress.perturb import PerturbConfig
+from ensc.models.batchensemble import BEConv2d, BELinear, to_batchensemble
+
+M, B, K = 2, 6, 4
+
+
+def _base(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 5, 3, padding=1, bias=False),
+        nn.BatchNorm2d(5),
+        nn.ReLU(),
+        nn.Conv2d(5, 6, 3, stride=2, padding=1, bias=True),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(6, K),
+    )
+
+
+def _student(seed: int = 0):
+    be = to_batchensemble(_base(seed), members=M, init="ones")
+    with torch.no_grad():  # members that differ, so member mix-ups would show
+        for p in be.fast_weight_parameters():
+            p.normal_(1.0, 0.3)
+        for p in be.member_bias_parameters():
+            p.normal_(0.0, 0.3)
+    return be
+
+
+def _teachers() -> list[nn.Module]:
+    return [_base(10 + k).eval().requires_grad_(False) for k in range(M)]
+
+
+def _activation_scaling(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Wen et al.'s BatchEnsemble layer: ``layer(x ⊙ r) ⊙ s + member_bias``, per member chunk."""
+    m = layer.members
+    xs = x.unflatten(0, (m, -1))
+    shape = (m, 1, -1) + (1,) * (x.dim() - 2)
+    plain = F.conv2d if isinstance(layer, BEConv2d) else F.linear
+    kwargs = {"stride": layer.stride, "padding": layer.padding} if plain is F.conv2d else {}
+    y = plain((xs * layer.r.view(shape)).flatten(0, 1), layer.weight, layer.bias, **kwargs)
+    y = y.unflatten(0, (m, -1)) * layer.s.view(shape)
+    if layer.member_bias is not None:
+        y = y + layer.member_bias.view(shape)
+    return y.flatten(0, 1)
+
+
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_be_layer_gradients_match_activation_scaling(kind: str) -> None:
+    torch.manual_seed(0)
+    if kind == "conv":
+        layer = BEConv2d.from_layer(nn.Conv2d(3, 4, 3, padding=1), M, "normal")
+        x = torch.randn(M * 3, 3, 5, 5)
+    else:
+        layer = BELinear.from_layer(nn.Linear(3, 4), M, "normal")
+        x = torch.randn(M * 3, 3)
+    with torch.no_grad():
+        layer.member_bias.normal_()
+    reference = copy.deepcopy(layer)
+    out, expected = layer(x), _activation_scaling(reference, x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    weights = torch.randn_like(out)
+    (out * weights).sum().backward()
+    (expected * weights).sum().backward()
+    for name, p in layer.named_parameters():
+        q = dict(reference.named_parameters())[name]
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _reference_grads(student, teachers, x_tilde, x, labels, alpha: float, split: bool):
+    """Loss and gradients of α·KD(x̃) + (1 − α)·CE(x), one backward, from the formulas."""
+    student.zero_grad()
+    if split:
+        inputs_t, inputs_c = x_tilde, x  # member m: the m-th chunk
+        chunks = x_tilde.unflatten(0, (M, -1))
+        with torch.no_grad():
+            targets = torch.stack([teachers[k](chunks[k]) for k in range(M)])
+        member_labels = labels.view(M, -1)
+    else:
+        inputs_t, inputs_c = x_tilde.repeat(M, 1, 1, 1), x.repeat(M, 1, 1, 1)
+        with torch.no_grad():
+            targets = torch.stack([t(x_tilde) for t in teachers])
+        member_labels = labels.expand(M, -1)
+    s_t = student(inputs_t).view(M, -1, K)
+    s_c = student(inputs_c).view(M, -1, K)
+    kd = -(targets.softmax(-1) * s_t.log_softmax(-1)).sum(-1).mean()
+    ce = F.cross_entropy(s_c.flatten(0, 1), member_labels.reshape(-1))
+    loss = alpha * kd + (1 - alpha) * ce
+    loss.backward()
+    return float(loss.detach()), {n: p.grad.clone() for n, p in student.named_parameters()}
+
+
+@pytest.mark.parametrize("member_batch", ["repeat", "split"])
+def test_two_pass_step_matches_one_backward_of_the_sum(member_batch: str) -> None:
+    """Gaussian noise (drawn from the step's generator) makes x̃ ≠ x, so both passes run."""
+    teachers = _teachers()
+    student, reference = _student(), _student()
+    x, labels = torch.rand(B, 3, 8, 8), torch.randint(0, K, (B,))
+    config = DistillConfig(
+        alpha=0.9,
+        temperature=1.0,
+        perturb=PerturbConfig(kind="gaussian", step=8.0),
+        member_batch=member_batch,
+    )
+    step = make_distill_step(student, teachers, config, torch.Generator().manual_seed(3))
+    result = step(x, labels, lambda loss: loss.backward())
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(3)) * (8.0 / 255)
+    x_tilde = (x + noise).clamp(0, 1)
+    loss, grads = _reference_grads(
+        reference, teachers, x_tilde, x, labels, 0.9, member_batch == "split"
+    )
+    assert float(result.loss) == pytest.approx(loss, rel=1e-5)
+    for name, p in student.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_split_members_see_their_own_chunk_and_teacher() -> None:
+    """In split mode student member m is trained on chunk m only, against teacher m only."""
+    teachers = _teachers()
+    student = _student()
+    seen: list[torch.Tensor] = []
+    student.register_forward_pre_hook(lambda _, args: seen.append(args[0].detach()))
+    calls: list[tuple[int, int]] = []
+    for k, t in enumerate(teachers):
+        t.register_forward_pre_hook(lambda _, args, k=k: calls.append((k, args[0].shape[0])))
+    x, labels = torch.rand(B, 3, 8, 8), torch.randint(0, K, (B,))
+    config = DistillConfig(alpha=1.0, perturb=PerturbConfig(kind="none"), member_batch="split")
+    step = make_distill_step(student, teachers, config, torch.Generator().manual_seed(0))
+    step(x, labels, lambda loss: loss.backward())
+    assert len(seen) == 1 and torch.equal(seen[0], x)  # no tiling: chunk m is member m's
+    assert calls == [(0, B // M), (1, B // M)]  # teacher k ran on its member's chunk only
+
+
+def test_split_refuses_a_batch_not_divisible_by_members() -> None:
+    config = DistillConfig(perturb=PerturbConfig(kind="none"), member_batch="split")
+    step = make_distill_step(_student(), _teachers(), config, torch.Generator())
+    with pytest.raises(Exception, match="divisible by M=2"):
+        step(torch.rand(5, 3, 8, 8), torch.randint(0, K, (5,)), lambda loss: loss.backward())
+
+
+def test_unknown_member_batch_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match="repeat, split"):
+        DistillConfig(member_batch="shuffle")
+
+
+def test_loop_logs_progress_without_a_terminal(monkeypatch, caplog) -> None:
+    from ensc.compress import loop
+    from ensc.compress.data import Split
+    from ensc.compress.runtime import resolve_runtime
+    from ensc.compress.timing import PhaseTimer
+
+    monkeypatch.setattr(loop, "LOG_EVERY_SECONDS", 0.0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, K))
+    images = torch.randint(0, 256, (20, 3, 8, 8), dtype=torch.uint8)
+    timer = PhaseTimer()
+
+    def step(x, y, backward):
+        loss = F.cross_entropy(model(x), y)
+        backward(loss)
+        return loop.StepResult(loss.detach(), 0, len(y))
+
+    with caplog.at_level(logging.INFO, logger="ensc"):
+        loop.train(
+            model, step, Split(images, torch.randint(0, K, (20,))),
+            loop.OptimConfig(epochs=1, batch_size=5), resolve_runtime("cpu"), timer=timer,
+        )  # fmt: skip
+    lines = [r.getMessage() for r in caplog.records if "s/step" in r.getMessage()]
+    assert len(lines) == 4 and lines[-1].startswith("train: step 4/4")
+    assert "data" in lines[-1] and "optimizer" in lines[-1]  # phase shares from the timer
+
+
+def test_malloc_tuning_applies_once_and_can_be_turned_off() -> None:
+    code = "from ensc.compress.allocator import tune_malloc as t; print(t()); print(t())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    first, second = out.stdout.split("\n")[:2]
+    assert first == second
+    if sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION"):
+        assert first == "glibc: mmap off, no trim"
+    env = {**os.environ, "ENSC_MALLOC": "system"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    )
+    assert out.stdout.startswith("system (ENSC_MALLOC)")
