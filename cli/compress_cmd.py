@@ -106,6 +106,14 @@ Examples:
     help="Fast-weight regularization. Default: wa for --init ones, dm for normal.",
 )
 @click.option(
+    "--member-batch",
+    type=click.Choice(("repeat", "split")),
+    default="repeat",
+    show_default=True,
+    help="repeat: every member sees the whole batch (M x the compute of one network, the papers' "
+    "setup); split: member m sees its own 1/M of the batch (the compute of one network).",
+)
+@click.option(
     "--recalibrate-bn/--no-recalibrate-bn",
     default=True,
     show_default=True,
@@ -134,7 +142,7 @@ Examples:
               help="Start the student from teacher member K's weights (it must have the student's --arch).")  # fmt: skip
 @runtime_options
 def compress_cmd(teacher, arch, members, dataset, data_root, train_subset, test_subset, epochs, batch_size, lr,
-                 weight_decay, max_steps, perturb, step, alpha, temperature, init, fast_weights, recalibrate_bn,
+                 weight_decay, max_steps, perturb, step, alpha, temperature, init, fast_weights, member_batch, recalibrate_bn,
                  max_acc_drop, seed, out, resume, force, teacher_arch, teacher_arch_kwargs, code_path,
                  unsafe_load, student_init, device, amp, channels_last) -> None:  # fmt: skip
     """Distill a teacher ensemble into a BatchEns student and average it into one network."""
@@ -154,7 +162,8 @@ def compress_cmd(teacher, arch, members, dataset, data_root, train_subset, test_
         data_overrides={"name": dataset, "root": data_root, "train_subset": train_subset, "test_subset": test_subset},
         optim=OptimConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, max_steps=max_steps),
         distill=DistillConfig(alpha=alpha, temperature=temperature, perturb=perturb_config,
-                              fast_weights=fast_weights or ("wa" if init == "ones" else "dm")),
+                              fast_weights=fast_weights or ("wa" if init == "ones" else "dm"),
+                              member_batch=member_batch),
         init=init,
         recalibrate_bn=recalibrate_bn,
         max_acc_drop=max_acc_drop,

@@ -84,3 +84,48 @@ def test_torchrun_launch_of_ensc_train(tmp_path: Path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("teacher with 1 members") == 1  # only rank 0 reports
     assert load_checkpoint(out / "member0.pt").info["optim"]["max_steps"] == 2
+
+
+def _distill_worker(rank: int, world: int, port: int, out: str) -> None:
+    """Two-pass distillation steps (KD on x̃, then CE on x) under DDP, gloo."""
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    from torch import nn
+
+    from ensc.compress.data import Split
+    from ensc.compress.distill import DistillConfig, make_distill_step
+    from ensc.compress.loop import OptimConfig, train
+    from ensc.compress.perturb import PerturbConfig
+    from ensc.compress.runtime import resolve_runtime
+    from ensc.models.batchensemble import to_batchensemble
+
+    torch.set_num_threads(1)
+    runtime = resolve_runtime("cpu")
+
+    def net(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
+        )  # fmt: skip
+
+    teachers = [net(10 + k).eval().requires_grad_(False) for k in range(2)]
+    student = to_batchensemble(net(0), members=2)
+    config = DistillConfig(perturb=PerturbConfig(kind="gaussian", step=4.0))
+    gen = torch.Generator().manual_seed(1)
+    step = make_distill_step(student, teachers, config, gen, net=runtime.wrap(student))
+    images = torch.randint(0, 256, (64, 1, 8, 8), dtype=torch.uint8, generator=gen)
+    data = Split(images, torch.randint(0, 3, (64,), generator=gen))
+    train(student, step, data, OptimConfig(epochs=1, batch_size=16, lr=0.1), runtime, hflip=False)
+    torch.save(student.state_dict(), Path(out) / f"distill{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_two_pass_distillation_keeps_replicas_identical(tmp_path: Path):
+    mp.spawn(_distill_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"distill{r}.pt", weights_only=True) for r in (0, 1))
+    for name, w0 in r0.items():
+        if "running" in name or "num_batches" in name:
+            continue
+        assert torch.allclose(w0, r1[name], atol=1e-6), name
