@@ -32,16 +32,20 @@ TEACHERS = ("resnet20", "resnet32", "resnet44", "resnet56")
 STUDENT = "resnet32"
 N_IMAGES = 2048  # synthetic training images (uint8), reshuffled every epoch
 ROOT = Path(__file__).resolve().parent.parent
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # the shared teacher's
 
 
-def configurations(only: str) -> list[dict[str, Any]]:
-    """The named configurations: main comparison first, then how ensc's cost grows."""
+def configurations(only: str, shared: Path | None, cifar_jpeg: Path | None) -> list[dict[str, Any]]:
+    """The named configurations: main comparison first, then how ensc's cost grows, then the
+    real teacher through `ensc compress` against the plain loop on the same teacher and data."""
     base = {"members": 4, "batch": 128, "image": 32, "perturb": "ods", "member_batch": "repeat"}
     main = []
     for perturb in ("none", "ods", "tdiv-sdiv"):
         for impl in ("plain", "ensc"):
             main.append({**base, "impl": impl, "perturb": perturb, "group": "main"})
     main.append({**base, "impl": "ensc", "member_batch": "split", "group": "main"})
+    main.append({**base, "impl": "ensc", "malloc": "glibc", "group": "main"})  # without tcmalloc
+    main.append({**base, "impl": "ensc", "amp": True, "group": "main"})  # bf16 autocast on a CPU
     scaling = [
         {**base, "impl": "ensc", "group": "scaling", **change}
         for change in (
@@ -53,7 +57,11 @@ def configurations(only: str) -> list[dict[str, Any]]:
             {"image": 64},
         )
     ]
-    return {"main": main, "scaling": scaling, "all": main + scaling}[only]
+    cli = []
+    if shared is not None and cifar_jpeg is not None:
+        real = {**base, "group": "cli", "shared": str(shared), "cifar_jpeg": str(cifar_jpeg)}
+        cli = [{**real, "impl": "plain"}, {**real, "impl": "ensc-cli"}]
+    return {"main": main, "scaling": scaling, "cli": cli, "all": main + scaling + cli}[only]
 
 
 # --- worker side: one configuration in this process ----------------------------------------
@@ -129,7 +137,7 @@ def run_ensc(cfg: dict[str, Any]) -> dict[str, Any]:
         measured,
         Split(images, labels),
         OptimConfig(epochs=100, batch_size=cfg["batch"], lr=0.01, max_steps=warmup + steps),
-        resolve_runtime("cpu", amp=False),
+        resolve_runtime("cpu", amp=cfg.get("amp", False)),
         param_groups=param_groups(student, "wa", 5e-4),
         after_backward=fast_weight_hook(student, "wa", 5e-4),
         timer=timer,
@@ -170,7 +178,6 @@ def _naive_batchensemble(model, members: int):
 def run_plain(cfg: dict[str, Any]) -> dict[str, Any]:
     """The reference loop, written as a user would without ensc."""
     import torch
-    import torch.nn.functional as F
     from torch.utils.data import DataLoader, Dataset
     from torchvision import transforms
     from torchvision.transforms.functional import to_pil_image
@@ -178,8 +185,10 @@ def run_plain(cfg: dict[str, Any]) -> dict[str, Any]:
     from ensc.models import build_model
 
     torch.manual_seed(0)
+    if cfg.get("shared"):
+        return _timed_plain_loop(cfg, *_real_setup(cfg))
     images, labels = _data(cfg)
-    m, alpha, step_size = cfg["members"], 0.9, 1 / 255
+    m = cfg["members"]
 
     class Images(Dataset):
         transform = transforms.Compose(
@@ -199,6 +208,59 @@ def run_plain(cfg: dict[str, Any]) -> dict[str, Any]:
     loader = DataLoader(Images(), batch_size=cfg["batch"], shuffle=True, drop_last=True)
     teachers = _teachers(m, 10, 3)
     student = _naive_batchensemble(build_model(STUDENT, num_classes=10, in_channels=3), m)
+    return _timed_plain_loop(cfg, loader, teachers, student)
+
+
+def _real_setup(cfg: dict[str, Any]):
+    """The shared teacher (third-party ResNet-20/32/44/56) and CIFAR-10 JPEGs, read plainly."""
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader
+    from torchvision import datasets, transforms
+
+    sys.path.insert(0, str(Path(cfg["shared"]) / "code"))
+    import resnet_cifar
+
+    mean, std = (
+        torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1),
+        torch.tensor(IMAGENET_STD).view(1, 3, 1, 1),
+    )
+
+    class Normalized(nn.Module):
+        def __init__(self, net: nn.Module) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return self.net((x - mean) / std)
+
+    def member(name: str) -> nn.Module:
+        net = getattr(resnet_cifar, name)()
+        path = next((Path(cfg["shared"]) / "checkpoints").glob(f"{name}-*.th"))
+        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+        net.load_state_dict({k.removeprefix("module."): v for k, v in state.items()})
+        return Normalized(net)
+
+    teachers = [member(n).eval().requires_grad_(False) for n in TEACHERS]
+    student = _naive_batchensemble(member(STUDENT), cfg["members"])
+    transform = transforms.Compose(
+        [
+            transforms.RandomCrop(32, padding=4),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+        ]
+    )
+    data = datasets.ImageFolder(str(Path(cfg["cifar_jpeg"]) / "train"), transform=transform)
+    loader = DataLoader(data, batch_size=cfg["batch"], shuffle=True, drop_last=True)
+    return loader, teachers, student
+
+
+def _timed_plain_loop(cfg: dict[str, Any], loader, teachers, student) -> dict[str, Any]:
+    """Warm-up steps, then seconds per step of the plain loop."""
+    import torch
+    import torch.nn.functional as F
+
+    m, alpha, step_size = cfg["members"], 0.9, 1 / 255
     optimizer = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9, nesterov=True)
 
     def student_logits(x):
@@ -250,13 +312,63 @@ def run_plain(cfg: dict[str, Any]) -> dict[str, Any]:
     return {"s_per_step": (time.perf_counter() - start) / cfg["steps"], "phases": {}}
 
 
+STUDENT_WRAPPER = """import resnet_cifar
+
+
+def resnet32(num_classes=10):  # ensc calls student builders with num_classes
+    assert num_classes == 10
+    return resnet_cifar.resnet32()
+"""
+
+
+def run_ensc_cli(cfg: dict[str, Any]) -> dict[str, Any]:
+    """`ensc compress` itself on the shared teacher, with the flags a new user tried."""
+    import tempfile
+
+    shared = Path(cfg["shared"])
+    with tempfile.TemporaryDirectory() as tmp:
+        code = Path(tmp) / "code"
+        code.mkdir()
+        (code / "resnet_cifar.py").write_text((shared / "code" / "resnet_cifar.py").read_text())
+        (code / "student_nets.py").write_text(STUDENT_WRAPPER)
+        members = [
+            {"path": str(next((shared / "checkpoints").glob(f"{n}-*.th"))), "arch": f"resnet_cifar:{n}",
+             "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+            for n in TEACHERS
+        ]  # fmt: skip
+        manifest = Path(tmp) / "ensemble.json"
+        manifest.write_text(json.dumps({"members": members}))
+        run = Path(tmp) / "run"
+        cmd = [
+            str(Path(sys.executable).with_name("ensc")), "compress", "--teacher", str(manifest),
+            "--code-path", str(code), "--dataset", "imagefolder", "--data-root", cfg["cifar_jpeg"],
+            "--arch", "student_nets:resnet32", "--student-init", "member:1", "--perturb", cfg["perturb"],
+            "--alpha", "0.9", "--temperature", "1", "--lr", "0.01", "--batch-size", str(cfg["batch"]),
+            "--max-steps", str(cfg["warmup"] + cfg["steps"]), "--member-batch", cfg["member_batch"],
+            "--train-subset", "5000", "--test-subset", "500", "--max-acc-drop", "100",
+            "--out", str(run), "--force", "--device", "cpu",
+        ]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr.strip().splitlines()[-1])
+        report = json.loads((run / "report.json").read_text())
+    train = report["train"]
+    return {
+        "s_per_step": train["seconds"] / train["steps"],  # includes the warm-up step
+        "phases": {},
+        "command": " ".join(cmd),
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6,
+    }
+
+
 def worker(cfg: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(cfg["threads"])
-    result = (run_plain if cfg["impl"] == "plain" else run_ensc)(cfg)
+    run = {"plain": run_plain, "ensc": run_ensc, "ensc-cli": run_ensc_cli}[cfg["impl"]]
+    result = run(cfg)
     result["images_per_s"] = cfg["batch"] / result["s_per_step"]
-    result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB -> GB
+    result.setdefault("peak_rss_gb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6)
     return result
 
 
@@ -282,8 +394,13 @@ def hardware() -> dict[str, Any]:
 
 
 def run_one(cfg: dict[str, Any]) -> dict[str, Any]:
+    from ensc.compress.allocator import preload_env
+
     cmd = [sys.executable, __file__, "--worker", json.dumps(cfg)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    env = dict(os.environ)
+    if cfg["impl"] == "ensc" and cfg.get("malloc") != "glibc":
+        env = preload_env(env)  # what the `ensc` command does for itself
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -310,9 +427,9 @@ def render(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "",
         "## Side by side (DE-4 → BE-4 ResNet-32, batch 128, 32×32)",
         "",
-        "perturb | member batch | plain s/step | ensc s/step | speed-up | plain peak RSS GB | "
-        "ensc peak RSS GB | memory ratio | ensc phases (s/step)",
-        "---|---|---:|---:|---:|---:|---:|---:|---",
+        "perturb | ensc mode | plain s/step | ensc s/step | speed-up | plain peak RSS GB | "
+        "ensc peak RSS GB | memory ratio | ensc allocator | ensc phases (s/step)",
+        "---|---|---:|---:|---:|---:|---:|---:|---|---",
     ]
     main = [r for r in results if r["cfg"]["group"] == "main"]
     plain = {r["cfg"]["perturb"]: r for r in main if r["cfg"]["impl"] == "plain"}
@@ -328,8 +445,9 @@ def render(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         else:
             ratio = mem = p_s = p_m = "–"
         lines.append(
-            f"{r['cfg']['perturb']} | {r['cfg']['member_batch']} | {p_s} | "
-            f"{r['s_per_step']:.2f} | {ratio} | {p_m} | {r['peak_rss_gb']:.2f} | {mem} | {phases}"
+            f"{r['cfg']['perturb']} | {_mode(r['cfg'])} | {p_s} | "
+            f"{r['s_per_step']:.2f} | {ratio} | {p_m} | {r['peak_rss_gb']:.2f} | {mem} | "
+            f"{r.get('allocator', '')} | {phases}"
         )
     scaling = [r for r in results if r["cfg"]["group"] in ("scaling", "main")]
     lines += [
@@ -343,7 +461,7 @@ def render(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     for r in scaling:
         c = r["cfg"]
         key = (c["members"], c["batch"], c["image"])
-        if c["impl"] != "ensc" or c["perturb"] != "ods" or c["member_batch"] != "repeat":
+        if c["impl"] != "ensc" or c["perturb"] != "ods" or _mode(c) != "repeat":
             continue
         if key in seen or "error" in r:
             continue
@@ -352,15 +470,86 @@ def render(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"{c['members']} | {c['batch']} | {c['image']}² | {r['s_per_step']:.2f} | "
             f"{r['images_per_s']:.1f} | {r['peak_rss_gb']:.2f}"
         )
+    lines += ["", *_scaling_sentences(results)]
+    cli = {r["cfg"]["impl"]: r for r in results if r["cfg"]["group"] == "cli" and "error" not in r}
+    if "plain" in cli and "ensc-cli" in cli:
+        p, e = cli["plain"], cli["ensc-cli"]
+        lines += [
+            "",
+            "## `ensc compress` on the shared teacher vs the plain loop on the same teacher",
+            "",
+            "Real DE-4 (third-party ResNet-20/32/44/56) → BE-4 ResNet-32 warm-started from member 1, "
+            "ODS, batch 128, CIFAR-10 JPEGs. ensc's seconds per step are its training seconds over "
+            "its steps (warm-up step included); its peak RSS covers the whole command (data, "
+            "training, evaluation).",
+            "",
+            "loop | s/step | images/s | peak RSS GB",
+            "---|---:|---:|---:",
+            f"plain | {p['s_per_step']:.2f} | {p['images_per_s']:.1f} | {p['peak_rss_gb']:.2f}",
+            f"`ensc compress` | {e['s_per_step']:.2f} | {e['images_per_s']:.1f} | {e['peak_rss_gb']:.2f}",
+            "",
+            f"Speed-up {p['s_per_step'] / e['s_per_step']:.2f}×, memory "
+            f"{e['peak_rss_gb'] / p['peak_rss_gb']:.0%} of the plain loop's. Command: `{e['command']}`",
+        ]
     failed = [f"- {label(r['cfg'])}: {r['error']}" for r in results if "error" in r]
     if failed:
         lines += ["", "Failed:", *failed]
     return "\n".join(lines) + "\n"
 
 
+def _scaling_sentences(results: list[dict[str, Any]]) -> list[str]:
+    """How s/step grows with M, batch and image size, read off the measured rows."""
+    ods = {
+        (r["cfg"]["members"], r["cfg"]["batch"], r["cfg"]["image"]): r["s_per_step"]
+        for r in results
+        if r["cfg"]["impl"] == "ensc" and r["cfg"]["perturb"] == "ods"
+        and _mode(r["cfg"]) == "repeat" and "error" not in r
+    }  # fmt: skip
+    base = ods.get((4, 128, 32))
+    if base is None:
+        return []
+    parts = []
+    for what, keys in (
+        ("M", [(m, 128, 32) for m in (2, 4, 8)]),
+        ("batch", [(4, b, 32) for b in (32, 64, 128, 256)]),
+        ("image side", [(4, 128, i) for i in (32, 64)]),
+    ):
+        found = [(k, ods[k]) for k in keys if k in ods]
+        if len(found) > 1:
+            steps = ", ".join(f"{v:.2f}" for _, v in found)
+            parts.append(
+                f"s/step for {what} {'/'.join(str(_axis(k, what)) for k, _ in found)}: {steps}"
+            )
+    if not parts:
+        return []
+    return [
+        "Scaling: " + "; ".join(parts) + ". The step is a fixed number of network passes over "
+        "M × batch student images plus batch teacher images, so its cost grows about linearly "
+        "in M (student side), in the batch, and in the number of pixels. On a GPU the same "
+        "step runs with float16 autocast and channels_last (the defaults for `--device cuda`), "
+        "not measured here (no GPU); small batches underuse a GPU, so there cost should grow "
+        "less than linearly until the device is full.",
+    ]
+
+
+def _mode(cfg: dict[str, Any]) -> str:
+    extras = [", glibc mallopt" if cfg.get("malloc") == "glibc" else ""]
+    extras.append(", bf16 autocast" if cfg.get("amp") else "")
+    return cfg["member_batch"] + "".join(extras)
+
+
+def _axis(key: tuple[int, int, int], what: str) -> int:
+    return {"M": key[0], "batch": key[1], "image side": key[2]}[what]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", choices=("main", "scaling", "all"), default="all")
+    parser.add_argument("--only", choices=("main", "scaling", "cli", "all"), default="all")
+    parser.add_argument(
+        "--shared-teacher", type=Path, default=ROOT.parent / "shared/data/teachers-cifar10-resnet",
+        help="the third-party DE-4 for the `ensc compress` comparison (skipped when absent)",
+    )  # fmt: skip
+    parser.add_argument("--cifar-jpeg", type=Path, default=ROOT.parent / "shared/data/cifar10-jpeg")
     parser.add_argument("--steps", type=int, default=3, help="measured steps per configuration")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
@@ -374,7 +563,13 @@ def main() -> None:
 
     started = time.perf_counter()
     results = []
-    for cfg in configurations(args.only):
+    found = args.shared_teacher.is_dir() and args.cifar_jpeg.is_dir()
+    if not found and args.only in ("cli", "all"):
+        print(
+            f"no shared teacher at {args.shared_teacher}: skipping the `ensc compress` comparison"
+        )
+    shared, jpeg = (args.shared_teacher, args.cifar_jpeg) if found else (None, None)
+    for cfg in configurations(args.only, shared, jpeg):
         cfg = {**cfg, "steps": args.steps, "warmup": args.warmup, "threads": args.threads}
         result = {"cfg": cfg, **run_one(cfg)}
         results.append(result)

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -189,17 +186,3 @@ def test_loop_logs_progress_without_a_terminal(monkeypatch, caplog) -> None:
     lines = [r.getMessage() for r in caplog.records if "s/step" in r.getMessage()]
     assert len(lines) == 4 and lines[-1].startswith("train: step 4/4")
     assert "data" in lines[-1] and "optimizer" in lines[-1]  # phase shares from the timer
-
-
-def test_malloc_tuning_applies_once_and_can_be_turned_off() -> None:
-    code = "from ensc.compress.allocator import tune_malloc as t; print(t()); print(t())"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    first, second = out.stdout.split("\n")[:2]
-    assert first == second
-    if sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION"):
-        assert first == "glibc: mmap off, no trim"
-    env = {**os.environ, "ENSC_MALLOC": "system"}
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
-    )
-    assert out.stdout.startswith("system (ENSC_MALLOC)")
