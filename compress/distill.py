@@ -54,13 +54,20 @@ class DistillConfig:
 
 
 def student_eval_logits_fn(student: BatchEnsemble) -> Callable[[torch.Tensor], torch.Tensor]:
-    """x [B, ...] -> student member logits [Ms, B, K] with running BN statistics (for TDiv-SDiv)."""
+    """x [B, ...] -> student member logits [Ms, B, K] with running BN statistics (for TDiv-SDiv).
+
+    The student runs with detached parameters (``torch.func.functional_call``), so gradients
+    reach x only and autograd keeps none of what parameter gradients would need.
+    """
 
     def logits(x: torch.Tensor) -> torch.Tensor:
         was_training = student.training
         student.eval()
         try:
-            return student.forward_members(x).float()  # [Ms, B, K]
+            state = {n: t.detach() for n, t in student.state_dict(keep_vars=True).items()}
+            tiled = x.repeat(student.members, *([1] * (x.dim() - 1)))  # [Ms*B, ...]
+            out = torch.func.functional_call(student, state, (tiled,))
+            return out.unflatten(0, (student.members, -1)).float()  # [Ms, B, K]
         finally:
             student.train(was_training)
 

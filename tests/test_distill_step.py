@@ -186,3 +186,18 @@ def test_loop_logs_progress_without_a_terminal(monkeypatch, caplog) -> None:
     lines = [r.getMessage() for r in caplog.records if "s/step" in r.getMessage()]
     assert len(lines) == 4 and lines[-1].startswith("train: step 4/4")
     assert "data" in lines[-1] and "optimizer" in lines[-1]  # phase shares from the timer
+
+
+def test_student_eval_pass_gives_input_gradients_only() -> None:
+    from ensc.compress.distill import student_eval_logits_fn
+
+    student = _student().train()
+    x = torch.rand(B, 3, 8, 8, requires_grad=True)
+    logits = student_eval_logits_fn(student)(x)
+    assert student.training  # mode restored
+    with torch.no_grad():
+        expected = copy.deepcopy(student).eval().forward_members(x)
+    torch.testing.assert_close(logits, expected)
+    (g,) = torch.autograd.grad(logits.sum(), x)
+    assert g.abs().sum() > 0
+    assert all(p.grad is None for p in student.parameters())
