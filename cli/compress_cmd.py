@@ -67,6 +67,11 @@ Examples:
     "--max-steps", type=click.IntRange(min=1), help="Stop after N optimizer steps (smoke runs)."
 )
 @click.option(
+    "--steps",
+    type=click.IntRange(min=1),
+    help="Step budget: warm-up and cosine decay fit N optimizer steps (overrides --epochs).",
+)
+@click.option(
     "--perturb",
     type=click.Choice(PERTURB_CHOICES),
     default="tdiv-sdiv",
@@ -142,7 +147,7 @@ Examples:
               help="Start the student from teacher member K's weights (it must have the student's --arch).")  # fmt: skip
 @runtime_options
 def compress_cmd(teacher, arch, members, dataset, data_root, train_subset, test_subset, epochs, batch_size, lr,
-                 weight_decay, max_steps, perturb, step, alpha, temperature, init, fast_weights, member_batch, recalibrate_bn,
+                 weight_decay, max_steps, steps, perturb, step, alpha, temperature, init, fast_weights, member_batch, recalibrate_bn,
                  max_acc_drop, seed, out, resume, force, teacher_arch, teacher_arch_kwargs, code_path,
                  unsafe_load, student_init, device, amp, channels_last) -> None:  # fmt: skip
     """Distill a teacher ensemble into a BatchEns student and average it into one network."""
@@ -160,7 +165,8 @@ def compress_cmd(teacher, arch, members, dataset, data_root, train_subset, test_
         arch=arch,
         members=members,
         data_overrides={"name": dataset, "root": data_root, "train_subset": train_subset, "test_subset": test_subset},
-        optim=OptimConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, max_steps=max_steps),
+        optim=OptimConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, max_steps=max_steps,
+                          steps=steps),
         distill=DistillConfig(alpha=alpha, temperature=temperature, perturb=perturb_config,
                               fast_weights=fast_weights or ("wa" if init == "ones" else "dm"),
                               member_batch=member_batch),

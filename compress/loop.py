@@ -41,14 +41,30 @@ class OptimConfig:
     weight_decay: float = 5e-4
     warmup_epochs: float | None = None  # None: 5 for runs of ≥ 50 epochs, else 10 % of the run
     max_steps: int | None = None  # stop after this many optimizer steps (smoke runs)
+    steps: int | None = None  # a step budget: warm-up + cosine fit these steps; overrides epochs
 
     @property
     def base_lr(self) -> float:
         return self.lr if self.lr is not None else scaled_lr(self.batch_size)
 
     def total_steps(self, n_train: int) -> int:
-        steps = self.epochs * steps_per_epoch(n_train, self.batch_size)
+        steps = self.steps or self.epochs * steps_per_epoch(n_train, self.batch_size)
         return min(steps, self.max_steps) if self.max_steps else steps
+
+    def num_epochs(self, n_train: int) -> int:
+        """Passes over the data the loop starts: ``epochs``, or what a step budget needs."""
+        if not self.steps:
+            return self.epochs
+        return math.ceil(self.steps / steps_per_epoch(n_train, self.batch_size))
+
+    def warmup_steps(self, n_train: int) -> int:
+        """``warmup_epochs`` of steps; by default 5 epochs for runs of ≥ 50, else 10 % of the run
+        (a step budget counts as its length in epochs, so its warm-up fits inside it)."""
+        per_epoch = steps_per_epoch(n_train, self.batch_size)
+        if self.warmup_epochs is not None:
+            return round(self.warmup_epochs * per_epoch)
+        run_epochs = self.steps / per_epoch if self.steps else self.epochs
+        return round(default_warmup_epochs(run_epochs) * per_epoch)
 
 
 class StepResult(NamedTuple):
@@ -96,7 +112,8 @@ def train(
     identity: dict[str, Any] | None = None,
     timer: PhaseTimer = NO_TIMER,
 ) -> dict[str, Any]:
-    """Run the loop; returns a history dict (per-epoch loss/acc, steps, seconds).
+    """Run the loop; returns a history dict (per-epoch loss/acc, steps, seconds, and the seconds
+    of this session's first step, which :func:`steady_seconds_per_step` leaves out).
 
     ``step`` must run the model through ``runtime.wrap(model)`` so data-parallel runs average
     gradients; every process then trains on its share of each global batch of ``batch_size``.
@@ -109,13 +126,8 @@ def train(
         raise ConfigError("the training split is empty")
     optimizer = make_optimizer(param_groups or [{"params": list(model.parameters())}], config)
     total = config.total_steps(len(data))
-    per_epoch = steps_per_epoch(len(data), config.batch_size)
-    warmup = (
-        config.warmup_epochs
-        if config.warmup_epochs is not None
-        else default_warmup_epochs(config.epochs)
-    )
-    scheduler = warmup_cosine(optimizer, total, round(warmup * per_epoch))
+    epochs = config.num_epochs(len(data))
+    scheduler = warmup_cosine(optimizer, total, config.warmup_steps(len(data)))
     scaler = runtime.grad_scaler()
     gen = torch.Generator().manual_seed(seed)
     identity = {"config": asdict(config), **(identity or {})}
@@ -135,6 +147,7 @@ def train(
         gen.set_state(state["generator"])
         history = state["history"]
         start_epoch = state["epoch"]
+        history["resumed_steps"], history["resumed_seconds"] = history["steps"], history["seconds"]
         log.info("%s: resuming after epoch %d (%d steps done)", desc, start_epoch, history["steps"])
 
     bar = tqdm(
@@ -153,7 +166,7 @@ def train(
         with torch.autocast(runtime.device.type, enabled=False), timer("student"):
             scaler.scale(loss).backward()
 
-    for epoch in range(start_epoch, config.epochs):
+    for epoch in range(start_epoch, epochs):
         if history["steps"] >= total:
             break
         model.train()
@@ -191,6 +204,8 @@ def train(
                 n_steps + 1,
             )
             history["steps"] += 1
+            if history["steps"] == start_steps + 1:  # includes one-off costs (allocator growth)
+                history["first_step_seconds"] = time.perf_counter() - t_start
             if time.perf_counter() - last_log >= LOG_EVERY_SECONDS:
                 last_log = time.perf_counter()
                 _log_progress(desc, history["steps"], total, start_steps, last_log - t_start, timer)
@@ -215,7 +230,7 @@ def train(
             "%s: epoch %d/%d loss %.4f acc %.2f%% (%.0fs)",
             desc,
             epoch + 1,
-            config.epochs,
+            epochs,
             loss_sum / max(1, n_steps),
             100 * correct / max(1, count),
             history["seconds"],
@@ -263,3 +278,12 @@ def _duration(seconds: float) -> str:
     minutes, secs = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def steady_seconds_per_step(history: dict[str, Any]) -> float | None:
+    """Seconds per step after the first one of the last session (None if fewer than 2 steps)."""
+    first = history.get("first_step_seconds")
+    steps = history["steps"] - history.get("resumed_steps", 0)
+    if first is None or steps < 2:
+        return None
+    return (history["seconds"] - first - history.get("resumed_seconds", 0.0)) / (steps - 1)

@@ -23,7 +23,7 @@ def warmup_cosine(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def default_warmup_epochs(epochs: int) -> float:
+def default_warmup_epochs(epochs: float) -> float:
     """The papers' 5 warm-up epochs for long runs; 10 % of the run for short ones (< 50 epochs)."""
     return 5.0 if epochs >= 50 else 0.1 * epochs
 

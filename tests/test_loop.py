@@ -130,3 +130,32 @@ def test_checkpoint_round_trip_and_refusals(tmp_path: Path):
     torch.save({"obj": Interrupt()}, tmp_path / "pickled.pt")  # needs full unpickling: refused
     with pytest.raises(CheckpointError, match="cannot load"):
         load_checkpoint(tmp_path / "pickled.pt")
+
+
+def test_step_budget_fits_warmup_and_cosine_into_the_budget():
+    """A budget of 150 steps on CIFAR-10 must not be all warm-up (5 epochs = 1,755 steps)."""
+    config = OptimConfig(epochs=200, batch_size=128, steps=150)
+    n_train = 45_000  # 351 steps per epoch
+    assert config.total_steps(n_train) == 150
+    assert config.num_epochs(n_train) == 1
+    assert config.warmup_steps(n_train) == 15  # 10 % of a run shorter than 50 epochs
+    long = OptimConfig(epochs=200, batch_size=128, steps=351 * 100)
+    assert long.warmup_steps(n_train) == 5 * 351  # the papers' 5 epochs for long runs
+    assert OptimConfig(epochs=200, batch_size=128).warmup_steps(n_train) == 5 * 351
+    assert OptimConfig(epochs=200, steps=150, max_steps=10).total_steps(n_train) == 10
+
+
+def test_loop_runs_exactly_the_step_budget_across_epochs():
+    data = load_dataset(DataConfig("fashion-mnist", train_subset=330, test_subset=10))
+    model = build_model("resnet8", num_classes=10, in_channels=1)
+
+    def step(x, y, backward):
+        loss = F.cross_entropy(model(x), y)
+        backward(loss)
+        return StepResult(loss.detach(), 0, len(y))
+
+    history = train(
+        model, step, data.train, OptimConfig(epochs=1, batch_size=100, steps=5),
+        resolve_runtime("cpu"), hflip=False,
+    )  # fmt: skip
+    assert history["steps"] == 5 and len(history["epochs"]) == 3  # 2 steps per epoch
