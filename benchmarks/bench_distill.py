@@ -354,7 +354,7 @@ def run_ensc_cli(cfg: dict[str, Any]) -> dict[str, Any]:
         report = json.loads((run / "report.json").read_text())
     train = report["train"]
     return {
-        "s_per_step": train["seconds"] / train["steps"],  # includes the warm-up step
+        "s_per_step": train.get("s_per_step") or train["seconds"] / train["steps"],
         "phases": {},
         "command": " ".join(cmd),
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6,
@@ -479,9 +479,10 @@ def render(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             "## `ensc compress` on the shared teacher vs the plain loop on the same teacher",
             "",
             "Real DE-4 (third-party ResNet-20/32/44/56) → BE-4 ResNet-32 warm-started from member 1, "
-            "ODS, batch 128, CIFAR-10 JPEGs. ensc's seconds per step are its training seconds over "
-            "its steps (warm-up step included); its peak RSS covers the whole command (data, "
-            "training, evaluation).",
+            "ODS, batch 128, CIFAR-10 JPEGs. ensc's seconds per step are `report.json`'s "
+            "`train.s_per_step` (training seconds after its first step, like the plain loop's "
+            "after its warm-up step); its peak RSS covers the whole command (data, training, "
+            "evaluation).",
             "",
             "loop | s/step | images/s | peak RSS GB",
             "---|---:|---:|---:",
@@ -577,8 +578,16 @@ def main() -> None:
             f"{result['s_per_step']:.2f} s/step, {result['peak_rss_gb']:.2f} GB"
         )
         print(f"{label(cfg)}: {shown}", flush=True)
+    command = "python benchmarks/bench_distill.py " + " ".join(sys.argv[1:])
+    commands = [command]
+    if args.only != "all" and args.json.exists():  # keep the other groups' earlier rows
+        earlier = json.loads(args.json.read_text())
+        ran = {r["cfg"]["group"] for r in results}
+        results = [r for r in earlier["results"] if r["cfg"]["group"] not in ran] + results
+        commands = earlier["meta"].get("commands", [earlier["meta"]["command"]]) + commands
     meta = {
-        "command": "python benchmarks/bench_distill.py " + " ".join(sys.argv[1:]),
+        "command": " ; ".join(commands),
+        "commands": commands,
         "date": time.strftime("%Y-%m-%d"),
         "wall_seconds": time.perf_counter() - started,
         "hardware": hardware(),
