@@ -1,27 +1,45 @@
-"""Evaluate saved models: a DeepEns teacher (each member, DE-1 ... DE-M) and single networks (SPEC.md §7)."""
+"""Evaluate saved models: a DeepEns teacher (each member, DE-1 ... DE-M) and single networks.
+
+The metrics are those of the README's "Make or evaluate a teacher" section (ACC, NLL, Brier, ECE,
+their temperature-scaled versions, DEE and diversity).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from ensc.compress.data import ImageDataset
+from ensc.compress.data import ImageDataset, Split
 from ensc.compress.metrics import agreement, ensemble_nll_curve, evaluate_predictions
-from ensc.compress.predict import predict_probs
+from ensc.compress.predict import eval_copy, predict_logits_many, probe_batch
 from ensc.compress.runtime import Runtime
 from ensc.compress.teacher import Teacher
+
+
+def member_logits(
+    teacher: Teacher, splits: Mapping[str, Split], runtime: Runtime
+) -> dict[str, torch.Tensor]:
+    """Each member's logits on each split, ``{name: [M, N, K]}``: one pass per member and split.
+
+    Members run as their fast evaluation copies (:func:`~ensc.compress.predict.eval_copy`),
+    side by side on a CPU (:func:`~ensc.compress.predict.predict_logits_many`).
+    """
+    teacher.to(runtime.device)
+    probe = probe_batch(splits.values(), runtime)
+    fast = [eval_copy(m, runtime, probe) if probe is not None else m for m in teacher.members]
+    logits = predict_logits_many(fast, splits, runtime)
+    return {name: torch.stack([per_model[name] for per_model in logits]) for name in splits}
 
 
 def member_probs(
     teacher: Teacher, data: ImageDataset, runtime: Runtime
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each member's probabilities on the validation and test splits: two [M, N, K] tensors."""
-    teacher.to(runtime.device)
-    val = torch.stack([predict_probs(m, data.val, runtime) for m in teacher.members])
-    test = torch.stack([predict_probs(m, data.test, runtime) for m in teacher.members])
-    return val, test
+    logits = member_logits(teacher, {"val": data.val, "test": data.test}, runtime)
+    return logits["val"].softmax(-1), logits["test"].softmax(-1)
 
 
 def evaluate(
@@ -72,12 +90,13 @@ def evaluate(
             }
             for m in range(1, len(teacher) + 1)
         ]
+    probe = probe_batch([data.test, data.val], runtime)
     for name, model in (students or {}).items():
         model = runtime.prepare_model(model)
-        s_test, s_val = (
-            predict_probs(model, data.test, runtime),
-            predict_probs(model, data.val, runtime),
-        )
+        if probe is not None:
+            model = eval_copy(model, runtime, probe)
+        (logits,) = predict_logits_many([model], {"test": data.test, "val": data.val}, runtime)
+        s_test, s_val = logits["test"].softmax(-1), logits["val"].softmax(-1)
         row = {"name": name, **metrics(s_test, s_val)}
         if de_test is not None:
             row["agreement"] = agreement(s_test, de_test)
