@@ -97,6 +97,7 @@ def run_ensc(cfg: dict[str, Any]) -> dict[str, Any]:
     from ensc.compress.data import Split
     from ensc.compress.distill import (
         DistillConfig,
+        fast_teachers,
         fast_weight_hook,
         make_distill_step,
         param_groups,
@@ -110,7 +111,8 @@ def run_ensc(cfg: dict[str, Any]) -> dict[str, Any]:
 
     torch.manual_seed(0)
     images, labels = _data(cfg)
-    teachers = _teachers(cfg["members"], 10, 3)
+    runtime = resolve_runtime("cpu", amp=cfg.get("amp", False))
+    teachers = fast_teachers(_teachers(cfg["members"], 10, 3), runtime, images[:16].float() / 255)
     student = to_batchensemble(
         build_model(STUDENT, num_classes=10, in_channels=3), members=cfg["members"]
     )
@@ -137,7 +139,7 @@ def run_ensc(cfg: dict[str, Any]) -> dict[str, Any]:
         measured,
         Split(images, labels),
         OptimConfig(epochs=100, batch_size=cfg["batch"], lr=0.01, max_steps=warmup + steps),
-        resolve_runtime("cpu", amp=cfg.get("amp", False)),
+        runtime,
         param_groups=param_groups(student, "wa", 5e-4),
         after_backward=fast_weight_hook(student, "wa", 5e-4),
         timer=timer,

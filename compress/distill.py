@@ -18,6 +18,7 @@ from torch import nn
 from ensc.compress.loop import BackwardFn, StepFn, StepResult
 from ensc.compress.losses import DistillationLoss
 from ensc.compress.perturb import MemberLogits, PerturbConfig, perturb
+from ensc.compress.runtime import Runtime
 from ensc.compress.timing import NO_TIMER, PhaseTimer
 from ensc.errors import ConfigError
 from ensc.models.batchensemble import BatchEnsemble
@@ -51,6 +52,20 @@ class DistillConfig:
                 f"unknown member batch mode {self.member_batch!r}: choose one of "
                 f"{', '.join(MEMBER_BATCH_MODES)}"
             )
+
+
+def fast_teachers(
+    teachers: list[nn.Module], runtime: Runtime, probe: torch.Tensor
+) -> list[nn.Module]:
+    """The frozen teachers with BatchNorm folded into their convs, channels_last on CPUs.
+
+    Same logits (checked on ``probe`` by :func:`ensc.compress.predict.eval_copy`, which keeps a
+    member as it is when it cannot fold it), about a fifth less time for the targets and the
+    perturbation gradients (``docs/eval-overhead.md``); input gradients still flow.
+    """
+    from ensc.compress.predict import eval_copy
+
+    return [eval_copy(t, runtime, probe) for t in teachers]
 
 
 def student_eval_logits_fn(student: BatchEnsemble) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -30,7 +30,13 @@ from ensc.compress.average import (
 from ensc.compress.checkpoint import ModelSpec, save_checkpoint
 from ensc.compress.data import DataConfig, ImageDataset, iterate_batches, load_dataset
 from ensc.compress.datasource import check_compatible, data_config_for
-from ensc.compress.distill import DistillConfig, fast_weight_hook, make_distill_step, param_groups
+from ensc.compress.distill import (
+    DistillConfig,
+    fast_teachers,
+    fast_weight_hook,
+    make_distill_step,
+    param_groups,
+)
 from ensc.compress.fileio import atomic_write_text, jsonable
 from ensc.compress.logits_cache import cache_dir_for, cached_teacher_logits
 from ensc.compress.loop import OptimConfig, steady_seconds_per_step, train
@@ -192,8 +198,10 @@ def _distill(
     gen = torch.Generator().manual_seed(config.seed + 10_000)
     wd = config.optim.weight_decay
     timer = PhaseTimer(synchronize=runtime.device.type == "cuda")  # phase shares in the log
+    probe = next(iterate_batches(data.val, 16))[0].to(runtime.device)
+    teachers = fast_teachers(teacher.members, runtime, probe)
     step = make_distill_step(
-        student, teacher.members, config.distill, gen, net=runtime.wrap(student), timer=timer
+        student, teachers, config.distill, gen, net=runtime.wrap(student), timer=timer
     )
     return train(
         student,

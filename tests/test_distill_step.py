@@ -201,3 +201,25 @@ def test_student_eval_pass_gives_input_gradients_only() -> None:
     (g,) = torch.autograd.grad(logits.sum(), x)
     assert g.abs().sum() > 0
     assert all(p.grad is None for p in student.parameters())
+
+
+def test_fast_teachers_give_the_same_logits_and_input_gradients() -> None:
+    from ensc.compress.distill import fast_teachers
+    from ensc.compress.runtime import resolve_runtime
+
+    teachers = _teachers()
+    for t in teachers:  # non-trivial BatchNorm statistics to fold
+        for m in t.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.3, 0.3)
+                m.running_var.uniform_(0.5, 2.0)
+    x = torch.rand(B, 3, 8, 8)
+    fast = fast_teachers(teachers, resolve_runtime("cpu"), x)
+    assert all(f is not t for f, t in zip(fast, teachers, strict=True))  # folded copies
+    for f, t in zip(fast, teachers, strict=True):
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = t(xa), f(xb)
+        torch.testing.assert_close(yb, ya, rtol=1e-4, atol=1e-5)
+        (ga,) = torch.autograd.grad(ya.square().sum(), xa)
+        (gb,) = torch.autograd.grad(yb.square().sum(), xb)
+        torch.testing.assert_close(gb, ga, rtol=1e-3, atol=1e-5)
