@@ -424,7 +424,7 @@ def render(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"Hardware: {hw['cpu']}, {hw['cores']} cores, torch {hw['torch']} "
         f"(CPU capability {hw['cpu_capability']}, oneDNN bf16 {hw['mkldnn_bf16']}), "
         f"{meta['threads']} threads, float32, {meta['steps']} measured steps after "
-        f"{meta['warmup']} warm-up. Teachers: DE-M of {'/'.join(TEACHERS)} (cycled for M > 4), "
+        f"{meta['warmup']} warm-up, median of {meta.get('repeats', 1)} interleaved run(s). Teachers: DE-M of {'/'.join(TEACHERS)} (cycled for M > 4), "
         f"student BE-M {STUDENT}, α 0.9, T 1, step 1/255, randomly initialised.",
         "",
         "## Side by side (DE-4 → BE-4 ResNet-32, batch 128, 32×32)",
@@ -500,6 +500,16 @@ def render(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median s/step (all s/step values kept under ``all_s_per_step``)."""
+    ok = sorted((r for r in runs if "error" not in r), key=lambda r: r["s_per_step"])
+    if not ok:
+        return runs[0]
+    median = dict(ok[(len(ok) - 1) // 2])
+    median["all_s_per_step"] = [round(r["s_per_step"], 3) for r in ok]
+    return median
+
+
 def _scaling_sentences(results: list[dict[str, Any]]) -> list[str]:
     """How s/step grows with M, batch and image size, read off the measured rows."""
     ods = {
@@ -555,6 +565,9 @@ def main() -> None:
     parser.add_argument("--cifar-jpeg", type=Path, default=ROOT.parent / "shared/data/cifar10-jpeg")
     parser.add_argument("--steps", type=int, default=3, help="measured steps per configuration")
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="runs of every configuration; the median counts"
+    )
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--json", type=Path, default=ROOT / "docs" / "bench-distill.json")
     parser.add_argument("--markdown", type=Path, default=ROOT / "docs" / "bench-distill.md")
@@ -572,14 +585,17 @@ def main() -> None:
             f"no shared teacher at {args.shared_teacher}: skipping the `ensc compress` comparison"
         )
     shared, jpeg = (args.shared_teacher, args.cifar_jpeg) if found else (None, None)
-    for cfg in configurations(args.only, shared, jpeg):
-        cfg = {**cfg, "steps": args.steps, "warmup": args.warmup, "threads": args.threads}
-        result = {"cfg": cfg, **run_one(cfg)}
-        results.append(result)
-        shown = result.get("error") or (
-            f"{result['s_per_step']:.2f} s/step, {result['peak_rss_gb']:.2f} GB"
-        )
-        print(f"{label(cfg)}: {shown}", flush=True)
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for _ in range(args.repeats):  # interleaved, so slow spells of the machine hit both loops
+        for cfg in configurations(args.only, shared, jpeg):
+            cfg = {**cfg, "steps": args.steps, "warmup": args.warmup, "threads": args.threads}
+            result = {"cfg": cfg, **run_one(cfg)}
+            runs.setdefault(label(cfg), []).append(result)
+            shown = result.get("error") or (
+                f"{result['s_per_step']:.2f} s/step, {result['peak_rss_gb']:.2f} GB"
+            )
+            print(f"{label(cfg)}: {shown}", flush=True)
+    results = [_median_run(rs) for rs in runs.values()]
     command = "python benchmarks/bench_distill.py " + " ".join(sys.argv[1:])
     commands = [command]
     if args.only != "all" and args.json.exists():  # keep the other groups' earlier rows
@@ -596,6 +612,7 @@ def main() -> None:
         "threads": args.threads,
         "steps": args.steps,
         "warmup": args.warmup,
+        "repeats": args.repeats,
     }
     for path, text in (
         (args.json, json.dumps({"meta": meta, "results": results}, indent=2) + "\n"),
