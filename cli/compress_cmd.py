@@ -126,6 +126,20 @@ Examples:
     "student's running statistics describe a mix of its members, not their average).",
 )
 @click.option(
+    "--bn-recal-batches",
+    type=click.IntRange(min=0),
+    default=20,
+    show_default=True,
+    help="Shuffled training batches for the BN recalibration; 0 = the whole training split.",
+)
+@click.option(
+    "--teacher-cache/--no-teacher-cache",
+    default=True,
+    show_default=True,
+    help="Keep the teacher's validation/test logits in <runs>/.cache (keyed by the member files "
+    "and the data), so later runs on the same teacher and data skip that evaluation.",
+)
+@click.option(
     "--max-acc-drop",
     type=click.FloatRange(min=0),
     default=1.0,
@@ -147,7 +161,7 @@ Examples:
               help="Start the student from teacher member K's weights (it must have the student's --arch).")  # fmt: skip
 @runtime_options
 def compress_cmd(teacher, arch, members, dataset, data_root, train_subset, test_subset, epochs, batch_size, lr,
-                 weight_decay, max_steps, steps, perturb, step, alpha, temperature, init, fast_weights, member_batch, recalibrate_bn,
+                 weight_decay, max_steps, steps, perturb, step, alpha, temperature, init, fast_weights, member_batch, recalibrate_bn, bn_recal_batches, teacher_cache,
                  max_acc_drop, seed, out, resume, force, teacher_arch, teacher_arch_kwargs, code_path,
                  unsafe_load, student_init, device, amp, channels_last) -> None:  # fmt: skip
     """Distill a teacher ensemble into a BatchEns student and average it into one network."""
@@ -172,6 +186,8 @@ def compress_cmd(teacher, arch, members, dataset, data_root, train_subset, test_
                               member_batch=member_batch),
         init=init,
         recalibrate_bn=recalibrate_bn,
+        bn_recal_batches=bn_recal_batches or None,
+        cache_teacher_logits=teacher_cache,
         max_acc_drop=max_acc_drop,
         out=out,
         seed=seed,
