@@ -411,7 +411,7 @@ def run_one(cfg: dict[str, Any]) -> dict[str, Any]:
 def label(cfg: dict[str, Any]) -> str:
     return (
         f"{cfg['impl']} {cfg['perturb']} M={cfg['members']} B={cfg['batch']} "
-        f"{cfg['image']}px {cfg['member_batch']}"
+        f"{cfg['image']}px {_mode(cfg)}"
     )
 
 

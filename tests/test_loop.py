@@ -81,15 +81,22 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path: Path):
         assert torch.allclose(a.float(), b.float(), atol=1e-5), name
 
 
-def test_resume_with_other_settings_is_refused(tmp_path: Path):
-    data = load_dataset(DataConfig("fashion-mnist", train_subset=330, test_subset=10))
-    model = build_model("resnet8", num_classes=10, in_channels=1)
+def _cross_entropy_step(model: torch.nn.Module):
+    """A step function for ``train``: plain cross-entropy of ``model``."""
 
     def step(x, y, backward):
         loss = F.cross_entropy(model(x), y)
         backward(loss)
         return StepResult(loss.detach(), 0, len(y))
 
+    return step
+
+
+def test_resume_with_other_settings_is_refused(tmp_path: Path):
+    data = load_dataset(DataConfig("fashion-mnist", train_subset=330, test_subset=10))
+    model = build_model("resnet8", num_classes=10, in_channels=1)
+
+    step = _cross_entropy_step(model)
     rt = resolve_runtime("cpu")
     train(
         model,
@@ -149,11 +156,7 @@ def test_loop_runs_exactly_the_step_budget_across_epochs():
     data = load_dataset(DataConfig("fashion-mnist", train_subset=330, test_subset=10))
     model = build_model("resnet8", num_classes=10, in_channels=1)
 
-    def step(x, y, backward):
-        loss = F.cross_entropy(model(x), y)
-        backward(loss)
-        return StepResult(loss.detach(), 0, len(y))
-
+    step = _cross_entropy_step(model)
     history = train(
         model, step, data.train, OptimConfig(epochs=1, batch_size=100, steps=5),
         resolve_runtime("cpu"), hflip=False,
