@@ -193,9 +193,9 @@ class BEConv2d(_BEMixin, nn.Conv2d):
                 f"BEConv2d expects a batched input (M*B, C, H, W); got shape {tuple(x.shape)}"
             )
         _check_batch(x, self.members)
-        # chunk/unbind, not indexing: their backward is one cat/stack, where indexing would
+        # unbind, not indexing: its backward is one stack, where indexing would
         # zero-fill and add a full-size gradient per member (a tenth of a ResNet-32 step)
-        chunks = x.chunk(self.members)  # M views [B, C_in, H, W]
+        chunks = x.unflatten(0, (self.members, -1)).unbind(0)  # M views [B, C_in, H, W]
         weights = self.member_weights().unbind(0)
         biases = self.member_biases()
         biases = [None] * self.members if biases is None else biases.unbind(0)
