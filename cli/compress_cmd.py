@@ -157,8 +157,10 @@ Examples:
 )
 @click.option("--force", is_flag=True, help="Overwrite an existing run folder.")
 @teacher_options
-@click.option("--student-init", metavar="member:K", callback=check_member_ref,
-              help="Start the student from teacher member K's weights (it must have the student's --arch).")  # fmt: skip
+@click.option("--student-init", metavar="auto|scratch|member:K", default="auto", show_default=True,
+              callback=check_member_ref,
+              help="Start the student from a teacher member's weights: auto = the first member with the "
+                   "student's architecture (else random weights), member:K, or scratch.")  # fmt: skip
 @runtime_options
 def compress_cmd(teacher, arch, members, dataset, data_root, train_subset, test_subset, epochs, batch_size, lr,
                  weight_decay, max_steps, steps, perturb, step, alpha, temperature, init, fast_weights, member_batch, recalibrate_bn, bn_recal_batches, teacher_cache,

@@ -19,9 +19,9 @@ def json_object(text: str | None) -> dict[str, Any]:
     return json.loads(text) if text else {}
 
 
-def member_index(text: str | None) -> int | None:
-    """``--student-init member:K`` as K."""
-    return None if text is None else int(text.split(":", 1)[1])
+def member_index(text: str) -> int | str:
+    """``--student-init member:K`` as K; ``auto`` and ``scratch`` as they are."""
+    return int(text.split(":", 1)[1]) if text.startswith("member:") else text
 
 
 def _check_json_object(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -39,10 +39,10 @@ def _check_json_object(ctx: click.Context, param: click.Parameter, value: str | 
 
 
 def check_member_ref(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    """Callback for ``--student-init``: accepts ``member:K``."""
-    if value is not None and not re.fullmatch(r"member:\d+", value.strip()):
+    """Callback for ``--student-init``: accepts ``member:K``, ``auto`` or ``scratch``."""
+    if value is not None and not re.fullmatch(r"member:\d+|auto|scratch", value.strip()):
         raise click.BadParameter(
-            f"expected member:K with K a teacher member's index; got {value!r}"
+            f"expected member:K (K a teacher member's index), auto or scratch; got {value!r}"
         )
     return None if value is None else value.strip()
 

@@ -51,7 +51,7 @@ from ensc.compress.report import Predictions, build_report, parity, render_markd
 from ensc.compress.runtime import Runtime
 from ensc.compress.teacher import Teacher, load_teacher, sanity_check
 from ensc.compress.timing import PhaseTimer
-from ensc.compress.warmstart import init_from_member
+from ensc.compress.warmstart import init_from_member, matching_member
 from ensc.errors import ConfigError, EnscError
 from ensc.models.batchensemble import BatchEnsemble, to_batchensemble
 
@@ -93,7 +93,9 @@ class CompressConfig:
     teacher_arch_kwargs: dict[str, Any] = field(default_factory=dict)  # its builder's arguments
     code_path: Path | None = None  # folder of user code (architectures, pickled classes) to import
     unsafe_load: bool = False  # allow full unpickling of teacher files (runs code from them)
-    student_init: int | None = None  # start the student from teacher member K's weights
+    # start the student from teacher member K (an int), from the first member with the student's
+    # architecture ("auto": the averaged network then starts as that member), or "scratch"
+    student_init: int | str = "auto"
 
 
 @dataclass(frozen=True)
@@ -312,8 +314,16 @@ def _build_student(
     )
     torch.manual_seed(config.seed)
     net = spec.build()
-    if config.student_init is not None:
-        spec = init_from_member(net, spec, teacher, config.student_init)
+    k = config.student_init
+    if k == "auto":
+        k = matching_member(net, teacher)
+        if k is not None:
+            log.info(
+                "student starts from teacher member %d (%s), which has its architecture; "
+                "--student-init scratch starts from random weights", k, teacher.paths[k].name,
+            )  # fmt: skip
+    if isinstance(k, int):
+        spec = init_from_member(net, spec, teacher, k)
     student = to_batchensemble(net, members=members, init=config.init)
     return runtime.prepare_model(student), spec
 

@@ -1,4 +1,4 @@
-"""``--student-init member:K``: start the student from teacher member K's weights.
+"""``--student-init``: start the student from a teacher member's weights (auto, or member:K).
 
 When member K has the student's architecture, copying its weights into the student's shared
 weights (before conversion to BatchEns, so every member starts as member K) gives distillation a
@@ -32,26 +32,14 @@ def init_from_member(student: nn.Module, spec: ModelSpec, teacher: Teacher, k: i
     member = teacher.members[k]
     s_norm, s_core = _split(student)
     t_norm, t_core = _split(member)
-    ours, theirs = s_core.state_dict(), t_core.state_dict()
-    missing = [key for key in ours if key not in theirs]
-    unexpected = [key for key in theirs if key not in ours]
-    shapes = [key for key in ours if key in theirs and ours[key].shape != theirs[key].shape]
-    if missing or unexpected or shapes:
-        what = ", ".join(
-            f"{name} {', '.join(keys[:3])}{', …' if len(keys) > 3 else ''}"
-            for name, keys in (
-                ("missing", missing),
-                ("unexpected", unexpected),
-                ("other shapes", shapes),
-            )
-            if keys
-        )
+    what = _difference(s_core, t_core)
+    if what:
         raise ConfigError(
             f"--student-init member:{k}: member {k} ({teacher.specs[k].arch}) does not have the "
             f"student's architecture {spec.arch} ({what}); pick a member of that architecture "
             "or drop --student-init"
         )
-    s_core.load_state_dict(theirs)
+    s_core.load_state_dict(t_core.state_dict())
     # the member's input normalization goes with its weights
     if s_norm is not None:
         s_norm.load_state_dict((t_norm or Normalize(s_norm.num_channels)).state_dict())
@@ -67,6 +55,33 @@ def init_from_member(student: nn.Module, spec: ModelSpec, teacher: Teacher, k: i
         return spec
     return replace(
         spec, mean=tuple(norm.mean.flatten().tolist()), std=tuple(norm.std.flatten().tolist())
+    )
+
+
+def matching_member(student: nn.Module, teacher: Teacher) -> int | None:
+    """The first teacher member with the plain ``student``'s architecture (same weight names and
+    shapes), or None: the member ``--student-init auto`` starts from."""
+    _, s_core = _split(student)
+    for k, member in enumerate(teacher.members):
+        if not _difference(s_core, _split(member)[1]):
+            return k
+    return None
+
+
+def _difference(student: nn.Module, member: nn.Module) -> str:
+    """How the two networks' state_dicts differ ("" when names and shapes all match)."""
+    ours, theirs = student.state_dict(), member.state_dict()
+    missing = [key for key in ours if key not in theirs]
+    unexpected = [key for key in theirs if key not in ours]
+    shapes = [key for key in ours if key in theirs and ours[key].shape != theirs[key].shape]
+    return ", ".join(
+        f"{name} {', '.join(keys[:3])}{', …' if len(keys) > 3 else ''}"
+        for name, keys in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("other shapes", shapes),
+        )
+        if keys
     )
 
 

@@ -71,8 +71,9 @@ def build_model(
     Args:
         name: a registered name (see :func:`list_models`), ``resnet{D}`` with D = 6n+2,
             ``wrn{D}x{W}`` with D = 6n+4, or ``"package.module:callable"`` for your own
-            architecture. The callable is called with ``num_classes`` and ``**kwargs``, plus
-            ``in_channels``/``mean``/``std`` if its signature names them; if it does not name
+            architecture. The callable is called with ``**kwargs``, plus ``num_classes``,
+            ``in_channels``/``mean``/``std`` if its signature names them (one without
+            ``num_classes`` must build ``num_classes`` outputs itself); if it does not name
             both ``mean`` and ``std`` but they are given, the model is wrapped in
             :class:`NormalizedModel`.
         num_classes: number of output logits.
@@ -128,9 +129,11 @@ def _build_user_model(
         raise TypeError(f"{name!r} is not callable; point to a model class or builder function")
 
     params, var_keyword = _keyword_params(fn)
-    if params is not None and "num_classes" not in params and not var_keyword:
-        raise TypeError(f"{name!r} must accept a keyword argument num_classes")
-    call_kwargs: dict[str, Any] = {**kwargs, "num_classes": num_classes}
+    # a builder that fixes its own number of classes (no num_classes argument) is checked below
+    takes_classes = params is None or "num_classes" in params or var_keyword
+    call_kwargs: dict[str, Any] = {**kwargs}
+    if takes_classes:
+        call_kwargs["num_classes"] = num_classes
     if params is not None and "in_channels" in params:
         call_kwargs["in_channels"] = in_channels
     elif in_channels != 3:
@@ -147,6 +150,12 @@ def _build_user_model(
     model = fn(**call_kwargs)
     if not isinstance(model, nn.Module):
         raise TypeError(f"{name!r} returned {type(model).__name__}, expected a torch.nn.Module")
+    classifier = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not takes_classes and classifier and classifier[-1].out_features != num_classes:
+        raise ValueError(
+            f"{name!r} takes no num_classes argument and builds {classifier[-1].out_features} "
+            f"outputs, but the data has {num_classes} classes"
+        )
     if not takes_norm and (mean is not None or std is not None):
         model = NormalizedModel(Normalize(in_channels, mean, std), model)
     return model

@@ -63,6 +63,8 @@ def test_compress_writes_run_folder_and_latest(tiny_teacher: Path, tmp_path: Pat
         report["params"]["student_avg"] * 2 == report["params"]["teacher"]
     )  # same arch, 2 teachers
     assert "| averaged single network" in (latest / "report.md").read_text()
+    # warm start by default: the student has the members' architecture
+    assert "student starts from teacher member 0" in (latest / "log.txt").read_text()
     assert "ensc compress --teacher" in (latest / "report.md").read_text()
     # student.pt is a plain ensc checkpoint of the student architecture that reproduces the report
     model, spec = load_model(latest / "student.pt")
@@ -182,3 +184,14 @@ def test_eval_student_checkpoint_against_teacher(tiny_teacher: Path, tmp_path: P
     report = json.loads((run / "report.json").read_text())
     assert report["n_test"] == 200  # compress evaluated on 200 images, eval here on 100: both ran
     assert run_cli("eval").exit_code != 0  # neither --teacher nor --student
+
+
+def test_student_init_scratch_opts_out_of_the_warm_start(tiny_teacher: Path, tmp_path: Path):
+    result = run_cli(
+        "compress", "--teacher", str(tiny_teacher), *SMOKE, "--max-steps", "1",
+        "--max-acc-drop", "100", "--student-init", "scratch", "--out", str(tmp_path / "run"),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "student starts from teacher member" not in (tmp_path / "run" / "log.txt").read_text()
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["student_init"] == "scratch"

@@ -251,6 +251,28 @@ def test_student_init_copies_member_weights(small_teacher):
         init_from_member(spec.build(), spec, teacher, 4)
 
 
+def test_auto_student_init_finds_the_member_with_the_students_architecture(small_teacher):
+    from ensc.compress.warmstart import matching_member
+
+    spec = ModelSpec("resnet8", 10, 3, (32, 32), (0.1,) * 3, (0.2,) * 3)
+    assert matching_member(spec.build(), small_teacher) == 0  # the resnet8 member
+    other = ModelSpec("resnet14", 10, 3, (32, 32), (0.1,) * 3, (0.2,) * 3)
+    assert matching_member(other.build(), small_teacher) is None  # then: random weights
+
+
+def test_user_architecture_without_num_classes_builds_a_student(zoo):
+    from ensc.compress.teacher import add_code_path
+
+    add_code_path(zoo["code"])
+    (zoo["code"] / "fixed_nets.py").write_text(
+        "from torch import nn\n"
+        "def ten():\n    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))\n"
+    )
+    assert build_model("fixed_nets:ten", num_classes=10)(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(ValueError, match="builds 10 outputs, but the data has 4 classes"):
+        build_model("fixed_nets:ten", num_classes=4)
+
+
 def test_inspect_prints_one_row_per_member(zoo):
     result = run_cli("teachers", "inspect", str(zoo["folder"]), "--code-path", str(zoo["code"]))
     assert result.exit_code == 0, result.output
