@@ -111,6 +111,15 @@ Examples:
     help="Fast-weight regularization. Default: wa for --init ones, dm for normal.",
 )
 @click.option(
+    "--method",
+    type=click.Choice(("batchensemble", "kd-single")),
+    default="batchensemble",
+    show_default=True,
+    help="batchensemble: distill into BE-M and average it into one network; kd-single: the "
+    "baseline, plain KD of the ensemble's mean prediction into one network of --arch (same data, "
+    "init, steps, loss and evaluation), to compare with.",
+)
+@click.option(
     "--member-batch",
     type=click.Choice(("repeat", "split")),
     default="repeat",
@@ -163,7 +172,7 @@ Examples:
                    "student's architecture (else random weights), member:K, or scratch.")  # fmt: skip
 @runtime_options
 def compress_cmd(teacher, arch, members, dataset, data_root, train_subset, test_subset, epochs, batch_size, lr,
-                 weight_decay, max_steps, steps, perturb, step, alpha, temperature, init, fast_weights, member_batch, recalibrate_bn, bn_recal_batches, teacher_cache,
+                 weight_decay, max_steps, steps, perturb, step, alpha, temperature, init, fast_weights, method, member_batch, recalibrate_bn, bn_recal_batches, teacher_cache,
                  max_acc_drop, seed, out, resume, force, teacher_arch, teacher_arch_kwargs, code_path,
                  unsafe_load, student_init, device, amp, channels_last) -> None:  # fmt: skip
     """Distill a teacher ensemble into a BatchEns student and average it into one network."""
@@ -187,6 +196,7 @@ def compress_cmd(teacher, arch, members, dataset, data_root, train_subset, test_
                               fast_weights=fast_weights or ("wa" if init == "ones" else "dm"),
                               member_batch=member_batch),
         init=init,
+        method=method,
         recalibrate_bn=recalibrate_bn,
         bn_recal_batches=bn_recal_batches or None,
         cache_teacher_logits=teacher_cache,

@@ -58,6 +58,7 @@ from ensc.models.batchensemble import BatchEnsemble, to_batchensemble
 log = logging.getLogger(__name__)
 
 STATE_FILE = ".state.pt"
+COMPRESS_METHODS = ("batchensemble", "kd-single")
 BN_RECAL_BATCHES = 20  # training batches for BN recalibration (measured: as good as all of them)
 
 
@@ -96,6 +97,10 @@ class CompressConfig:
     # start the student from teacher member K (an int), from the first member with the student's
     # architecture ("auto": the averaged network then starts as that member), or "scratch"
     student_init: int | str = "auto"
+    # "batchensemble": distill into BE-M and average it (the product); "kd-single": plain KD of
+    # the ensemble's mean prediction into one network of --arch, everything else the same (the
+    # baseline a user would otherwise deploy)
+    method: str = "batchensemble"
 
 
 @dataclass(frozen=True)
@@ -122,7 +127,7 @@ def run_compress(config: CompressConfig, runtime: Runtime) -> CompressResult | N
         data_config = data_config_for(teacher.spec, teacher.data_record, **config.data_overrides)
         data = load_dataset(data_config)
         check_compatible(teacher.spec, data)
-        members = config.members or len(teacher)
+        members = 1 if config.method == "kd-single" else config.members or len(teacher)
         student, spec = _build_student(config, teacher, data, members, runtime)
         teacher.to(runtime.device)
         if runtime.is_main:
@@ -165,6 +170,7 @@ def run_compress(config: CompressConfig, runtime: Runtime) -> CompressResult | N
         report["train"] = {"steps": history["steps"], "seconds": round(history["seconds"], 1),
                            "s_per_step": None if steady is None else round(steady, 3)}  # fmt: skip
         report["dataset"] = data.name
+        report["method"] = config.method
         report["teacher_logits_cache"] = teacher_cache
         save_checkpoint(
             run_dir / "student.pt", averaged, spec,
@@ -280,7 +286,12 @@ def _render_report(
     distill = config.distill
     details = {
         "teacher": f"{teacher.arch_summary} from {config.teacher}",
-        "student": f"BE-{members} {config.arch} (init {config.init}), perturbation {distill.perturb.kind} "
+        "student": (
+            f"KD into one {config.arch} (baseline: ensemble-mean targets)"
+            if config.method == "kd-single"
+            else f"BE-{members} {config.arch} (init {config.init})"
+        )
+        + f", perturbation {distill.perturb.kind} "
         f"(step {distill.perturb.step}/255), α={distill.alpha}, T={distill.temperature}",
         "data": f"{data.name}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test",
         "training": f"{history['steps']} steps, {history['seconds']:.0f} s on {runtime.device}; run total {report['wall_seconds']:.0f} s",
@@ -325,6 +336,9 @@ def _build_student(
     if isinstance(k, int):
         spec = init_from_member(net, spec, teacher, k)
     student = to_batchensemble(net, members=members, init=config.init)
+    if config.method == "kd-single":  # one member with r = s = 1 frozen: the plain network itself
+        for p in student.fast_weight_parameters():
+            p.requires_grad_(False)
     return runtime.prepare_model(student), spec
 
 
@@ -409,6 +423,15 @@ def _timing_line(timing: dict[str, float], teacher_cache: str) -> str:
 def _prepare_run_dir(config: CompressConfig) -> Path:
     if config.force and config.resume:
         raise ConfigError("--force and --resume contradict each other; pass one")
+    if config.method not in COMPRESS_METHODS:
+        raise ConfigError(
+            f"unknown --method {config.method!r}: choose one of {', '.join(COMPRESS_METHODS)}"
+        )
+    if config.method == "kd-single" and config.distill.perturb.kind == "tdiv-sdiv":
+        raise ConfigError(
+            "--method kd-single trains one network, and tdiv-sdiv needs at least 2 student "
+            "members: use --perturb ods, confods, gaussian or none"
+        )
     if config.bn_recal_batches is not None and config.bn_recal_batches < 1:
         raise ConfigError(
             f"bn_recal_batches must be at least 1 (or None for the whole training split); got {config.bn_recal_batches}"
@@ -424,7 +447,10 @@ def _prepare_run_dir(config: CompressConfig) -> Path:
         run_dir = run_dir.resolve()
     else:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        run_dir = Path(config.runs_dir) / f"{config.arch}-{config.distill.perturb.kind}-{stamp}"
+        kind = "kd-single-" if config.method == "kd-single" else ""
+        run_dir = (
+            Path(config.runs_dir) / f"{kind}{config.arch}-{config.distill.perturb.kind}-{stamp}"
+        )
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--out {run_dir} is a file; give a folder for the run")
     if run_dir.exists() and not (config.force or config.resume):

@@ -195,3 +195,24 @@ def test_student_init_scratch_opts_out_of_the_warm_start(tiny_teacher: Path, tmp
     assert result.exit_code == 0, result.output
     assert "student starts from teacher member" not in (tmp_path / "run" / "log.txt").read_text()
     assert json.loads((tmp_path / "run" / "config.json").read_text())["student_init"] == "scratch"
+
+
+def test_kd_single_baseline_trains_one_plain_network(tiny_teacher: Path, tmp_path: Path):
+    result = run_cli(
+        "compress", "--teacher", str(tiny_teacher), *SMOKE, "--max-steps", "2", "--perturb", "ods",
+        "--max-acc-drop", "100", "--method", "kd-single", "--no-recalibrate-bn",
+        "--out", str(tmp_path / "kd"),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "kd" / "report.json").read_text())
+    assert report["method"] == "kd-single" and report["train"]["steps"] == 2
+    assert report["fast_weights"]["max_abs_from_one"] == 0.0  # r = s = 1 stayed frozen
+    # without BN recalibration the single network is the one-member student itself
+    assert report["student_be"]["nll"] == pytest.approx(report["student_avg"]["nll"], rel=1e-4)
+    assert "KD into one resnet8" in (tmp_path / "kd" / "report.md").read_text()
+    refused = run_cli(
+        "compress", "--teacher", str(tiny_teacher), *SMOKE, "--method", "kd-single",
+        "--perturb", "tdiv-sdiv", "--out", str(tmp_path / "kd2"), cwd=tmp_path,
+    )  # fmt: skip
+    assert refused.exit_code != 0 and "use --perturb ods" in refused.output
