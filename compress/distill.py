@@ -1,8 +1,8 @@
 """One distillation step of a BatchEns student from a DeepEns teacher, and its optimizer groups.
 
-Per step (SPEC.md §4–§5): perturb the clean batch x into x̃ (using the frozen teachers, and the
-student in eval mode for TDiv-SDiv), get the teachers' logits on x̃, run the student on x̃ (and on
-x when α < 1, in the same forward so BatchNorm sees one batch), and return the loss.
+Per step ([DM] §3, [WA] §3): perturb the clean batch x into x̃ (using the frozen teachers, and the
+student in eval mode for TDiv-SDiv), get the teachers' logits on x̃, run the student on x̃ and
+backpropagate the KD term, then (when α < 1 and x̃ ≠ x) on x for the CE term.
 """
 
 from __future__ import annotations

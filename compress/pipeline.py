@@ -206,8 +206,7 @@ def _distill(
     gen = torch.Generator().manual_seed(config.seed + 10_000)
     wd = config.optim.weight_decay
     timer = PhaseTimer(synchronize=runtime.device.type == "cuda")  # phase shares in the log
-    probe = next(iterate_batches(data.val, 16))[0].to(runtime.device)
-    teachers = fast_teachers(teacher.members, runtime, probe)
+    teachers = fast_teachers(teacher.members, runtime, probe_batch([data.val], runtime))
     step = make_distill_step(
         student, teachers, config.distill, gen, net=runtime.wrap(student), timer=timer
     )

@@ -13,8 +13,6 @@ from collections.abc import Iterator
 
 import torch
 
-PHASES = ("data", "perturb", "teacher", "student", "optimizer")
-
 
 class PhaseTimer:
     """Accumulates seconds per phase name; ``synchronize`` waits for CUDA kernels at each edge."""
