@@ -128,6 +128,14 @@ Examples:
     "setup); split: member m sees its own 1/M of the batch (the compute of one network).",
 )
 @click.option(
+    "--targets",
+    type=click.Choice(("member", "mean")),
+    default="member",
+    show_default=True,
+    help="What each student member distills: member = teacher m for member m ([DM], [WA]); "
+    "mean = the ensemble's mean prediction, the target the averaged network should match.",
+)
+@click.option(
     "--recalibrate-bn/--no-recalibrate-bn",
     default=True,
     show_default=True,
@@ -172,7 +180,7 @@ Examples:
                    "student's architecture (else random weights), member:K, or scratch.")  # fmt: skip
 @runtime_options
 def compress_cmd(teacher, arch, members, dataset, data_root, train_subset, test_subset, epochs, batch_size, lr,
-                 weight_decay, max_steps, steps, perturb, step, alpha, temperature, init, fast_weights, method, member_batch, recalibrate_bn, bn_recal_batches, teacher_cache,
+                 weight_decay, max_steps, steps, perturb, step, alpha, temperature, init, fast_weights, method, member_batch, targets, recalibrate_bn, bn_recal_batches, teacher_cache,
                  max_acc_drop, seed, out, resume, force, teacher_arch, teacher_arch_kwargs, code_path,
                  unsafe_load, student_init, device, amp, channels_last) -> None:  # fmt: skip
     """Distill a teacher ensemble into a BatchEns student and average it into one network."""
@@ -194,7 +202,7 @@ def compress_cmd(teacher, arch, members, dataset, data_root, train_subset, test_
                           steps=steps),
         distill=DistillConfig(alpha=alpha, temperature=temperature, perturb=perturb_config,
                               fast_weights=fast_weights or ("wa" if init == "ones" else "dm"),
-                              member_batch=member_batch),
+                              member_batch=member_batch, targets=targets),
         init=init,
         method=method,
         recalibrate_bn=recalibrate_bn,

@@ -8,6 +8,7 @@ backpropagate the KD term, then (when α < 1 and x̃ ≠ x) on x for the CE term
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from ensc.compress.loop import BackwardFn, StepFn, StepResult
-from ensc.compress.losses import DistillationLoss
+from ensc.compress.losses import TARGET_MODES, DistillationLoss
 from ensc.compress.perturb import MemberLogits, PerturbConfig, perturb
 from ensc.compress.runtime import Runtime
 from ensc.compress.timing import NO_TIMER, PhaseTimer
@@ -45,12 +46,17 @@ class DistillConfig:
     perturb: PerturbConfig = field(default_factory=lambda: PerturbConfig(kind="tdiv-sdiv"))
     fast_weights: str = "wa"  # "wa": decay r, s towards 1 with λ/M and scale their grads by M; "dm": no decay, half lr
     member_batch: str = "repeat"  # one of MEMBER_BATCH_MODES
+    targets: str = "member"  # one of TARGET_MODES: teacher m for member m, or the ensemble mean
 
     def __post_init__(self) -> None:
         if self.member_batch not in MEMBER_BATCH_MODES:
             raise ValueError(
                 f"unknown member batch mode {self.member_batch!r}: choose one of "
                 f"{', '.join(MEMBER_BATCH_MODES)}"
+            )
+        if self.targets not in TARGET_MODES:
+            raise ValueError(
+                f"unknown target mode {self.targets!r}: choose one of {', '.join(TARGET_MODES)}"
             )
 
 
@@ -121,14 +127,18 @@ def make_distill_step(
         return x if split else x.repeat(m, *([1] * (x.dim() - 1)))  # [M*B', ...]
 
     def targets_for(x_tilde: torch.Tensor) -> torch.Tensor:
-        """Teacher logits [Mt, B', K] matching the student's [Ms, B', K] (B' = B/M when split)."""
+        """Teacher logits [Mt or 1, B', K] for the student's [Ms, B', K] (B' = B/M when split)."""
         with torch.no_grad():
+            if config.targets == "mean":  # one target for every member: the ensemble's mean
+                mean = mean_prediction_logits(teacher(x_tilde), config.temperature)  # [B, K]
+                return mean.unflatten(0, (m, -1)) if split else mean.unsqueeze(0)
             if not split:
                 return teacher(x_tilde)  # [Mt, B, K]
             if len(teacher) == m:  # member-wise: teacher k only on student member k's chunk
                 chunks = x_tilde.unflatten(0, (m, -1))
                 return torch.cat([teacher(chunks[k], members=[k]) for k in range(m)])
-            return teacher(x_tilde).mean(0).unflatten(0, (m, -1))  # ensemble mean, per chunk
+            mean = mean_prediction_logits(teacher(x_tilde), config.temperature)
+            return mean.unflatten(0, (m, -1))  # the ensemble mean, per chunk
 
     def student_logits(x: torch.Tensor) -> torch.Tensor:
         logits = net(member_inputs(x))  # [Ms*B', K]
@@ -164,6 +174,13 @@ def make_distill_step(
         return StepResult(kd.detach() + ce.detach(), _correct(on_clean, member_labels, split), b)
 
     return step
+
+
+def mean_prediction_logits(teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Logits [B, K] whose softmax at ``temperature`` is the mean of the teachers' [Mt, B, K]
+    softmaxes at that temperature: T · log mean_t softmax(z_t / T)."""
+    log_probs = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    return temperature * (log_probs.logsumexp(0) - math.log(len(teacher_logits)))
 
 
 def _correct(logits: torch.Tensor, labels: torch.Tensor, split: bool) -> int:

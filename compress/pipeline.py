@@ -9,6 +9,7 @@ find it without options.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -152,11 +153,14 @@ def run_compress(config: CompressConfig, runtime: Runtime) -> CompressResult | N
         clock = _Clock()
         with clock("average_seconds"):
             averaged, fold_diff = _average_student(student, data, runtime)
+        raw = copy.deepcopy(averaged) if config.recalibrate_bn else None  # reported side by side
         with clock("bn_recal_seconds"):
             if config.recalibrate_bn:
                 _recalibrate_bn(config, averaged, data, runtime)
         with clock("eval_seconds"):
-            preds, teacher_cache = _predict_all(config, teacher, student, averaged, data, runtime)
+            preds, teacher_cache = _predict_all(
+                config, teacher, student, averaged, data, runtime, raw
+            )
         clock.start("report_seconds")
         report = build_report(preds, data.val.labels, data.test.labels)
         report["parity"] = parity(report, config.max_acc_drop, fold_diff, config.fold_tolerance)
@@ -348,8 +352,11 @@ def _predict_all(
     averaged: torch.nn.Module,
     data: ImageDataset,
     runtime: Runtime,
+    raw: torch.nn.Module | None = None,
 ) -> tuple[Predictions, str]:
     """Every model's probabilities on validation and test, each from one pass per split.
+
+    ``raw`` is the averaged network before BN recalibration, evaluated too when given.
 
     The teachers' logits come from the cache when an earlier run computed them on the same data;
     the BE student's members and the averaged network run as fast evaluation copies (BatchNorm
@@ -363,8 +370,12 @@ def _predict_all(
     probe = probe_batch(splits.values(), runtime)
     assert probe is not None  # the data loader refuses empty splits
     nets = eval_member_networks(student, runtime, probe)
-    fast_avg = eval_copy(averaged, runtime, probe)
-    *s_nets, a_logits = predict_logits_many([*(nets or []), fast_avg], splits, runtime)
+    singles = [eval_copy(averaged, runtime, probe)]
+    if raw is not None:
+        singles.append(eval_copy(raw, runtime, probe))
+    outs = predict_logits_many([*(nets or []), *singles], splits, runtime)
+    s_nets, a_logits = outs[: len(nets or [])], outs[len(nets or [])]
+    r_logits = outs[-1] if raw is not None else None
     s_logits = {
         name: torch.stack([per_net[name] for per_net in s_nets])
         if nets is not None
@@ -378,6 +389,8 @@ def _predict_all(
         student_test=s_logits["test"].softmax(-1),
         avg_val=a_logits["val"].softmax(-1),
         avg_test=a_logits["test"].softmax(-1),
+        avg_raw_val=None if r_logits is None else r_logits["val"].softmax(-1),
+        avg_raw_test=None if r_logits is None else r_logits["test"].softmax(-1),
     ), cache
 
 

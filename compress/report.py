@@ -7,7 +7,15 @@ from typing import Any
 
 import torch
 
-from ensc.compress.metrics import agreement, ensemble_nll_curve, evaluate_predictions
+from ensc.compress.metrics import (
+    accuracy,
+    agreement,
+    apply_temperature,
+    ensemble_nll_curve,
+    evaluate_predictions,
+    fit_temperature,
+    nll,
+)
 from ensc.compress.table import markdown_table
 
 REPORT_COLUMNS = (
@@ -34,6 +42,9 @@ class Predictions:
     student_test: torch.Tensor  # [Ms, N, K]
     avg_val: torch.Tensor  # [Nv, K]
     avg_test: torch.Tensor  # [N, K]
+    # the averaged network before its BatchNorm statistics were re-estimated (None: not re-estimated)
+    avg_raw_val: torch.Tensor | None = None  # [Nv, K]
+    avg_raw_test: torch.Tensor | None = None  # [N, K]
 
 
 def build_report(
@@ -64,7 +75,7 @@ def build_report(
         preds.student_val,
         preds.student_test,
     )
-    return {
+    report = {
         "n_val": len(val_labels),
         "n_test": len(test_labels),
         "teacher": row(f"DE-{len(t_test)} teacher", de_test, t_val.mean(0), t_test),
@@ -75,6 +86,30 @@ def build_report(
         ],
         "student_avg": row("averaged single network", preds.avg_test, preds.avg_val),
         "de_cnll_curve": curve,
+    }
+    val = {"teacher": t_val.mean(0), "student_be": s_val.mean(0), "student_avg": preds.avg_val}
+    if preds.avg_raw_test is not None and preds.avg_raw_val is not None:
+        report["student_avg_no_recal"] = row(
+            "averaged, BN not re-estimated", preds.avg_raw_test, preds.avg_raw_val
+        )
+        val["student_avg_no_recal"] = preds.avg_raw_val
+    report["val"] = {name: validation_metrics(probs, val_labels) for name, probs in val.items()}
+    return report
+
+
+def validation_metrics(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """ACC, NLL and cNLL on the validation split, for choosing settings without touching test.
+
+    The temperature of cNLL is fitted on the same images (an in-sample fit, optimistic by the same
+    small amount for every model, so it ranks models as the test cNLL would).
+    """
+    log_probs = probs.clamp_min(1e-12).log()
+    t = fit_temperature(log_probs, labels)
+    return {
+        "acc": accuracy(probs, labels),
+        "nll": nll(probs, labels),
+        "cnll": nll(apply_temperature(log_probs, t), labels),
+        "temperature": t,
     }
 
 
@@ -103,6 +138,7 @@ def all_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
         report["student_be"],
         *report["student_members"],
         report["student_avg"],
+        *([report["student_avg_no_recal"]] if "student_avg_no_recal" in report else []),
     ]
 
 

@@ -340,7 +340,8 @@ def test_member_networks_match_the_batchensemble(data):
 
 
 def test_each_model_is_predicted_once_per_split(tiny_teacher: Path, tmp_path: Path, monkeypatch):
-    """Every teacher member, student member and the averaged network: one pass per split."""
+    """Every teacher member, student member and the averaged network (after and before BN
+    recalibration): one pass per split."""
     import ensc.compress.evaluate as evaluate_mod
     import ensc.compress.pipeline as pipeline_mod
 
@@ -368,8 +369,15 @@ def test_each_model_is_predicted_once_per_split(tiny_teacher: Path, tmp_path: Pa
     config = config_for(tiny_teacher, tmp_path, "once", cache_teacher_logits=False)
     report = run_compress(config, CPU).report
     n_val, n_test = report["n_val"], report["n_test"]
-    # 2 teacher members + 2 student members + the averaged network, each on val and test
-    assert sorted(passes) == sorted([n_val, n_test] * 5)
+    # 2 teacher members + 2 student members + the averaged network with and without BN
+    # recalibration, each on val and test
+    assert sorted(passes) == sorted([n_val, n_test] * 6)
+    assert "student_avg_no_recal" in report and set(report["val"]) == {
+        "teacher",
+        "student_be",
+        "student_avg",
+        "student_avg_no_recal",
+    }
 
 
 def test_predict_logits_many_is_predict_logits_side_by_side(data):
