@@ -1,0 +1,193 @@
+"""Does the one network ensc makes beat one member and plain KD into one network? (issue 11)
+
+Runs `ensc compress` exactly as a user would, on a real pretrained DE-4 (CIFAR-10 ResNet-20/32/44/56
+from another codebase, loaded through a manifest and --code-path), once per row of a plan, and
+keeps each finished row as JSON in the repository (``docs/study/<plan>/<row>.json``), so that an
+interrupted study resumes where it stopped and nothing finished is recomputed:
+
+    python benchmarks/study_teacher.py --plan search --workers 2        # settings, chosen on validation
+    python benchmarks/study_teacher.py --plan main --workers 2          # the table of docs/results.md
+    python benchmarks/study_teacher.py --plan main --render-only        # tables from the JSON rows
+
+Runs go to ``--work`` (default ~/.cache/ensc/study); an interrupted run continues with --resume.
+Each worker gets ``2 / workers`` torch threads; rows report their own wall time and s/step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+TEACHER_DIR = SHARED / "teachers-cifar10-resnet"
+CIFAR_JPEG = SHARED / "cifar10-jpeg"
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+STUDENT = "resnet_cifar:resnet32"
+STATE_FILE = ".state.pt"  # ensc's resumable training state in a run folder
+log = logging.getLogger("study")
+
+
+def row(name: str, *flags: str | int | float) -> dict[str, Any]:
+    return {"name": name, "flags": [str(f) for f in flags]}
+
+
+def kd(steps: int, perturb: str, seed: int = 0, **extra: Any) -> dict[str, Any]:
+    """Plain KD of the ensemble mean into one ResNet-32 (the baseline)."""
+    name = f"kd-{perturb}-s{steps}" + (f"-seed{seed}" if seed else "") + _suffix(extra)
+    flags = ["--method", "kd-single", "--perturb", perturb, "--steps", steps, "--seed", seed]
+    return row(name, *flags, *_flags(extra))
+
+
+def be(
+    steps: int, perturb: str, batch: str, targets: str, seed: int = 0, **extra: Any
+) -> dict[str, Any]:
+    """BE-4 student averaged into one ResNet-32 (the product)."""
+    name = f"be-{batch}-{targets}-{perturb}-s{steps}" + (f"-seed{seed}" if seed else "")
+    name += _suffix(extra)
+    flags = ["--perturb", perturb, "--member-batch", batch, "--targets", targets, "--steps", steps]
+    return row(name, *flags, "--seed", seed, *_flags(extra))
+
+
+def _suffix(extra: dict[str, Any]) -> str:
+    return "".join(f"-{k.replace('_', '')}{v}" for k, v in sorted(extra.items()))
+
+
+def _flags(extra: dict[str, Any]) -> list[str]:
+    return [x for k, v in sorted(extra.items()) for x in (f"--{k.replace('_', '-')}", str(v))]
+
+
+PLANS: dict[str, list[dict[str, Any]]] = {
+    # settings for the warm start, compared on the validation split only (report["val"])
+    "search": [
+        kd(300, "none"),
+        be(300, "none", "split", "mean"),
+        be(300, "ods", "split", "mean"),
+        kd(300, "ods"),
+        be(300, "ods", "split", "member"),
+        be(300, "ods", "repeat", "mean"),
+        kd(300, "none", lr=0.003),
+        be(300, "ods", "split", "mean", lr=0.003),
+        kd(300, "none", lr=0.03),
+        be(300, "ods", "split", "mean", lr=0.03),
+    ],
+}
+
+
+def manifest(work: Path) -> Path:
+    """The teacher as a user brings it: ensemble.json naming each file, architecture and normalization."""
+    members = [
+        {"path": str(path), "arch": f"resnet_cifar:{path.name.split('-')[0]}",
+         "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+        for path in sorted((TEACHER_DIR / "checkpoints").glob("resnet*.th"))
+    ]  # fmt: skip
+    out = work / "ensemble.json"
+    out.write_text(json.dumps({"members": members}, indent=1) + "\n")
+    return out
+
+
+def command(spec: dict[str, Any], run_dir: Path, work: Path) -> list[str]:
+    ensc = str(Path(sys.executable).with_name("ensc"))
+    base = [
+        ensc, "compress", "--teacher", str(work / "ensemble.json"),
+        "--code-path", str(TEACHER_DIR / "code"), "--dataset", "imagefolder",
+        "--data-root", str(CIFAR_JPEG), "--arch", STUDENT, "--max-acc-drop", "100",
+        "--out", str(run_dir),
+    ]  # fmt: skip
+    if (run_dir / STATE_FILE).exists():
+        base.append("--resume")
+    elif run_dir.exists():
+        base.append("--force")  # a run that died before its first saved state
+    return base + spec["flags"]
+
+
+def summary(spec: dict[str, Any], report: dict[str, Any], cmd: list[str], wall: float) -> dict:
+    """What a row keeps: its flags, validation and test metrics of every model, and its cost."""
+    keep = ("student_avg", "student_avg_no_recal", "student_be", "teacher")
+    return {
+        "name": spec["name"],
+        "flags": spec["flags"],
+        "command": " ".join(Path(c).name if c.endswith("/ensc") else c for c in cmd),
+        "val": report["val"],
+        "test": {k: report[k] for k in keep if k in report},
+        "teacher_members": report["teacher_members"],
+        "fast_weights": report.get("fast_weights"),
+        "train": report["train"],
+        "wall_seconds": round(wall, 1),
+        "threads": os.environ.get("OMP_NUM_THREADS"),
+    }
+
+
+def run_row(spec: dict[str, Any], work: Path, out_dir: Path, threads: int, commit: bool) -> str:
+    result = out_dir / f"{spec['name']}.json"
+    if result.exists():
+        return f"{spec['name']}: done before"
+    run_dir = work / "runs" / spec["name"]
+    cmd = command(spec, run_dir, work)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    log.info("start %s: %s", spec["name"], " ".join(cmd[1:]))
+    started = time.perf_counter()
+    with open(work / f"{spec['name']}.log", "a") as out:
+        proc = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=work)
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        return f"{spec['name']}: FAILED (exit {proc.returncode}), see {work / spec['name']}.log"
+    report = json.loads((run_dir / "report.json").read_text())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = result.with_suffix(".tmp")
+    tmp.write_text(json.dumps(summary(spec, report, cmd, wall), indent=1) + "\n")
+    tmp.rename(result)
+    if commit:
+        _commit(result, f"study: row {spec['name']}")
+    avg = report["val"]["student_avg"]
+    return f"{spec['name']}: val ACC {avg['acc']:.2f} cNLL {avg['cnll']:.4f} in {wall:.0f} s"
+
+
+def _commit(path: Path, message: str) -> None:
+    """Commit one result file (retrying while another git command holds the index lock)."""
+    for _ in range(30):
+        add = subprocess.run(["git", "add", str(path)], cwd=REPO, capture_output=True)
+        done = add.returncode == 0 and subprocess.run(
+            ["git", "commit", "-q", "-m", message, "--", str(path)], cwd=REPO, capture_output=True
+        ).returncode == 0  # fmt: skip
+        if done:
+            return
+        time.sleep(2)
+    log.warning("could not commit %s", path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--plan", choices=sorted(PLANS), required=True)
+    parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "ensc" / "study")
+    parser.add_argument("--workers", type=int, default=1, help="rows trained side by side")
+    parser.add_argument("--only", help="comma-separated row names to run (default: the whole plan)")
+    parser.add_argument("--commit", action="store_true", help="git-commit each finished row")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if not TEACHER_DIR.exists():
+        sys.exit(f"no teacher at {TEACHER_DIR}: this study needs the shared CIFAR-10 DE-4")
+    args.work.mkdir(parents=True, exist_ok=True)
+    manifest(args.work)
+    specs = PLANS[args.plan]
+    if args.only:
+        wanted = set(args.only.split(","))
+        specs = [s for s in specs if s["name"] in wanted]
+    out_dir = REPO / "docs" / "study" / args.plan
+    threads = max(1, (os.cpu_count() or 1) // args.workers)
+    with ThreadPoolExecutor(args.workers) as pool:
+        jobs = [pool.submit(run_row, s, args.work, out_dir, threads, args.commit) for s in specs]
+        for job in jobs:
+            log.info("%s", job.result())
+
+
+if __name__ == "__main__":
+    main()
