@@ -318,7 +318,13 @@ def _decode_images(paths: list[str]) -> torch.Tensor:
     size: list[int] | None = None
     out: torch.Tensor | None = None
     for i, path in enumerate(
-        tqdm(paths, desc="decoding images", unit="img", leave=False, disable=len(paths) < 5000)
+        tqdm(
+            paths,
+            desc="decoding images",
+            unit="img",
+            leave=False,
+            disable=True if len(paths) < 5000 else None,
+        )  # None: off without a terminal
     ):
         try:
             img = pil_to_tensor(pil_loader(path))  # RGB uint8 [3, H, W]

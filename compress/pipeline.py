@@ -48,7 +48,7 @@ from ensc.compress.predict import (
     predict_member_logits,
     probe_batch,
 )
-from ensc.compress.report import Predictions, build_report, parity, render_markdown
+from ensc.compress.report import Predictions, build_report, gaps_closed, parity, render_markdown
 from ensc.compress.runtime import Runtime
 from ensc.compress.teacher import Teacher, load_teacher, sanity_check
 from ensc.compress.timing import PhaseTimer
@@ -129,7 +129,7 @@ def run_compress(config: CompressConfig, runtime: Runtime) -> CompressResult | N
         data = load_dataset(data_config)
         check_compatible(teacher.spec, data)
         members = 1 if config.method == "kd-single" else config.members or len(teacher)
-        student, spec = _build_student(config, teacher, data, members, runtime)
+        student, spec, init_member = _build_student(config, teacher, data, members, runtime)
         teacher.to(runtime.device)
         if runtime.is_main:
             # validation, not test: test labels stay unseen until the report
@@ -164,6 +164,8 @@ def run_compress(config: CompressConfig, runtime: Runtime) -> CompressResult | N
         clock.start("report_seconds")
         report = build_report(preds, data.val.labels, data.test.labels)
         report["parity"] = parity(report, config.max_acc_drop, fold_diff, config.fold_tolerance)
+        report["init_member"] = init_member
+        report["gap_closed"] = gaps_closed(report, init_member)
         report["fast_weights"] = fast_weight_spread(student)
         report["params"] = {
             "teacher": sum(p.numel() for m in teacher.members for p in m.parameters()),
@@ -319,7 +321,8 @@ def _enforce_gate(gate: dict[str, Any], run_dir: Path) -> None:
 
 def _build_student(
     config: CompressConfig, teacher: Teacher, data: ImageDataset, members: int, runtime: Runtime
-) -> tuple[BatchEnsemble, ModelSpec]:
+) -> tuple[BatchEnsemble, ModelSpec, int | None]:
+    """The student (BatchEns of ``members``), its spec, and the teacher member it starts from."""
     spec = ModelSpec.for_data(
         config.arch,
         data,
@@ -342,7 +345,7 @@ def _build_student(
     if config.method == "kd-single":  # one member with r = s = 1 frozen: the plain network itself
         for p in student.fast_weight_parameters():
             p.requires_grad_(False)
-    return runtime.prepare_model(student), spec
+    return runtime.prepare_model(student), spec, k if isinstance(k, int) else None
 
 
 def _predict_all(

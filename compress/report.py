@@ -131,6 +131,40 @@ def parity(
     }
 
 
+GAP_METRICS = ("acc", "cnll")  # the gap a compressed network should close: accuracy, calibrated NLL
+
+
+def gap_closed(value: float, start: float, target: float) -> float | None:
+    """Percent of the way from ``start`` (one member) to ``target`` (the ensemble) that ``value``
+    covers: 100 · (value − start) / (target − start). 0 = no better than the member, 100 = as
+    good as the ensemble, negative = worse than the member; the sign takes care of whether higher
+    (ACC) or lower (NLL) is better. None when the member is already as good as the ensemble."""
+    if target == start:
+        return None
+    return 100.0 * (value - start) / (target - start)
+
+
+def gaps_closed(report: dict[str, Any], init_member: int | None) -> dict[str, Any]:
+    """Share of the member → DE-M gap (ACC, cNLL) each student closes, from the member it started
+    from (warm start) or else the average member."""
+    members = report["teacher_members"]
+    if init_member is not None:
+        start = {k: members[init_member][k] for k in GAP_METRICS}
+    else:
+        start = {k: sum(m[k] for m in members) / len(members) for k in GAP_METRICS}
+    rows = ["student_avg", "student_be", "student_avg_no_recal"]
+    return {
+        "from": f"teacher {init_member}" if init_member is not None else "the average member",
+        **{
+            name: {
+                k: gap_closed(report[name][k], start[k], report["teacher"][k]) for k in GAP_METRICS
+            }
+            for name in rows
+            if name in report
+        },
+    }
+
+
 def all_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     return [
         report["teacher"],
@@ -169,6 +203,18 @@ def render_markdown(
         f"- averaged network vs teacher ensemble: ACC {gate['vs_teacher']['acc']:+.2f}, "
         f"NLL {gate['vs_teacher']['nll']:+.4f}, ECE {gate['vs_teacher']['ece']:+.4f}",
     ]
+    if "gap_closed" in report:
+        gaps = report["gap_closed"]
+
+        def share(name: str, metric: str) -> str:
+            value = gaps.get(name, {}).get(metric)
+            return "-" if value is None else f"{value:.0f} %"
+
+        lines.append(
+            f"- member → teacher ensemble gap closed (from {gaps['from']}): averaged network "
+            f"{share('student_avg', 'acc')} in ACC, {share('student_avg', 'cnll')} in cNLL; "
+            f"BE student {share('student_be', 'acc')} / {share('student_be', 'cnll')}"
+        )
     if "fast_weights" in report:  # where the averaged network's loss comes from
         fw = report["fast_weights"]
         lines.append(

@@ -11,7 +11,7 @@ import torch
 from ensc.compress.checkpoint import load_checkpoint, load_model
 from ensc.compress.loop import OptimConfig
 from ensc.compress.pipeline import CompressConfig, ParityError, run_compress
-from ensc.compress.report import parity
+from ensc.compress.report import gap_closed, gaps_closed, parity
 from ensc.compress.runtime import resolve_runtime
 from tests.conftest import run_cli
 
@@ -63,6 +63,12 @@ def test_compress_writes_run_folder_and_latest(tiny_teacher: Path, tmp_path: Pat
         report["params"]["student_avg"] * 2 == report["params"]["teacher"]
     )  # same arch, 2 teachers
     assert "| averaged single network" in (latest / "report.md").read_text()
+    # the member -> DE gap closed, from the member the student started from (teacher 0)
+    gaps, start = report["gap_closed"], report["teacher_members"][0]
+    assert report["init_member"] == 0 and gaps["from"] == "teacher 0"
+    expected = gap_closed(report["student_avg"]["acc"], start["acc"], report["teacher"]["acc"])
+    assert gaps["student_avg"]["acc"] == pytest.approx(expected)
+    assert "gap closed (from teacher 0)" in (latest / "report.md").read_text()
     # warm start by default: the student has the members' architecture
     assert "student starts from teacher member 0" in (latest / "log.txt").read_text()
     assert "ensc compress --teacher" in (latest / "report.md").read_text()
@@ -111,6 +117,29 @@ def test_parity_gate_fails_after_writing_report(tiny_teacher: Path, tmp_path: Pa
         run_compress(config, resolve_runtime("cpu"))
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["parity"]["passed"] is False and (tmp_path / "run" / "student.pt").exists()
+
+
+def test_gap_closed_arithmetic():
+    assert gap_closed(84.0, 82.0, 86.0) == pytest.approx(50.0)  # ACC: halfway up
+    assert gap_closed(0.50, 0.55, 0.48) == pytest.approx(100 * 0.05 / 0.07)  # cNLL: lower is better
+    assert gap_closed(0.58, 0.55, 0.48) < 0  # worse than the member
+    assert gap_closed(86.0, 82.0, 86.0) == pytest.approx(100.0)
+    assert gap_closed(80.0, 82.0, 82.0) is None  # no gap to close
+
+
+def test_gaps_closed_from_the_average_member_without_a_warm_start():
+    row = lambda acc, cnll: {"acc": acc, "cnll": cnll}  # noqa: E731
+    report = {
+        "teacher": row(90.0, 0.3),
+        "teacher_members": [row(80.0, 0.5), row(84.0, 0.7)],
+        "student_avg": row(86.0, 0.45),
+        "student_be": row(88.0, 0.4),
+    }
+    gaps = gaps_closed(report, None)
+    assert gaps["from"] == "the average member" and "student_avg_no_recal" not in gaps
+    assert gaps["student_avg"]["acc"] == pytest.approx(50.0)  # 82 -> 90, at 86
+    assert gaps["student_be"]["cnll"] == pytest.approx(66.666, rel=1e-3)  # 0.6 -> 0.3, at 0.4
+    assert gaps_closed(report, 1)["student_avg"]["acc"] == pytest.approx(100 * 2 / 6)
 
 
 def test_parity_rules():

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ensc.compress.distill import DistillConfig, make_distill_step
+from ensc.compress.distill import DistillConfig, make_distill_step, mean_prediction_logits
 from ensc.compress.perturb import PerturbConfig
 from ensc.models.batchensemble import BEConv2d, BELinear, to_batchensemble
 
@@ -86,32 +86,44 @@ def test_be_layer_gradients_match_activation_scaling(kind: str) -> None:
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def _reference_grads(student, teachers, x_tilde, x, labels, alpha: float, split: bool):
+def _reference_grads(
+    student, teachers, x_tilde, x, labels, alpha: float, split: bool, targets: str = "member"
+):
     """Loss and gradients of α·KD(x̃) + (1 − α)·CE(x), one backward, from the formulas."""
     student.zero_grad()
+    with torch.no_grad():
+        mean = torch.stack([t(x_tilde) for t in teachers]).softmax(-1).mean(0)  # [B, K]
     if split:
         inputs_t, inputs_c = x_tilde, x  # member m: the m-th chunk
         chunks = x_tilde.unflatten(0, (M, -1))
         with torch.no_grad():
-            targets = torch.stack([teachers[k](chunks[k]) for k in range(M)])
+            probs = torch.stack([teachers[k](chunks[k]) for k in range(M)]).softmax(-1)
+        if targets == "mean":
+            probs = mean.view(M, -1, K)
         member_labels = labels.view(M, -1)
     else:
         inputs_t, inputs_c = x_tilde.repeat(M, 1, 1, 1), x.repeat(M, 1, 1, 1)
         with torch.no_grad():
-            targets = torch.stack([t(x_tilde) for t in teachers])
+            probs = torch.stack([t(x_tilde) for t in teachers]).softmax(-1)
+        if targets == "mean":
+            probs = mean.expand(M, -1, -1)
         member_labels = labels.expand(M, -1)
     s_t = student(inputs_t).view(M, -1, K)
     s_c = student(inputs_c).view(M, -1, K)
-    kd = -(targets.softmax(-1) * s_t.log_softmax(-1)).sum(-1).mean()
+    kd = -(probs * s_t.log_softmax(-1)).sum(-1).mean()
     ce = F.cross_entropy(s_c.flatten(0, 1), member_labels.reshape(-1))
     loss = alpha * kd + (1 - alpha) * ce
     loss.backward()
     return float(loss.detach()), {n: p.grad.clone() for n, p in student.named_parameters()}
 
 
+@pytest.mark.parametrize("targets", ["member", "mean"])
 @pytest.mark.parametrize("member_batch", ["repeat", "split"])
-def test_two_pass_step_matches_one_backward_of_the_sum(member_batch: str) -> None:
-    """Gaussian noise (drawn from the step's generator) makes x̃ ≠ x, so both passes run."""
+def test_two_pass_step_matches_one_backward_of_the_sum(member_batch: str, targets: str) -> None:
+    """Gaussian noise (drawn from the step's generator) makes x̃ ≠ x, so both passes run.
+
+    targets "member": member m learns teacher m; "mean": every member the mean of the teachers'
+    probabilities (not of their logits)."""
     teachers = _teachers()
     student, reference = _student(), _student()
     x, labels = torch.rand(B, 3, 8, 8), torch.randint(0, K, (B,))
@@ -120,13 +132,14 @@ def test_two_pass_step_matches_one_backward_of_the_sum(member_batch: str) -> Non
         temperature=1.0,
         perturb=PerturbConfig(kind="gaussian", step=8.0),
         member_batch=member_batch,
+        targets=targets,
     )
     step = make_distill_step(student, teachers, config, torch.Generator().manual_seed(3))
     result = step(x, labels, lambda loss: loss.backward())
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(3)) * (8.0 / 255)
     x_tilde = (x + noise).clamp(0, 1)
     loss, grads = _reference_grads(
-        reference, teachers, x_tilde, x, labels, 0.9, member_batch == "split"
+        reference, teachers, x_tilde, x, labels, 0.9, member_batch == "split", targets
     )
     assert float(result.loss) == pytest.approx(loss, rel=1e-5)
     for name, p in student.named_parameters():
@@ -155,6 +168,18 @@ def test_split_refuses_a_batch_not_divisible_by_members() -> None:
     step = make_distill_step(_student(), _teachers(), config, torch.Generator())
     with pytest.raises(Exception, match="divisible by M=2"):
         step(torch.rand(5, 3, 8, 8), torch.randint(0, K, (5,)), lambda loss: loss.backward())
+
+
+def test_mean_prediction_logits_give_the_mean_of_probabilities_at_any_temperature() -> None:
+    logits = torch.randn(3, 5, K) * 4
+    for t in (1.0, 4.0):
+        got = (mean_prediction_logits(logits, t) / t).softmax(-1)
+        torch.testing.assert_close(got, (logits / t).softmax(-1).mean(0))
+
+
+def test_unknown_target_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match="member, mean"):
+        DistillConfig(targets="teacher")
 
 
 def test_unknown_member_batch_mode_is_refused() -> None:
