@@ -109,7 +109,9 @@ def command(spec: dict[str, Any], run_dir: Path, work: Path) -> list[str]:
     return base + spec["flags"]
 
 
-def summary(spec: dict[str, Any], report: dict[str, Any], cmd: list[str], wall: float) -> dict:
+def summary(
+    spec: dict[str, Any], report: dict[str, Any], cmd: list[str], wall: float, threads: int
+) -> dict:
     """What a row keeps: its flags, validation and test metrics of every model, and its cost."""
     keep = ("student_avg", "student_avg_no_recal", "student_be", "teacher")
     return {
@@ -122,8 +124,10 @@ def summary(spec: dict[str, Any], report: dict[str, Any], cmd: list[str], wall: 
         "fast_weights": report.get("fast_weights"),
         "train": report["train"],
         "wall_seconds": round(wall, 1),
-        "threads": os.environ.get("OMP_NUM_THREADS"),
-    }
+        "threads": threads,
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                                 capture_output=True, text=True).stdout.strip(),
+    }  # fmt: skip
 
 
 def run_row(spec: dict[str, Any], work: Path, out_dir: Path, threads: int, commit: bool) -> str:
@@ -143,7 +147,7 @@ def run_row(spec: dict[str, Any], work: Path, out_dir: Path, threads: int, commi
     report = json.loads((run_dir / "report.json").read_text())
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = result.with_suffix(".tmp")
-    tmp.write_text(json.dumps(summary(spec, report, cmd, wall), indent=1) + "\n")
+    tmp.write_text(json.dumps(summary(spec, report, cmd, wall, threads), indent=1) + "\n")
     tmp.rename(result)
     if commit:
         _commit(result, f"study: row {spec['name']}")

@@ -251,12 +251,16 @@ def _recalibrate_bn(
     """Re-estimate the averaged network's BN statistics on shuffled training batches, in place.
 
     Shuffled with a fixed seed, so that a bounded number of batches is a random sample of the
-    training split (an ImageFolder split is sorted by class).
+    training split (an ImageFolder split is sorted by class), and augmented as in training (crop,
+    flip): the weights were learned against statistics of augmented batches, and statistics of
+    plain images cost the averaged CIFAR-10 ResNet-32 of ``docs/results.md`` 3 points of
+    validation accuracy (86.7 vs 89.9 %).
     """
     gen = torch.Generator().manual_seed(config.seed + 20_000)
     batches = iterate_batches(
-        data.train, config.optim.batch_size, gen=gen, shuffle=True, drop_last=True
-    )
+        data.train, config.optim.batch_size, gen=gen, shuffle=True, drop_last=True,
+        augment_hflip=data.hflip,
+    )  # fmt: skip
     seen = 0
 
     def images():

@@ -239,10 +239,15 @@ def test_pipeline_recalibration_uses_at_most_n_shuffled_batches(data):
     assert batches == [32] * (len(data.train) // 32)  # all of them (drop_last)
 
 
-def test_bounded_recalibration_is_a_random_sample(data):
-    """Shuffled before bounding: a class-sorted split still gives every class to the statistics."""
+def test_bounded_recalibration_is_a_random_sample_augmented_as_in_training(data):
+    """Shuffled before bounding: a class-sorted split still gives every class to the statistics;
+    and augmented (padded random crops) like the batches the weights were trained with."""
     order = data.train.labels.argsort(stable=True)
-    sorted_data = replace(data, train=data.train.subset(order))
+    train = data.train.subset(order)
+    # every image a flat grey that names its class, so a crop's centre still says which class
+    train = replace(train, images=(train.labels.view(-1, 1, 1, 1) * 20 + 30).to(torch.uint8)
+                    .expand_as(train.images).contiguous())  # fmt: skip
+    sorted_data = replace(data, train=train)
     seen: list[torch.Tensor] = []
     net = nn.Sequential(nn.Flatten(), nn.BatchNorm1d(784))
     net.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
@@ -250,11 +255,11 @@ def test_bounded_recalibration_is_a_random_sample(data):
         teacher=Path("unused"), arch="resnet8", optim=OptimConfig(batch_size=32), bn_recal_batches=2
     )
     _recalibrate_bn(config, net, sorted_data, CPU)
-    first_class = sorted_data.train.images[sorted_data.train.labels == 0].float().div(255)
     assert len(seen) == 2
-    assert not all(
-        any(torch.equal(img, ref) for ref in first_class) for img in seen[0][:8]
-    )  # not just the first class's images
+    centres = (seen[0][:, 0, 14, 14] * 255).round()
+    assert len(set(centres.tolist())) > 1  # not just the first class's images
+    padded = (seen[0] == 0).flatten(1).any(1)  # zero padding shows in shifted crops
+    assert 0 < int(padded.sum()) < len(padded)
 
 
 # --- fast evaluation copies --------------------------------------------------------------
