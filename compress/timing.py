@@ -44,9 +44,17 @@ class PhaseTimer:
 
 
 class _NoTimer:
+    """Times nothing and has no phases to report (what the loop gets unless a caller asks)."""
+
     @contextlib.contextmanager
     def __call__(self, phase: str) -> Iterator[None]:
         yield
+
+    def reset(self) -> None:
+        pass
+
+    def shares(self) -> str:
+        return ""
 
 
 NO_TIMER: PhaseTimer = _NoTimer()  # type: ignore[assignment]
