@@ -168,6 +168,69 @@ def _commit(path: Path, message: str) -> None:
     log.warning("could not commit %s", path)
 
 
+TABLE = ("steps", "val_acc", "val_cnll", "acc", "nll", "cnll", "ece", "agreement", "gap_acc",
+         "gap_cnll", "s_per_step", "wall_min")  # fmt: skip
+
+
+def describe(flags: list[str]) -> str:
+    """A row's method in words, from its flags."""
+    opts = dict(zip(flags[::2], flags[1::2], strict=False))
+    extra = "".join(f", lr {opts['--lr']}" for _ in [0] if "--lr" in opts)
+    seed = f", seed {opts['--seed']}" if opts.get("--seed", "0") != "0" else ""
+    if opts.get("--method") == "kd-single":
+        return f"KD into one network, {opts['--perturb']}{extra}{seed}"
+    return (
+        f"averaged BE-4 ({opts.get('--member-batch', 'repeat')}, {opts.get('--targets', 'member')}"
+        f" targets), {opts['--perturb']}{extra}{seed}"
+    )
+
+
+def table_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One table row per result (the averaged network; BE student and no-recal rows below it),
+    with the member and DE-4 as reference rows first."""
+    from ensc.compress.report import GAP_METRICS, gap_closed
+
+    if not results:
+        return []
+    first = results[0]
+    member, teacher = first["teacher_members"][1], first["test"]["teacher"]
+
+    def line(name: str, test: dict, val: dict | None, result: dict | None) -> dict[str, Any]:
+        out = {"name": name, **{k: test.get(k) for k in ("acc", "nll", "cnll", "ece", "agreement")}}
+        out.update({f"gap_{k}": gap_closed(test[k], member[k], teacher[k]) for k in GAP_METRICS})
+        if val is not None:
+            out.update(val_acc=val["acc"], val_cnll=val["cnll"])
+        if result is not None:
+            out.update(steps=result["train"]["steps"], s_per_step=result["train"]["s_per_step"],
+                       wall_min=result["wall_seconds"] / 60)  # fmt: skip
+        return out
+
+    rows = [
+        line("ResNet-32 member (the student's start)", member, None, None),
+        line("DE-4 teacher (4 networks)", teacher, first["val"]["teacher"], None),
+    ]
+    for r in results:
+        rows.append(
+            line(describe(r["flags"]), r["test"]["student_avg"], r["val"]["student_avg"], r)
+        )
+        rows.append(line("  ↳ no BN recalibration", r["test"]["student_avg_no_recal"],
+                         r["val"]["student_avg_no_recal"], None))  # fmt: skip
+        if "--method" not in r["flags"]:
+            rows.append(line("  ↳ BE-4 student (4× the cost)", r["test"]["student_be"],
+                             r["val"]["student_be"], None))  # fmt: skip
+    return rows
+
+
+def render(plan: str) -> str:
+    from ensc.compress.table import markdown_table
+
+    out_dir = REPO / "docs" / "study" / plan
+    results = [json.loads(p.read_text()) for p in sorted(out_dir.glob("*.json"))]
+    by_name = {r["name"]: r for r in results}
+    ordered = [by_name[s["name"]] for s in PLANS[plan] if s["name"] in by_name]
+    return markdown_table(table_rows(ordered), TABLE, name_header="row") + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--plan", choices=sorted(PLANS), required=True)
@@ -175,8 +238,12 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="rows trained side by side")
     parser.add_argument("--only", help="comma-separated row names to run (default: the whole plan)")
     parser.add_argument("--commit", action="store_true", help="git-commit each finished row")
+    parser.add_argument("--render-only", action="store_true", help="print the plan's table")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.render_only:
+        print(render(args.plan), end="")
+        return
     if not TEACHER_DIR.exists():
         sys.exit(f"no teacher at {TEACHER_DIR}: this study needs the shared CIFAR-10 DE-4")
     args.work.mkdir(parents=True, exist_ok=True)

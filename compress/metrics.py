@@ -102,12 +102,14 @@ def brier(probs: torch.Tensor, labels: torch.Tensor) -> float:
     return (p - onehot).pow(2).sum(1).mean().item()
 
 
-def ece(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
-    """Expected calibration error over ``n_bins`` equal-width bins of the confidence max_k p_k.
+def reliability_bins(
+    probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per bin of the confidence max_k p_k: (count, Σ confidence, Σ correct), float64 [n_bins].
 
     Bin ``b`` covers ``(b/n, (b+1)/n]`` (right-closed, as in Guo et al. 2017), so a confidence
-    of exactly ``b/n`` falls in the lower bin and 1.0 in the last. ECE = Σ_b (|B_b|/N) ·
-    |acc(B_b) − conf(B_b)|, returned as a fraction (not percent).
+    of exactly ``b/n`` falls in the lower bin and 1.0 in the last. A reliability diagram plots
+    Σ correct / count against Σ confidence / count.
     """
     if n_bins < 1:
         raise ValueError(f"n_bins must be >= 1, got {n_bins}")
@@ -122,8 +124,16 @@ def ece(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
     )
     sum_conf = torch.zeros_like(count).index_add_(0, bins, conf)
     sum_correct = torch.zeros_like(count).index_add_(0, bins, correct)
+    return count, sum_conf, sum_correct
+
+
+def ece(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
+    """Expected calibration error over ``n_bins`` equal-width bins of the confidence (see
+    :func:`reliability_bins`): Σ_b (|B_b|/N) · |acc(B_b) − conf(B_b)|, a fraction (not percent).
+    """
+    count, sum_conf, sum_correct = reliability_bins(probs, labels, n_bins)
     # Σ_b (|B_b|/N)·|acc_b − conf_b| = Σ_b |Σ_{B_b} correct − Σ_{B_b} conf| / N
-    return ((sum_correct - sum_conf).abs().sum() / conf.numel()).item()
+    return ((sum_correct - sum_conf).abs().sum() / count.sum()).item()
 
 
 def agreement(probs_a: torch.Tensor, probs_b: torch.Tensor) -> float:

@@ -19,6 +19,13 @@ COLUMNS: dict[str, tuple[str, str]] = {
     "disagreement": ("disagr.", "{:.4f}"),
     "agreement": ("agree DE %", "{:.2f}"),
     "fast_weight_spread": ("r,s spread", "{:.2f}"),
+    "val_acc": ("val ACC %", "{:.2f}"),
+    "val_cnll": ("val cNLL", "{:.4f}"),
+    "gap_acc": ("gap ACC %", "{:.0f}"),
+    "gap_cnll": ("gap cNLL %", "{:.0f}"),
+    "steps": ("steps", "{:d}"),
+    "s_per_step": ("s/step", "{:.2f}"),
+    "wall_min": ("wall min", "{:.1f}"),
 }
 
 
