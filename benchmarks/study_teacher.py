@@ -67,17 +67,17 @@ def _flags(extra: dict[str, Any]) -> list[str]:
 
 PLANS: dict[str, list[dict[str, Any]]] = {
     # settings for the warm start, compared on the validation split only (report["val"])
-    "search": [
+    "search": [  # lr 0.1 (the default) unless said; ODS lost to none for both, so none after it
         kd(300, "none"),
         be(300, "none", "split", "mean"),
         be(300, "ods", "split", "mean"),
         kd(300, "ods"),
-        be(300, "ods", "split", "member"),
-        be(300, "ods", "repeat", "mean"),
-        kd(300, "none", lr=0.003),
-        be(300, "ods", "split", "mean", lr=0.003),
+        be(300, "none", "split", "member"),
         kd(300, "none", lr=0.03),
-        be(300, "ods", "split", "mean", lr=0.03),
+        be(300, "none", "split", "mean", lr=0.03),
+        kd(300, "none", lr=0.01),
+        be(300, "none", "split", "mean", lr=0.01),
+        be(300, "none", "repeat", "mean"),
     ],
 }
 
