@@ -239,7 +239,9 @@ def test_kd_single_baseline_trains_one_plain_network(tiny_teacher: Path, tmp_pat
     assert report["fast_weights"]["max_abs_from_one"] == 0.0  # r = s = 1 stayed frozen
     # without BN recalibration the single network is the one-member student itself
     assert report["student_be"]["nll"] == pytest.approx(report["student_avg"]["nll"], rel=1e-4)
-    assert "KD into one resnet8" in (tmp_path / "kd" / "report.md").read_text()
+    md = (tmp_path / "kd" / "report.md").read_text()
+    assert "KD into one resnet8" in md and "| KD student (one network)" in md
+    assert "BE-1" not in md and "student member 0" not in md
     refused = run_cli(
         "compress", "--teacher", str(tiny_teacher), *SMOKE, "--method", "kd-single",
         "--perturb", "tdiv-sdiv", "--out", str(tmp_path / "kd2"), cwd=tmp_path,
