@@ -19,6 +19,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -130,6 +131,16 @@ def summary(
     }  # fmt: skip
 
 
+RUNNING: set[subprocess.Popen] = set()  # rows in training, stopped with the study
+
+
+def _stop_rows(signum: int, _frame: Any) -> None:
+    """Stopping the study stops its rows too (each resumes with --resume next time)."""
+    for proc in list(RUNNING):
+        proc.terminate()
+    raise SystemExit(128 + signum)
+
+
 def run_row(spec: dict[str, Any], work: Path, out_dir: Path, threads: int, commit: bool) -> str:
     result = out_dir / f"{spec['name']}.json"
     if result.exists():
@@ -140,7 +151,10 @@ def run_row(spec: dict[str, Any], work: Path, out_dir: Path, threads: int, commi
     log.info("start %s: %s", spec["name"], " ".join(cmd[1:]))
     started = time.perf_counter()
     with open(work / f"{spec['name']}.log", "a") as out:
-        proc = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=work)
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=work)
+        RUNNING.add(proc)
+        proc.wait()
+        RUNNING.discard(proc)
     wall = time.perf_counter() - started
     if proc.returncode != 0:
         return f"{spec['name']}: FAILED (exit {proc.returncode}), see {work / spec['name']}.log"
@@ -252,6 +266,8 @@ def main() -> None:
     if args.only:
         wanted = set(args.only.split(","))
         specs = [s for s in specs if s["name"] in wanted]
+    signal.signal(signal.SIGTERM, _stop_rows)
+    signal.signal(signal.SIGINT, _stop_rows)
     out_dir = REPO / "docs" / "study" / args.plan
     threads = max(1, (os.cpu_count() or 1) // args.workers)
     with ThreadPoolExecutor(args.workers) as pool:
