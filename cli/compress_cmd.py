@@ -55,12 +55,13 @@ Examples:
     type=click.IntRange(min=1),
     default=128,
     show_default=True,
-    help="Images per step (the student sees M × this).",
+    help="Images per step (--member-batch split: each member sees 1/M of them; repeat: all).",
 )
 @click.option(
     "--lr",
     type=click.FloatRange(min=0, min_open=True),
-    help="Peak learning rate. Default: 0.1 × batch/128.",
+    help="Peak learning rate. Default: 0.03 × batch/128 for a warm-started student (chosen on "
+    "validation, docs/results.md), 0.1 × batch/128 from scratch.",
 )
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=5e-4, show_default=True)
 @click.option(
@@ -74,10 +75,10 @@ Examples:
 @click.option(
     "--perturb",
     type=click.Choice(PERTURB_CHOICES),
-    default="tdiv-sdiv",
+    default="none",
     show_default=True,
-    help="Input perturbation that carries the teachers' diversity. tdiv-sdiv ([WA]) gave the best or "
-    "second-best averaged network in docs/results.md; none is about 2x faster.",
+    help="Input perturbation meant to carry the teachers' diversity ([DM], [WA]). Each one cost the "
+    "averaged network accuracy in the CIFAR-10 study (docs/results.md), and costs about 2x the time.",
 )
 @click.option(
     "--step",
@@ -122,7 +123,7 @@ Examples:
 @click.option(
     "--member-batch",
     type=click.Choice(("repeat", "split")),
-    default="repeat",
+    default="split",
     show_default=True,
     help="repeat: every member sees the whole batch (M x the compute of one network, the papers' "
     "setup); split: member m sees its own 1/M of the batch (the compute of one network).",
@@ -130,7 +131,7 @@ Examples:
 @click.option(
     "--targets",
     type=click.Choice(("member", "mean")),
-    default="member",
+    default="mean",
     show_default=True,
     help="What each student member distills: member = teacher m for member m ([DM], [WA]); "
     "mean = the ensemble's mean prediction, the target the averaged network should match.",

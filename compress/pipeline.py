@@ -41,6 +41,7 @@ from ensc.compress.distill import (
 from ensc.compress.fileio import atomic_write_text, jsonable
 from ensc.compress.logits_cache import cache_dir_for, cached_teacher_logits
 from ensc.compress.loop import OptimConfig, steady_seconds_per_step, train
+from ensc.compress.metrics import nll
 from ensc.compress.predict import (
     eval_copy,
     eval_member_networks,
@@ -52,7 +53,7 @@ from ensc.compress.report import Predictions, build_report, gaps_closed, parity,
 from ensc.compress.runtime import Runtime
 from ensc.compress.teacher import Teacher, load_teacher, sanity_check
 from ensc.compress.timing import PhaseTimer
-from ensc.compress.warmstart import init_from_member, matching_member
+from ensc.compress.warmstart import WARM_START_LR, init_from_member, matching_member
 from ensc.errors import ConfigError, EnscError
 from ensc.models.batchensemble import BatchEnsemble, to_batchensemble
 
@@ -130,6 +131,7 @@ def run_compress(config: CompressConfig, runtime: Runtime) -> CompressResult | N
         check_compatible(teacher.spec, data)
         members = 1 if config.method == "kd-single" else config.members or len(teacher)
         student, spec, init_member = _build_student(config, teacher, data, members, runtime)
+        config = with_warm_start_lr(config, init_member is not None)
         teacher.to(runtime.device)
         if runtime.is_main:
             # validation, not test: test labels stay unseen until the report
@@ -161,8 +163,15 @@ def run_compress(config: CompressConfig, runtime: Runtime) -> CompressResult | N
             preds, teacher_cache = _predict_all(
                 config, teacher, student, averaged, data, runtime, raw
             )
+        bn_statistics = "re-estimated" if config.recalibrate_bn else "as trained"
+        if raw is not None and _keeps_trained_bn(preds, data.val.labels):
+            averaged, bn_statistics = raw, "as trained"
+            preds = replace(preds, avg_val=preds.alt_val, avg_test=preds.alt_test,
+                            alt_val=preds.avg_val, alt_test=preds.avg_test,
+                            alt_name="averaged, BN re-estimated (not kept)")  # fmt: skip
         clock.start("report_seconds")
         report = build_report(preds, data.val.labels, data.test.labels)
+        report["bn_statistics"] = bn_statistics  # of the kept network (student.pt)
         if config.method == "kd-single":  # one network, no members: name the rows for what they are
             _name_kd_rows(report)
         report["parity"] = parity(report, config.max_acc_drop, fold_diff, config.fold_tolerance)
@@ -184,7 +193,7 @@ def run_compress(config: CompressConfig, runtime: Runtime) -> CompressResult | N
             run_dir / "student.pt", averaged, spec,
             metrics={k: report["student_avg"][k] for k in ("acc", "nll", "bs", "ece")},
             info={"seed": config.seed, "data": jsonable(asdict(data_config)), "source": "ensc compress",
-                  "teacher": str(config.teacher), "recalibrated_bn": config.recalibrate_bn},
+                  "teacher": str(config.teacher), "recalibrated_bn": bn_statistics == "re-estimated"},
         )  # fmt: skip
         clock.stop()
         report["timing"] = {"train_seconds": round(history["seconds"], 1), **clock.rounded()}
@@ -200,6 +209,16 @@ def run_compress(config: CompressConfig, runtime: Runtime) -> CompressResult | N
     finally:
         logging.getLogger("ensc").removeHandler(handler)
         handler.close()
+
+
+def with_warm_start_lr(config: CompressConfig, warm: bool) -> CompressConfig:
+    """A warm-started student fine-tunes at :data:`WARM_START_LR` × batch/128 unless ``--lr`` was
+    given (from scratch: the papers' 0.1 × batch/128)."""
+    if not warm or config.optim.lr is not None:
+        return config
+    lr = WARM_START_LR * config.optim.batch_size / 128
+    log.info("warm start: peak learning rate %g (--lr to change it)", lr)
+    return replace(config, optim=replace(config.optim, lr=lr))
 
 
 def _distill(
@@ -307,19 +326,35 @@ def _render_report(
         "data": f"{data.name}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test",
         "training": f"{history['steps']} steps, {history['seconds']:.0f} s on {runtime.device}; run total {report['wall_seconds']:.0f} s",
         "after training": _timing_line(report["timing"], report["teacher_logits_cache"]),
+        "BatchNorm statistics of the single network": (
+            f"{report['bn_statistics']} (kept: the lower validation NLL of the two)"
+            if "student_avg_alternative" in report
+            else report["bn_statistics"]
+        ),
     }
     return render_markdown(
         report, title=f"ensc compress: {run_dir.name}", command=config.command, details=details
     )
 
 
+def _keeps_trained_bn(preds: Predictions, val_labels: torch.Tensor) -> bool:
+    """Whether the averaged network's BN statistics as trained (``preds.alt_*``) beat the
+    re-estimated ones on validation NLL: ensc keeps the better of the two, chosen without test.
+    (Re-estimating fixes statistics that describe a mix of members; where there was no mix to
+    fix, a 20-batch estimate can be the noisier one.)"""
+    assert preds.alt_val is not None
+    return nll(preds.alt_val, val_labels) < nll(preds.avg_val, val_labels)
+
+
 def _name_kd_rows(report: dict[str, Any]) -> None:
     """Row names of the kd-single baseline: the student is one plain network, not a BE."""
     report["student_be"]["name"] = "KD student (one network)"
     report["student_members"] = []  # the same network again
-    report["student_avg"]["name"] = "KD student, BN re-estimated"
-    if "student_avg_no_recal" in report:
-        report["student_avg_no_recal"]["name"] = "KD student, BN as trained"
+    report["student_avg"]["name"] = f"KD student, BN {report['bn_statistics']}"
+    if "student_avg_alternative" in report:
+        report["student_avg_alternative"]["name"] = report["student_avg_alternative"][
+            "name"
+        ].replace("averaged", "KD student")
 
 
 def _enforce_gate(gate: dict[str, Any], run_dir: Path) -> None:
@@ -407,8 +442,9 @@ def _predict_all(
         student_test=s_logits["test"].softmax(-1),
         avg_val=a_logits["val"].softmax(-1),
         avg_test=a_logits["test"].softmax(-1),
-        avg_raw_val=None if r_logits is None else r_logits["val"].softmax(-1),
-        avg_raw_test=None if r_logits is None else r_logits["test"].softmax(-1),
+        alt_val=None if r_logits is None else r_logits["val"].softmax(-1),
+        alt_test=None if r_logits is None else r_logits["test"].softmax(-1),
+        alt_name="averaged, BN as trained (not kept)",
     ), cache
 
 

@@ -42,9 +42,11 @@ class Predictions:
     student_test: torch.Tensor  # [Ms, N, K]
     avg_val: torch.Tensor  # [Nv, K]
     avg_test: torch.Tensor  # [N, K]
-    # the averaged network before its BatchNorm statistics were re-estimated (None: not re-estimated)
-    avg_raw_val: torch.Tensor | None = None  # [Nv, K]
-    avg_raw_test: torch.Tensor | None = None  # [N, K]
+    # the averaged network with the other BatchNorm statistics (re-estimated or as trained), which
+    # lost on validation and is reported beside the kept one; None when there was no choice
+    alt_val: torch.Tensor | None = None  # [Nv, K]
+    alt_test: torch.Tensor | None = None  # [N, K]
+    alt_name: str = ""
 
 
 def build_report(
@@ -88,11 +90,9 @@ def build_report(
         "de_cnll_curve": curve,
     }
     val = {"teacher": t_val.mean(0), "student_be": s_val.mean(0), "student_avg": preds.avg_val}
-    if preds.avg_raw_test is not None and preds.avg_raw_val is not None:
-        report["student_avg_no_recal"] = row(
-            "averaged, BN not re-estimated", preds.avg_raw_test, preds.avg_raw_val
-        )
-        val["student_avg_no_recal"] = preds.avg_raw_val
+    if preds.alt_test is not None and preds.alt_val is not None:
+        report["student_avg_alternative"] = row(preds.alt_name, preds.alt_test, preds.alt_val)
+        val["student_avg_alternative"] = preds.alt_val
     report["val"] = {name: validation_metrics(probs, val_labels) for name, probs in val.items()}
     return report
 
@@ -152,7 +152,7 @@ def gaps_closed(report: dict[str, Any], init_member: int | None) -> dict[str, An
         start = {k: members[init_member][k] for k in GAP_METRICS}
     else:
         start = {k: sum(m[k] for m in members) / len(members) for k in GAP_METRICS}
-    rows = ["student_avg", "student_be", "student_avg_no_recal"]
+    rows = ["student_avg", "student_be", "student_avg_alternative"]
     return {
         "from": f"teacher {init_member}" if init_member is not None else "the average member",
         **{
@@ -172,7 +172,7 @@ def all_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
         report["student_be"],
         *report["student_members"],
         report["student_avg"],
-        *([report["student_avg_no_recal"]] if "student_avg_no_recal" in report else []),
+        *([report["student_avg_alternative"]] if "student_avg_alternative" in report else []),
     ]
 
 

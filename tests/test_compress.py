@@ -136,7 +136,7 @@ def test_gaps_closed_from_the_average_member_without_a_warm_start():
         "student_be": row(88.0, 0.4),
     }
     gaps = gaps_closed(report, None)
-    assert gaps["from"] == "the average member" and "student_avg_no_recal" not in gaps
+    assert gaps["from"] == "the average member" and "student_avg_alternative" not in gaps
     assert gaps["student_avg"]["acc"] == pytest.approx(50.0)  # 82 -> 90, at 86
     assert gaps["student_be"]["cnll"] == pytest.approx(66.666, rel=1e-3)  # 0.6 -> 0.3, at 0.4
     assert gaps_closed(report, 1)["student_avg"]["acc"] == pytest.approx(100 * 2 / 6)

@@ -156,18 +156,32 @@ def test_split_members_see_their_own_chunk_and_teacher() -> None:
     for k, t in enumerate(teachers):
         t.register_forward_pre_hook(lambda _, args, k=k: calls.append((k, args[0].shape[0])))
     x, labels = torch.rand(B, 3, 8, 8), torch.randint(0, K, (B,))
-    config = DistillConfig(alpha=1.0, perturb=PerturbConfig(kind="none"), member_batch="split")
+    config = DistillConfig(
+        alpha=1.0, perturb=PerturbConfig(kind="none"), member_batch="split", targets="member"
+    )
     step = make_distill_step(student, teachers, config, torch.Generator().manual_seed(0))
     step(x, labels, lambda loss: loss.backward())
     assert len(seen) == 1 and torch.equal(seen[0], x)  # no tiling: chunk m is member m's
     assert calls == [(0, B // M), (1, B // M)]  # teacher k ran on its member's chunk only
 
 
-def test_split_refuses_a_batch_not_divisible_by_members() -> None:
+def test_split_cuts_a_batch_to_a_multiple_of_members(caplog) -> None:
+    """Split is the default, so a batch M does not divide must train (on ⌊B/M⌋ images per
+    member), not fail; a batch smaller than M is refused with the fix."""
     config = DistillConfig(perturb=PerturbConfig(kind="none"), member_batch="split")
-    step = make_distill_step(_student(), _teachers(), config, torch.Generator())
-    with pytest.raises(Exception, match="divisible by M=2"):
+    student = _student()
+    seen: list[int] = []
+    student.register_forward_pre_hook(lambda _, args: seen.append(args[0].shape[0]))
+    step = make_distill_step(student, _teachers(), config, torch.Generator())
+    with caplog.at_level(logging.WARNING, logger="ensc"):
+        result = step(
+            torch.rand(5, 3, 8, 8), torch.randint(0, K, (5,)), lambda loss: loss.backward()
+        )
         step(torch.rand(5, 3, 8, 8), torch.randint(0, K, (5,)), lambda loss: loss.backward())
+    assert seen == [4, 4] and result.count == 4
+    assert sum("cut to 4" in r.getMessage() for r in caplog.records) == 1  # said once
+    with pytest.raises(Exception, match="larger --batch-size"):
+        step(torch.rand(1, 3, 8, 8), torch.randint(0, K, (1,)), lambda loss: loss.backward())
 
 
 def test_mean_prediction_logits_give_the_mean_of_probabilities_at_any_temperature() -> None:
