@@ -83,7 +83,9 @@ def reliability_data(plan: str, kd_row: str, avg_row: str, work: Path) -> dict[s
     runtime = resolve_runtime("cpu")
     data = load_dataset(DataConfig("imagefolder", root=CIFAR_JPEG))
     teacher = load_teacher(work / "ensemble.json", code_path=TEACHER_DIR / "code")
-    students = [load_model(work / "runs" / row / "student.pt")[0] for row in (kd_row, avg_row)]
+    students = [
+        load_model(work / "runs" / plan / row / "student.pt")[0] for row in (kd_row, avg_row)
+    ]
     logits = predict_logits_many([*teacher.members, *students], {"test": data.test}, runtime)
     probs = [out["test"].softmax(-1) for out in logits]
     models = {

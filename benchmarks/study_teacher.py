@@ -22,6 +22,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,6 +34,7 @@ TEACHER_DIR = SHARED / "teachers-cifar10-resnet"
 CIFAR_JPEG = SHARED / "cifar10-jpeg"
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 STUDENT = "resnet_cifar:resnet32"
+ENSC = str(Path(sys.executable).with_name("ensc"))
 STATE_FILE = ".state.pt"  # ensc's resumable training state in a run folder
 log = logging.getLogger("study")
 
@@ -105,6 +107,15 @@ PLANS: dict[str, list[dict[str, Any]]] = {
         *(product(300, perturb=kind) for kind in ("gaussian", "ods", "confods", "tdiv-sdiv")),
         product(300, member_batch="repeat"),
     ],
+    # the same question on a teacher ensc trains itself (ResNet-8 DE-4, all of Fashion-MNIST)
+    "fmnist": [
+        product(1000),
+        baseline(1000),
+        product(1000, seed=1),
+        baseline(1000, seed=1),
+        product(300),
+        baseline(300),
+    ],
 }
 
 
@@ -120,14 +131,31 @@ def manifest(work: Path) -> Path:
     return out
 
 
-def command(spec: dict[str, Any], run_dir: Path, work: Path) -> list[str]:
-    ensc = str(Path(sys.executable).with_name("ensc"))
-    base = [
-        ensc, "compress", "--teacher", str(work / "ensemble.json"),
-        "--code-path", str(TEACHER_DIR / "code"), "--dataset", "imagefolder",
-        "--data-root", str(CIFAR_JPEG), "--arch", STUDENT, "--max-acc-drop", "100",
-        "--out", str(run_dir),
+def fmnist_teacher(work: Path) -> Path:
+    """The second teacher: a DE-4 of ResNet-8s that `ensc train` makes on all of Fashion-MNIST
+    (resumable: finished members are kept)."""
+    out = work / "fmnist-teacher"
+    cmd = [ENSC, "train", "--dataset", "fashion-mnist", "--arch", "resnet8", "--members", "4",
+           "--epochs", "10", "--out", str(out), "--resume"]  # fmt: skip
+    log.info("teacher: %s", " ".join(cmd[1:]))
+    with open(work / "fmnist-teacher.log", "a") as log_file:
+        subprocess.run(cmd, check=True, stdout=log_file, stderr=subprocess.STDOUT, cwd=work)
+    return out
+
+
+def teacher_flags(plan: str, work: Path) -> list[str]:
+    """How the plan's rows get their teacher, data and student architecture."""
+    if plan == "fmnist":
+        return ["--teacher", str(work / "fmnist-teacher"), "--arch", "resnet8"]
+    return [
+        "--teacher", str(work / "ensemble.json"), "--code-path", str(TEACHER_DIR / "code"),
+        "--dataset", "imagefolder", "--data-root", str(CIFAR_JPEG), "--arch", STUDENT,
     ]  # fmt: skip
+
+
+def command(spec: dict[str, Any], run_dir: Path, work: Path, plan: str) -> list[str]:
+    base = [ENSC, "compress", *teacher_flags(plan, work), "--max-acc-drop", "100",
+            "--out", str(run_dir)]  # fmt: skip
     if (run_dir / STATE_FILE).exists():
         base.append("--resume")
     elif run_dir.exists():
@@ -139,7 +167,13 @@ def summary(
     spec: dict[str, Any], report: dict[str, Any], cmd: list[str], wall: float, threads: int
 ) -> dict:
     """What a row keeps: its flags, validation and test metrics of every model, and its cost."""
-    keep = ("student_avg", "student_avg_no_recal", "student_be", "teacher")
+    keep = (
+        "student_avg",
+        "student_avg_alternative",
+        "student_avg_no_recal",
+        "student_be",
+        "teacher",
+    )
     return {
         "name": spec["name"],
         "flags": spec["flags"],
@@ -148,6 +182,9 @@ def summary(
         "test": {k: report[k] for k in keep if k in report},
         "teacher_members": report["teacher_members"],
         "fast_weights": report.get("fast_weights"),
+        "bn_statistics": report.get("bn_statistics"),
+        "init_member": report.get("init_member"),
+        "gap_closed": report.get("gap_closed"),
         "train": report["train"],
         "wall_seconds": round(wall, 1),
         "threads": threads,
@@ -157,21 +194,25 @@ def summary(
 
 
 RUNNING: set[subprocess.Popen] = set()  # rows in training, stopped with the study
+STOPPING = threading.Event()  # set by SIGTERM/SIGINT: start no further row
 
 
 def _stop_rows(signum: int, _frame: Any) -> None:
-    """Stopping the study stops its rows too (each resumes with --resume next time)."""
+    """Stopping the study stops its rows too and starts no new one (rerun to resume)."""
+    STOPPING.set()
     for proc in list(RUNNING):
         proc.terminate()
-    raise SystemExit(128 + signum)
 
 
-def run_row(spec: dict[str, Any], work: Path, out_dir: Path, threads: int, commit: bool) -> str:
+def run_row(spec: dict[str, Any], work: Path, plan: str, threads: int, commit: bool) -> str:
+    out_dir = REPO / "docs" / "study" / plan
     result = out_dir / f"{spec['name']}.json"
     if result.exists():
         return f"{spec['name']}: done before"
-    run_dir = work / "runs" / spec["name"]
-    cmd = command(spec, run_dir, work)
+    if STOPPING.is_set():
+        return f"{spec['name']}: not started (stopping)"
+    run_dir = work / "runs" / plan / spec["name"]
+    cmd = command(spec, run_dir, work, plan)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     log.info("start %s: %s", spec["name"], " ".join(cmd[1:]))
     started = time.perf_counter()
@@ -180,6 +221,8 @@ def run_row(spec: dict[str, Any], work: Path, out_dir: Path, threads: int, commi
         RUNNING.add(proc)
         proc.wait()
         RUNNING.discard(proc)
+    if STOPPING.is_set():
+        return f"{spec['name']}: stopped"
     wall = time.perf_counter() - started
     if proc.returncode != 0:
         return f"{spec['name']}: FAILED (exit {proc.returncode}), see {work / spec['name']}.log"
@@ -243,7 +286,8 @@ def table_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     if not results:
         return []
     first = results[0]
-    member, teacher = first["teacher_members"][1], first["test"]["teacher"]
+    k = first.get("init_member")
+    member, teacher = first["teacher_members"][1 if k is None else k], first["test"]["teacher"]
 
     def line(name: str, test: dict, val: dict | None, result: dict | None) -> dict[str, Any]:
         out = {"name": name, **{k: test.get(k) for k in ("acc", "nll", "cnll", "ece", "agreement")}}
@@ -256,7 +300,7 @@ def table_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return out
 
     rows = [
-        line("ResNet-32 member (the student's start)", member, None, None),
+        line("the member the student starts from", member, None, None),
         line("DE-4 teacher (4 networks)", teacher, first["val"]["teacher"], None),
     ]
     for r in results:
@@ -295,7 +339,7 @@ def main() -> None:
     if args.render_only:
         print(render(args.plan), end="")
         return
-    if not TEACHER_DIR.exists():
+    if args.plan != "fmnist" and not TEACHER_DIR.exists():
         sys.exit(f"no teacher at {TEACHER_DIR}: this study needs the shared CIFAR-10 DE-4")
     args.work.mkdir(parents=True, exist_ok=True)
     manifest(args.work)
@@ -305,10 +349,11 @@ def main() -> None:
         specs = [s for s in specs if s["name"] in wanted]
     signal.signal(signal.SIGTERM, _stop_rows)
     signal.signal(signal.SIGINT, _stop_rows)
-    out_dir = REPO / "docs" / "study" / args.plan
+    if args.plan == "fmnist":
+        fmnist_teacher(args.work)
     threads = max(1, (os.cpu_count() or 1) // args.workers)
     with ThreadPoolExecutor(args.workers) as pool:
-        jobs = [pool.submit(run_row, s, args.work, out_dir, threads, args.commit) for s in specs]
+        jobs = [pool.submit(run_row, s, args.work, args.plan, threads, args.commit) for s in specs]
         for job in jobs:
             log.info("%s", job.result())
 
