@@ -216,7 +216,9 @@ def run_row(spec: dict[str, Any], work: Path, plan: str, threads: int, commit: b
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     log.info("start %s: %s", spec["name"], " ".join(cmd[1:]))
     started = time.perf_counter()
-    with open(work / f"{spec['name']}.log", "a") as out:
+    log_path = work / "runs" / plan / f"{spec['name']}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=work)
         RUNNING.add(proc)
         proc.wait()
@@ -225,7 +227,7 @@ def run_row(spec: dict[str, Any], work: Path, plan: str, threads: int, commit: b
         return f"{spec['name']}: stopped"
     wall = time.perf_counter() - started
     if proc.returncode != 0:
-        return f"{spec['name']}: FAILED (exit {proc.returncode}), see {work / spec['name']}.log"
+        return f"{spec['name']}: FAILED (exit {proc.returncode}), see {log_path}"
     report = json.loads((run_dir / "report.json").read_text())
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = result.with_suffix(".tmp")
