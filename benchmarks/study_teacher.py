@@ -252,6 +252,41 @@ def _commit(path: Path, message: str) -> None:
     log.warning("could not commit %s", path)
 
 
+def member_with_bn_reestimated(work: Path, plan: str, batches: int = 20) -> dict[str, Any]:
+    """A reference that needs no training: the start member with its BatchNorm statistics
+    re-estimated on (augmented) training batches of the new data, as ensc re-estimates them."""
+    import torch
+
+    from ensc.compress.average import recalibrate_bn
+    from ensc.compress.data import DataConfig, iterate_batches, load_dataset
+    from ensc.compress.metrics import evaluate_predictions
+    from ensc.compress.predict import predict_logits_many
+    from ensc.compress.report import validation_metrics
+    from ensc.compress.runtime import resolve_runtime
+    from ensc.compress.teacher import load_teacher
+
+    out = REPO / "docs" / "study" / plan / "_member-bn.json"
+    if out.exists():
+        return json.loads(out.read_text())
+    data = load_dataset(DataConfig("imagefolder", root=CIFAR_JPEG))
+    member = load_teacher(work / "ensemble.json", code_path=TEACHER_DIR / "code").members[1]
+    gen = torch.Generator().manual_seed(20_000)  # the pipeline's seed for seed 0
+    stream = (x for x, _ in iterate_batches(data.train, 128, gen=gen, shuffle=True,
+                                            augment_hflip=True, drop_last=True))  # fmt: skip
+    recalibrate_bn(member, stream, max_batches=batches)
+    splits = {"val": data.val, "test": data.test}
+    probs = predict_logits_many([member], splits, resolve_runtime("cpu"))[0]
+    val, test = probs["val"].softmax(-1), probs["test"].softmax(-1)
+    metrics = evaluate_predictions(
+        test, data.test.labels, val_probs=val, val_labels=data.val.labels
+    )
+    result = {"name": "member, BN re-estimated (no training)", "batches": batches,
+              "val": validation_metrics(val, data.val.labels), "test": metrics.to_dict()}  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
 TABLE = ("steps", "val_acc", "val_cnll", "acc", "nll", "cnll", "ece", "agreement", "gap_acc",
          "gap_cnll", "s_per_step", "wall_min")  # fmt: skip
 
@@ -279,7 +314,9 @@ def kept_and_other(result: dict[str, Any]) -> tuple[str, str]:
     return "student_avg", "student_avg_no_recal"
 
 
-def table_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def table_rows(
+    results: list[dict[str, Any]], references: list[dict[str, Any]] = ()
+) -> list[dict[str, Any]]:
     """One table row per result (the single network kept; the other BN statistics and the BE
     student below it),
     with the member and DE-4 as reference rows first."""
@@ -303,6 +340,7 @@ def table_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
     rows = [
         line("the member the student starts from", member, None, None),
+        *(line(r["name"], r["test"], r["val"], None) for r in references),
         line("DE-4 teacher (4 networks)", teacher, first["val"]["teacher"], None),
     ]
     for r in results:
@@ -322,10 +360,12 @@ def render(plan: str) -> str:
     from ensc.compress.table import markdown_table
 
     out_dir = REPO / "docs" / "study" / plan
-    results = [json.loads(p.read_text()) for p in sorted(out_dir.glob("*.json"))]
+    results = [json.loads(p.read_text()) for p in sorted(out_dir.glob("[!_]*.json"))]
+    reference = out_dir / "_member-bn.json"
     by_name = {r["name"]: r for r in results}
     ordered = [by_name[s["name"]] for s in PLANS[plan] if s["name"] in by_name]
-    return markdown_table(table_rows(ordered), TABLE, name_header="row") + "\n"
+    extra = [json.loads(reference.read_text())] if reference.exists() else []
+    return markdown_table(table_rows(ordered, extra), TABLE, name_header="row") + "\n"
 
 
 def main() -> None:
@@ -336,8 +376,13 @@ def main() -> None:
     parser.add_argument("--only", help="comma-separated row names to run (default: the whole plan)")
     parser.add_argument("--commit", action="store_true", help="git-commit each finished row")
     parser.add_argument("--render-only", action="store_true", help="print the plan's table")
+    parser.add_argument("--member-bn", action="store_true",
+                        help="measure the reference row: the member with BN re-estimated")  # fmt: skip
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.member_bn:
+        log.info("%s", member_with_bn_reestimated(args.work, args.plan))
+        return
     if args.render_only:
         print(render(args.plan), end="")
         return
