@@ -1,5 +1,5 @@
 """The seed table at CPU scale: DE-4 teacher → BE-4 students (KD, +Gaussian, +ODS, +ConfODS, +TDiv-SDiv),
-each averaged into one network, against a single network trained alone. Writes docs/results.md.
+each averaged into one network, against a single network trained alone. Writes docs/results-resnet8.md.
 
     python benchmarks/study.py --datasets fashion-mnist,cifar10-jpeg --epochs 5 --train-subset 8000
 
@@ -234,7 +234,7 @@ def main() -> None:
         "--note", default="", help="appended to the wall time, e.g. ' (shared machine)'"
     )
     parser.add_argument("--out", default=str(REPO / "runs" / "study"))
-    parser.add_argument("--markdown", default=str(REPO / "docs" / "results.md"))
+    parser.add_argument("--markdown", default=str(REPO / "docs" / "results-resnet8.md"))
     parser.add_argument(
         "--only-finished", action="store_true", help="train nothing new; tabulate the finished runs"
     )
