@@ -356,6 +356,38 @@ def table_rows(
     return rows
 
 
+def seed_summary(results: list[dict[str, Any]]) -> str:
+    """Mean and spread (max − min) over seeds of each setting run with several seeds, on test."""
+    from ensc.compress.report import gap_closed
+
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in results:
+        groups.setdefault(r["name"].split("-seed")[0], []).append(r)
+    lines = ["| setting | seeds | ACC % | cNLL | NLL | gap ACC % | gap cNLL % |",
+             "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for name, rows in groups.items():
+        if len(rows) < 2:
+            continue
+        k = rows[0].get("init_member")
+        member = rows[0]["teacher_members"][1 if k is None else k]
+        teacher = rows[0]["test"]["teacher"]
+        kept = [r["test"][kept_and_other(r)[0]] for r in rows]
+
+        def stat(key: str, fmt: str, kept=kept) -> str:
+            values = [m[key] for m in kept]
+            mean = sum(values) / len(values)
+            return f"{fmt.format(mean)} ± {fmt.format((max(values) - min(values)) / 2)}"
+
+        gaps = [
+            f"{gap_closed(sum(m[key] for m in kept) / len(kept), member[key], teacher[key]):.0f}"
+            for key in ("acc", "cnll")
+        ]
+        lines.append(f"| {describe(rows[0]['flags'])} ({name}) | {len(rows)} | "
+                     f"{stat('acc', '{:.2f}')} | {stat('cnll', '{:.4f}')} | {stat('nll', '{:.4f}')} | "
+                     f"{gaps[0]} | {gaps[1]} |")  # fmt: skip
+    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
+
+
 def render(plan: str) -> str:
     from ensc.compress.table import markdown_table
 
@@ -365,7 +397,9 @@ def render(plan: str) -> str:
     by_name = {r["name"]: r for r in results}
     ordered = [by_name[s["name"]] for s in PLANS[plan] if s["name"] in by_name]
     extra = [json.loads(reference.read_text())] if reference.exists() else []
-    return markdown_table(table_rows(ordered, extra), TABLE, name_header="row") + "\n"
+    table = markdown_table(table_rows(ordered, extra), TABLE, name_header="row") + "\n"
+    seeds = seed_summary(ordered)
+    return table + ("\nOver seeds (mean ± half the range):\n\n" + seeds if seeds else "")
 
 
 def main() -> None:
