@@ -109,12 +109,12 @@ PLANS: dict[str, list[dict[str, Any]]] = {
     ],
     # the same question on a teacher ensc trains itself (ResNet-8 DE-4, all of Fashion-MNIST)
     "fmnist": [
+        product(300),
+        baseline(300),
         product(1000),
         baseline(1000),
         product(1000, seed=1),
         baseline(1000, seed=1),
-        product(300),
-        baseline(300),
     ],
 }
 
