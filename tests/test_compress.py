@@ -13,6 +13,7 @@ from ensc.compress.loop import OptimConfig
 from ensc.compress.pipeline import CompressConfig, ParityError, run_compress
 from ensc.compress.report import gap_closed, gaps_closed, parity
 from ensc.compress.runtime import resolve_runtime
+from ensc.compress.warmstart import WARM_START_LR
 from tests.conftest import run_cli
 
 SMOKE = (
@@ -71,6 +72,9 @@ def test_compress_writes_run_folder_and_latest(tiny_teacher: Path, tmp_path: Pat
     assert "gap closed (from teacher 0)" in (latest / "report.md").read_text()
     # warm start by default: the student has the members' architecture
     assert "student starts from teacher member 0" in (latest / "log.txt").read_text()
+    # ... and fine-tunes at the warm-start learning rate, scaled to the batch (32 here)
+    config = json.loads((latest / "config.json").read_text())
+    assert config["optim"]["lr"] == pytest.approx(WARM_START_LR * 32 / 128)
     assert "ensc compress --teacher" in (latest / "report.md").read_text()
     # student.pt is a plain ensc checkpoint of the student architecture that reproduces the report
     model, spec = load_model(latest / "student.pt")
@@ -223,7 +227,9 @@ def test_student_init_scratch_opts_out_of_the_warm_start(tiny_teacher: Path, tmp
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "student starts from teacher member" not in (tmp_path / "run" / "log.txt").read_text()
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["student_init"] == "scratch"
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["student_init"] == "scratch"
+    assert config["optim"]["lr"] is None  # from scratch: the papers' 0.1 × batch/128
 
 
 def test_kd_single_baseline_trains_one_plain_network(tiny_teacher: Path, tmp_path: Path):
