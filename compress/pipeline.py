@@ -153,22 +153,9 @@ def run_compress(config: CompressConfig, runtime: Runtime) -> CompressResult | N
             info={"seed": config.seed, "init": config.init},
         )
         clock = _Clock()
-        with clock("average_seconds"):
-            averaged, fold_diff = _average_student(student, data, runtime)
-        raw = copy.deepcopy(averaged) if config.recalibrate_bn else None  # reported side by side
-        with clock("bn_recal_seconds"):
-            if config.recalibrate_bn:
-                _recalibrate_bn(config, averaged, data, runtime)
-        with clock("eval_seconds"):
-            preds, teacher_cache = _predict_all(
-                config, teacher, student, averaged, data, runtime, raw
-            )
-        bn_statistics = "re-estimated" if config.recalibrate_bn else "as trained"
-        if raw is not None and _keeps_trained_bn(preds, data.val.labels):
-            averaged, bn_statistics = raw, "as trained"
-            preds = replace(preds, avg_val=preds.alt_val, avg_test=preds.alt_test,
-                            alt_val=preds.avg_val, alt_test=preds.avg_test,
-                            alt_name="averaged, BN re-estimated (not kept)")  # fmt: skip
+        averaged, fold_diff, preds, bn_statistics, teacher_cache = _single_network(
+            config, teacher, student, data, runtime, clock
+        )
         clock.start("report_seconds")
         report = build_report(preds, data.val.labels, data.test.labels)
         report["bn_statistics"] = bn_statistics  # of the kept network (student.pt)
@@ -209,6 +196,38 @@ def run_compress(config: CompressConfig, runtime: Runtime) -> CompressResult | N
     finally:
         logging.getLogger("ensc").removeHandler(handler)
         handler.close()
+
+
+def _single_network(
+    config: CompressConfig,
+    teacher: Teacher,
+    student: BatchEnsemble,
+    data: ImageDataset,
+    runtime: Runtime,
+    clock: _Clock,
+) -> tuple[torch.nn.Module, float, Predictions, str, str]:
+    """Average the student into one network and evaluate every model on validation and test.
+
+    Of the averaged network's BN statistics as trained and re-estimated (``--recalibrate-bn``),
+    the one with the lower validation NLL is kept; the other is reported beside it. Returns the
+    kept network, the fold's max |Δlogit|, the predictions, which BN statistics were kept, and
+    whether the teacher's logits came from the cache.
+    """
+    with clock("average_seconds"):
+        averaged, fold_diff = _average_student(student, data, runtime)
+    raw = copy.deepcopy(averaged) if config.recalibrate_bn else None  # reported side by side
+    with clock("bn_recal_seconds"):
+        if config.recalibrate_bn:
+            _recalibrate_bn(config, averaged, data, runtime)
+    with clock("eval_seconds"):
+        preds, teacher_cache = _predict_all(config, teacher, student, averaged, data, runtime, raw)
+    bn_statistics = "re-estimated" if config.recalibrate_bn else "as trained"
+    if raw is not None and _keeps_trained_bn(preds, data.val.labels):
+        averaged, bn_statistics = raw, "as trained"
+        preds = replace(preds, avg_val=preds.alt_val, avg_test=preds.alt_test,
+                        alt_val=preds.avg_val, alt_test=preds.avg_test,
+                        alt_name="averaged, BN re-estimated (not kept)")  # fmt: skip
+    return averaged, fold_diff, preds, bn_statistics, teacher_cache
 
 
 def with_warm_start_lr(config: CompressConfig, warm: bool) -> CompressConfig:
