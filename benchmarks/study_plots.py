@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from study_teacher import CIFAR_JPEG, REPO, TEACHER_DIR  # noqa: E402
+from study_teacher import CIFAR_JPEG, REPO, TEACHER_DIR, kept_and_other  # noqa: E402
 
 OUT = REPO / "docs" / "study"
 N_BINS = 15
@@ -49,12 +49,9 @@ def plot_steps(plan: str, kd: str, avg: str, plt: Any) -> Path:
         (axes[0], "acc", "test accuracy (%)"),
         (axes[1], "cnll", "test cNLL"),
     ):
-        for rows, name, key in (
-            (kd_rows, "KD into one network", "student_avg"),
-            (avg_rows, "averaged BE-4 (ensc)", "student_avg"),
-        ):
+        for rows, name in ((kd_rows, "KD into one network"), (avg_rows, "averaged BE-4 (ensc)")):
             xs = [0] + [s for s, _ in rows]
-            ys = [member[metric]] + [r["test"][key][metric] for _, r in rows]
+            ys = [member[metric]] + [r["test"][kept_and_other(r)[0]][metric] for _, r in rows]
             ax.plot(xs, ys, marker="o", label=name)
         ax.axhline(member[metric], color="grey", linestyle=":", label="ResNet-32 member")
         ax.axhline(teacher[metric], color="black", linestyle="--", label="DE-4 teacher")
