@@ -106,6 +106,9 @@ PLANS: dict[str, list[dict[str, Any]]] = {
         baseline(300),
         *(product(300, perturb=kind) for kind in ("gaussian", "ods", "confods", "tdiv-sdiv")),
         product(300, member_batch="repeat"),
+        # control: the member fine-tuned on the labels alone (α = 0: no teacher), to separate what
+        # the ensemble teaches from what training on the new data does by itself
+        baseline(1000, alpha=0),
     ],
     # the same question on a teacher ensc trains itself (ResNet-8 DE-4, all of Fashion-MNIST)
     "fmnist": [
@@ -115,6 +118,7 @@ PLANS: dict[str, list[dict[str, Any]]] = {
         baseline(1000),
         product(1000, seed=1),
         baseline(1000, seed=1),
+        baseline(1000, alpha=0),
     ],
 }
 
@@ -296,6 +300,7 @@ def describe(flags: list[str]) -> str:
     opts = dict(zip(flags[::2], flags[1::2], strict=False))
     perturb = opts.get("--perturb", "none")
     extra = f", lr {opts['--lr']}" if "--lr" in opts else ""
+    extra += ", labels only (α 0)" if opts.get("--alpha") == "0" else ""
     extra += f", seed {opts['--seed']}" if opts.get("--seed", "0") != "0" else ""
     if opts.get("--method") == "kd-single":
         return f"KD into one network, {perturb}{extra}"
