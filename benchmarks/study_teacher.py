@@ -311,7 +311,7 @@ def describe(flags: list[str]) -> str:
 def kept_and_other(result: dict[str, Any]) -> tuple[str, str]:
     """Keys of the single network ensc keeps (the BN statistics with the lower validation NLL)
     and of the other; rows from before ensc chose by itself are chosen here by the same rule."""
-    if "student_avg_alternative" in result["test"]:
+    if "student_avg_alternative" in result["val"]:
         return "student_avg", "student_avg_alternative"
     val = result["val"]
     if val["student_avg_no_recal"]["nll"] < val["student_avg"]["nll"]:
