@@ -104,6 +104,8 @@ PLANS: dict[str, list[dict[str, Any]]] = {
         baseline(100),
         product(300),
         baseline(300),
+        product(300, seed=1),
+        baseline(300, seed=1),
         *(product(300, perturb=kind) for kind in ("gaussian", "ods", "confods", "tdiv-sdiv")),
         product(300, member_batch="repeat"),
         # control: the member fine-tuned on the labels alone (α = 0: no teacher), to separate what
