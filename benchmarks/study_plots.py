@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from study_teacher import CIFAR_JPEG, REPO, TEACHER_DIR, kept_and_other  # noqa: E402
+from study_teacher import CIFAR_JPEG, REPO, TEACHER_DIR, kept_and_other, start_member  # noqa: E402
 
 OUT = REPO / "docs" / "study"
 N_BINS = 15
@@ -43,7 +43,7 @@ def plot_steps(plan: str, kd: str, avg: str, plt: Any) -> Path:
     if not kd_rows or not avg_rows:
         raise SystemExit(f"no rows {kd}-s<N> / {avg}-s<N> in {OUT / plan}")
     first = kd_rows[0][1]
-    member, teacher = first["teacher_members"][1], first["test"]["teacher"]
+    member, teacher = start_member(first), first["test"]["teacher"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, metric, label in (
         (axes[0], "acc", "test accuracy (%)"),

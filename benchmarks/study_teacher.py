@@ -39,37 +39,34 @@ STATE_FILE = ".state.pt"  # ensc's resumable training state in a run folder
 log = logging.getLogger("study")
 
 
-def row(name: str, *flags: str | int | float) -> dict[str, Any]:
+def row(prefix: str, steps: int, seed: int, flags: list[Any], extra: dict[str, Any]) -> dict:
+    """A plan row: its name (prefix, budget, seed, extra flags) and its `ensc compress` flags."""
+    name = f"{prefix}-s{steps}" + (f"-seed{seed}" if seed else "") + _suffix(extra)
+    flags = [*flags, "--steps", steps, "--seed", seed, *_flags(extra)]
     return {"name": name, "flags": [str(f) for f in flags]}
 
 
 def kd(steps: int, perturb: str, seed: int = 0, **extra: Any) -> dict[str, Any]:
-    """Plain KD of the ensemble mean into one ResNet-32 (the baseline)."""
-    name = f"kd-{perturb}-s{steps}" + (f"-seed{seed}" if seed else "") + _suffix(extra)
-    flags = ["--method", "kd-single", "--perturb", perturb, "--steps", steps, "--seed", seed]
-    return row(name, *flags, *_flags(extra))
+    """Plain KD of the ensemble mean into one ResNet-32 (the baseline), settings spelled out."""
+    return row(f"kd-{perturb}", steps, seed, ["--method", "kd-single", "--perturb", perturb], extra)
 
 
 def be(
     steps: int, perturb: str, batch: str, targets: str, seed: int = 0, **extra: Any
 ) -> dict[str, Any]:
-    """BE-4 student averaged into one ResNet-32 (the product)."""
-    name = f"be-{batch}-{targets}-{perturb}-s{steps}" + (f"-seed{seed}" if seed else "")
-    name += _suffix(extra)
-    flags = ["--perturb", perturb, "--member-batch", batch, "--targets", targets, "--steps", steps]
-    return row(name, *flags, "--seed", seed, *_flags(extra))
+    """BE-4 student averaged into one ResNet-32 (the product), settings spelled out."""
+    flags = ["--perturb", perturb, "--member-batch", batch, "--targets", targets]
+    return row(f"be-{batch}-{targets}-{perturb}", steps, seed, flags, extra)
 
 
 def product(steps: int, seed: int = 0, **extra: Any) -> dict[str, Any]:
     """`ensc compress` with its defaults and a step budget: the averaged network users get."""
-    name = f"ensc-s{steps}" + (f"-seed{seed}" if seed else "") + _suffix(extra)
-    return row(name, "--steps", steps, "--seed", seed, *_flags(extra))
+    return row("ensc", steps, seed, [], extra)
 
 
 def baseline(steps: int, seed: int = 0, **extra: Any) -> dict[str, Any]:
     """`ensc compress --method kd-single` with the same defaults: plain KD into one network."""
-    name = f"kd-s{steps}" + (f"-seed{seed}" if seed else "") + _suffix(extra)
-    return row(name, "--method", "kd-single", "--steps", steps, "--seed", seed, *_flags(extra))
+    return row("kd", steps, seed, ["--method", "kd-single"], extra)
 
 
 def _suffix(extra: dict[str, Any]) -> str:
@@ -261,11 +258,9 @@ def _commit(path: Path, message: str) -> None:
 def member_with_bn_reestimated(work: Path, plan: str, batches: int = 20) -> dict[str, Any]:
     """A reference that needs no training: the start member with its BatchNorm statistics
     re-estimated on (augmented) training batches of the new data, as ensc re-estimates them."""
-    import torch
-
-    from ensc.compress.average import recalibrate_bn
-    from ensc.compress.data import DataConfig, iterate_batches, load_dataset
+    from ensc.compress.data import DataConfig, load_dataset
     from ensc.compress.metrics import evaluate_predictions
+    from ensc.compress.pipeline import CompressConfig, _recalibrate_bn
     from ensc.compress.predict import predict_logits_many
     from ensc.compress.report import validation_metrics
     from ensc.compress.runtime import resolve_runtime
@@ -276,12 +271,11 @@ def member_with_bn_reestimated(work: Path, plan: str, batches: int = 20) -> dict
         return json.loads(out.read_text())
     data = load_dataset(DataConfig("imagefolder", root=CIFAR_JPEG))
     member = load_teacher(work / "ensemble.json", code_path=TEACHER_DIR / "code").members[1]
-    gen = torch.Generator().manual_seed(20_000)  # the pipeline's seed for seed 0
-    stream = (x for x, _ in iterate_batches(data.train, 128, gen=gen, shuffle=True,
-                                            augment_hflip=True, drop_last=True))  # fmt: skip
-    recalibrate_bn(member, stream, max_batches=batches)
+    runtime = resolve_runtime("cpu")
+    config = CompressConfig(teacher=work / "ensemble.json", arch=STUDENT, bn_recal_batches=batches)
+    _recalibrate_bn(config, member, data, runtime)  # as `ensc compress` does it, seed 0
     splits = {"val": data.val, "test": data.test}
-    probs = predict_logits_many([member], splits, resolve_runtime("cpu"))[0]
+    probs = predict_logits_many([member], splits, runtime)[0]
     val, test = probs["val"].softmax(-1), probs["test"].softmax(-1)
     metrics = evaluate_predictions(
         test, data.test.labels, val_probs=val, val_labels=data.val.labels
@@ -310,6 +304,13 @@ def describe(flags: list[str]) -> str:
     return f"averaged BE-4 ({batch}, {targets} targets), {perturb}{extra}"
 
 
+def start_member(result: dict[str, Any]) -> dict[str, Any]:
+    """Test metrics of the member the student started from (the ResNet-32, member 1, in rows
+    written before the report named it)."""
+    k = result.get("init_member")
+    return result["teacher_members"][1 if k is None else k]
+
+
 def kept_and_other(result: dict[str, Any]) -> tuple[str, str]:
     """Keys of the single network ensc keeps (the BN statistics with the lower validation NLL)
     and of the other; rows from before ensc chose by itself are chosen here by the same rule."""
@@ -325,15 +326,13 @@ def table_rows(
     results: list[dict[str, Any]], references: list[dict[str, Any]] = ()
 ) -> list[dict[str, Any]]:
     """One table row per result (the single network kept; the other BN statistics and the BE
-    student below it),
-    with the member and DE-4 as reference rows first."""
+    student below it), with the member, the ``references`` and the DE-4 first."""
     from ensc.compress.report import GAP_METRICS, gap_closed
 
     if not results:
         return []
     first = results[0]
-    k = first.get("init_member")
-    member, teacher = first["teacher_members"][1 if k is None else k], first["test"]["teacher"]
+    member, teacher = start_member(first), first["test"]["teacher"]
 
     def line(name: str, test: dict, val: dict | None, result: dict | None) -> dict[str, Any]:
         out = {"name": name, **{k: test.get(k) for k in ("acc", "nll", "cnll", "ece", "agreement")}}
@@ -375,9 +374,7 @@ def seed_summary(results: list[dict[str, Any]]) -> str:
     for name, rows in groups.items():
         if len(rows) < 2:
             continue
-        k = rows[0].get("init_member")
-        member = rows[0]["teacher_members"][1 if k is None else k]
-        teacher = rows[0]["test"]["teacher"]
+        member, teacher = start_member(rows[0]), rows[0]["test"]["teacher"]
         kept = [r["test"][kept_and_other(r)[0]] for r in rows]
 
         def stat(key: str, fmt: str, kept=kept) -> str:

@@ -130,19 +130,18 @@ def make_distill_step(
         """What the student's M members see: chunk m of x (split) or all of x, tiled (repeat)."""
         return x if split else x.repeat(m, *([1] * (x.dim() - 1)))  # [M*B', ...]
 
+    member_wise = config.targets == "member" and len(teacher) == m  # else: the ensemble mean
+
     def targets_for(x_tilde: torch.Tensor) -> torch.Tensor:
         """Teacher logits [Mt or 1, B', K] for the student's [Ms, B', K] (B' = B/M when split)."""
         with torch.no_grad():
-            if config.targets == "mean":  # one target for every member: the ensemble's mean
+            if not member_wise:  # one target for every member: the ensemble's mean prediction
                 mean = mean_prediction_logits(teacher(x_tilde), config.temperature)  # [B, K]
                 return mean.unflatten(0, (m, -1)) if split else mean.unsqueeze(0)
             if not split:
                 return teacher(x_tilde)  # [Mt, B, K]
-            if len(teacher) == m:  # member-wise: teacher k only on student member k's chunk
-                chunks = x_tilde.unflatten(0, (m, -1))
-                return torch.cat([teacher(chunks[k], members=[k]) for k in range(m)])
-            mean = mean_prediction_logits(teacher(x_tilde), config.temperature)
-            return mean.unflatten(0, (m, -1))  # the ensemble mean, per chunk
+            chunks = x_tilde.unflatten(0, (m, -1))  # teacher k only on student member k's chunk
+            return torch.cat([teacher(chunks[k], members=[k]) for k in range(m)])
 
     def student_logits(x: torch.Tensor) -> torch.Tensor:
         logits = net(member_inputs(x))  # [Ms*B', K]

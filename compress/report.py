@@ -7,15 +7,7 @@ from typing import Any
 
 import torch
 
-from ensc.compress.metrics import (
-    accuracy,
-    agreement,
-    apply_temperature,
-    ensemble_nll_curve,
-    evaluate_predictions,
-    fit_temperature,
-    nll,
-)
+from ensc.compress.metrics import agreement, ensemble_nll_curve, evaluate_predictions
 from ensc.compress.table import markdown_table
 
 REPORT_COLUMNS = (
@@ -103,14 +95,8 @@ def validation_metrics(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, f
     The temperature of cNLL is fitted on the same images (an in-sample fit, optimistic by the same
     small amount for every model, so it ranks models as the test cNLL would).
     """
-    log_probs = probs.clamp_min(1e-12).log()
-    t = fit_temperature(log_probs, labels)
-    return {
-        "acc": accuracy(probs, labels),
-        "nll": nll(probs, labels),
-        "cnll": nll(apply_temperature(log_probs, t), labels),
-        "temperature": t,
-    }
+    metrics = evaluate_predictions(probs, labels, val_probs=probs, val_labels=labels).to_dict()
+    return {k: metrics[k] for k in ("acc", "nll", "cnll", "temperature")}
 
 
 def parity(
