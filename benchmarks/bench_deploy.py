@@ -28,8 +28,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from ensc.compress.fileio import atomic_write_text
 from ensc.export.bench import BenchResult
+from ensc.fileio import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_TEACHER = REPO / "runs" / "demo" / "ckpts"
@@ -105,7 +105,7 @@ def main() -> None:
     shutil.copytree(args.teacher, work / "ckpts", dirs_exist_ok=True)
     teacher_info = json.loads(
         subprocess.run(
-            [sys.executable, "-c", "import json,sys; from ensc.compress.teacher import load_teacher; "
+            [sys.executable, "-c", "import json,sys; from ensc.teachers.ensemble import load_teacher; "
              "t = load_teacher(sys.argv[1]); print(json.dumps({'members': len(t), 'arch': t.spec.arch, "
              "'dataset': t.spec.dataset}))", str(work / "ckpts")],
             capture_output=True, text=True, check=True,

@@ -7,7 +7,7 @@ Every measurement runs in its own process (so peak RSS is that configuration's o
 another in the same run, on the same synthetic data and randomly initialised networks (timing does
 not depend on the weights). Writes ``docs/bench-distill.json`` and ``docs/bench-distill.md``.
 
-* **ensc** — ``ensc.compress.loop.train`` with ``make_distill_step``, exactly what `ensc compress`
+* **ensc** — ``ensc.engine.loop.train`` with ``make_distill_step``, exactly what `ensc compress`
   runs, after ``tune_malloc()`` as the CLI does; phases from its :class:`PhaseTimer`.
 * **plain** — the obvious loop: torchvision ``DataLoader`` with per-sample PIL transforms, the
   BatchEnsemble written as activation scaling (``conv(x ⊙ r) ⊙ s``, as in Wen et al.'s code), the
@@ -89,12 +89,11 @@ def _data(cfg: dict[str, Any]):
 
 def run_ensc(cfg: dict[str, Any]) -> dict[str, Any]:
     """ensc's own loop and step; returns seconds per step and per phase."""
-    from ensc.compress.allocator import tune_malloc
+    from ensc.engine.allocator import tune_malloc
 
     allocator = tune_malloc()
     import torch
 
-    from ensc.compress.data import Split
     from ensc.compress.distill import (
         DistillConfig,
         fast_teachers,
@@ -102,10 +101,11 @@ def run_ensc(cfg: dict[str, Any]) -> dict[str, Any]:
         make_distill_step,
         param_groups,
     )
-    from ensc.compress.loop import OptimConfig, train
     from ensc.compress.perturb import PerturbConfig
-    from ensc.compress.runtime import resolve_runtime
-    from ensc.compress.timing import PhaseTimer
+    from ensc.data.datasets import Split
+    from ensc.engine.loop import OptimConfig, train
+    from ensc.engine.runtime import resolve_runtime
+    from ensc.engine.timing import PhaseTimer
     from ensc.models import build_model
     from ensc.models.batchensemble import to_batchensemble
 
@@ -396,7 +396,7 @@ def hardware() -> dict[str, Any]:
 
 
 def run_one(cfg: dict[str, Any]) -> dict[str, Any]:
-    from ensc.compress.allocator import preload_env
+    from ensc.engine.allocator import preload_env
 
     cmd = [sys.executable, __file__, "--worker", json.dumps(cfg)]
     env = dict(os.environ)

@@ -23,18 +23,18 @@ from typing import Any
 import torch
 
 from ensc.compress.average import average, fast_weight_spread
-from ensc.compress.checkpoint import load_checkpoint
-from ensc.compress.data import DataConfig, load_dataset
 from ensc.compress.distill import DistillConfig
-from ensc.compress.evaluate import evaluate
-from ensc.compress.fileio import atomic_write_text
-from ensc.compress.loop import OptimConfig
 from ensc.compress.perturb import PerturbConfig
 from ensc.compress.pipeline import CompressConfig, run_compress
-from ensc.compress.runtime import resolve_runtime
-from ensc.compress.table import markdown_table
-from ensc.compress.teacher import load_teacher
-from ensc.compress.train_teacher import TeacherTrainConfig, train_teacher
+from ensc.data.datasets import DataConfig, load_dataset
+from ensc.engine.loop import OptimConfig
+from ensc.engine.runtime import resolve_runtime
+from ensc.evaluation.evaluate import evaluate
+from ensc.evaluation.table import markdown_table
+from ensc.fileio import atomic_write_text
+from ensc.models.checkpoint import load_checkpoint
+from ensc.teachers.ensemble import load_teacher
+from ensc.teachers.train import TeacherTrainConfig, train_teacher
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = {

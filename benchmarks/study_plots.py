@@ -69,12 +69,12 @@ def reliability_data(plan: str, kd_row: str, avg_row: str, work: Path) -> dict[s
     """Bins of the member, KD, averaged network and DE-4 on the test split (runs evaluated here)."""
     import torch
 
-    from ensc.compress.checkpoint import load_model
-    from ensc.compress.data import DataConfig, load_dataset
-    from ensc.compress.metrics import reliability_bins
-    from ensc.compress.predict import predict_logits_many
-    from ensc.compress.runtime import resolve_runtime
-    from ensc.compress.teacher import add_code_path, load_teacher
+    from ensc.data.datasets import DataConfig, load_dataset
+    from ensc.engine.predict import predict_logits_many
+    from ensc.engine.runtime import resolve_runtime
+    from ensc.evaluation.metrics import reliability_bins
+    from ensc.models.checkpoint import load_model
+    from ensc.teachers.ensemble import add_code_path, load_teacher
 
     add_code_path(TEACHER_DIR / "code")
     runtime = resolve_runtime("cpu")

@@ -258,13 +258,13 @@ def _commit(path: Path, message: str) -> None:
 def member_with_bn_reestimated(work: Path, plan: str, batches: int = 20) -> dict[str, Any]:
     """A reference that needs no training: the start member with its BatchNorm statistics
     re-estimated on (augmented) training batches of the new data, as ensc re-estimates them."""
-    from ensc.compress.data import DataConfig, load_dataset
-    from ensc.compress.metrics import evaluate_predictions
     from ensc.compress.pipeline import CompressConfig, _recalibrate_bn
-    from ensc.compress.predict import predict_logits_many
     from ensc.compress.report import validation_metrics
-    from ensc.compress.runtime import resolve_runtime
-    from ensc.compress.teacher import load_teacher
+    from ensc.data.datasets import DataConfig, load_dataset
+    from ensc.engine.predict import predict_logits_many
+    from ensc.engine.runtime import resolve_runtime
+    from ensc.evaluation.metrics import evaluate_predictions
+    from ensc.teachers.ensemble import load_teacher
 
     out = REPO / "docs" / "study" / plan / "_member-bn.json"
     if out.exists():
@@ -393,7 +393,7 @@ def seed_summary(results: list[dict[str, Any]]) -> str:
 
 
 def render(plan: str) -> str:
-    from ensc.compress.table import markdown_table
+    from ensc.evaluation.table import markdown_table
 
     out_dir = REPO / "docs" / "study" / plan
     results = [json.loads(p.read_text()) for p in sorted(out_dir.glob("[!_]*.json"))]

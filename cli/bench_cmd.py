@@ -92,10 +92,10 @@ def bench_cmd(run, teacher, batch_sizes, warmup, repeats, threads, provider, tes
               json_path, md_path, plot_path, force) -> None:  # fmt: skip
     """Latency, throughput, size and accuracy of the teacher, the BE student and the single network."""
     from ensc.cli.options import command_line
-    from ensc.compress.fileio import atomic_write_text, refuse_overwrite
     from ensc.export.bench import BenchConfig, run_bench
     from ensc.export.pipeline import check_writable
     from ensc.export.render import bench_json, bench_markdown, bench_text, plot_bench
+    from ensc.fileio import atomic_write_text, refuse_overwrite
 
     batch_sizes = parse_batch_sizes(batch_sizes)
     outputs = [p for p in (json_path, md_path, plot_path) if p is not None]

@@ -8,7 +8,7 @@ import click
 
 from ensc.cli.options import command_line, runtime_options
 from ensc.cli.teachers_cmd import check_member_ref, json_object, member_index, teacher_options
-from ensc.compress.catalog import DATASETS
+from ensc.data.catalog import DATASETS
 
 PERTURB_CHOICES = ("none", "gaussian", "ods", "confods", "tdiv-sdiv")
 
@@ -186,10 +186,10 @@ def compress_cmd(teacher, arch, members, dataset, data_root, train_subset, test_
                  unsafe_load, student_init, device, amp, channels_last) -> None:  # fmt: skip
     """Distill a teacher ensemble into a BatchEns student and average it into one network."""
     from ensc.compress.distill import DistillConfig
-    from ensc.compress.loop import OptimConfig
     from ensc.compress.perturb import PerturbConfig
     from ensc.compress.pipeline import CompressConfig, run_compress
-    from ensc.compress.runtime import resolve_runtime
+    from ensc.engine.loop import OptimConfig
+    from ensc.engine.runtime import resolve_runtime
 
     # SPEC §5 writes ODS/ConfODS with the KD temperature T of §4, as [DM]'s code does
     step_arg = {} if step is None else {"step": step}

@@ -9,7 +9,7 @@ import click
 
 from ensc.cli.options import runtime_options
 from ensc.cli.teachers_cmd import json_object, teacher_options
-from ensc.compress.catalog import DATASETS
+from ensc.data.catalog import DATASETS
 
 COLUMNS = ("acc", "nll", "bs", "ece", "cnll", "cece", "dee", "kl_div", "disagreement")
 
@@ -51,14 +51,14 @@ Examples:
 def eval_cmd(teacher, students, dataset, data_root, test_subset, json_path, force, teacher_arch, teacher_arch_kwargs,
              code_path, unsafe_load, device, amp, channels_last) -> None:  # fmt: skip
     """Evaluate teacher members, DE-1 ... DE-M and single networks on the test split."""
-    from ensc.compress.checkpoint import load_checkpoint
-    from ensc.compress.data import load_dataset
-    from ensc.compress.datasource import check_compatible, data_config_for
-    from ensc.compress.evaluate import evaluate
-    from ensc.compress.fileio import atomic_write_text, refuse_overwrite
-    from ensc.compress.runtime import resolve_runtime
-    from ensc.compress.table import markdown_table
-    from ensc.compress.teacher import load_teacher
+    from ensc.data.datasets import load_dataset
+    from ensc.data.source import check_compatible, data_config_for
+    from ensc.engine.runtime import resolve_runtime
+    from ensc.evaluation.evaluate import evaluate
+    from ensc.evaluation.table import markdown_table
+    from ensc.fileio import atomic_write_text, refuse_overwrite
+    from ensc.models.checkpoint import load_checkpoint
+    from ensc.teachers.ensemble import load_teacher
 
     if teacher is None and not students:
         raise click.UsageError("pass --teacher DIR, --student FILE, or both")

@@ -65,7 +65,7 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
         stream=sys.stderr,
         force=True,
     )
-    from ensc.compress.allocator import tune_malloc
+    from ensc.engine.allocator import tune_malloc
 
     tune_malloc()  # before any tensor is allocated: see ensc/compress/allocator.py
 
@@ -79,7 +79,7 @@ cli.add_command(teachers_cmd)
 
 
 def main() -> None:
-    from ensc.compress.allocator import reexec_with_tcmalloc
+    from ensc.engine.allocator import reexec_with_tcmalloc
 
     reexec_with_tcmalloc(sys.argv)  # faster, leaner memory reuse: see ensc/compress/allocator.py
     cli(prog_name="ensc")

@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING
 
 import click
 
-from ensc.compress.catalog import DATASETS
+from ensc.data.catalog import DATASETS
 
 if TYPE_CHECKING:
-    from ensc.compress.data import DataConfig
+    from ensc.data.datasets import DataConfig
 
 
 def data_options(required: bool) -> Callable:
@@ -39,7 +39,7 @@ def data_options(required: bool) -> Callable:
 
 def data_config(dataset: str, data_root: Path | None, val_size: int | None, train_subset: int | None,
                 test_subset: int | None, data_seed: int, download: bool) -> DataConfig:  # fmt: skip
-    from ensc.compress.data import DataConfig
+    from ensc.data.datasets import DataConfig
 
     return DataConfig(
         name=dataset,

@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from ensc.cli.options import runtime_options
-from ensc.compress.catalog import DATASETS
+from ensc.data.catalog import DATASETS
 
 
 def json_object(text: str | None) -> dict[str, Any]:
@@ -85,7 +85,7 @@ Examples:
 def inspect_cmd(path, teacher_arch, teacher_arch_kwargs, code_path, unsafe_load, dataset, data_root,
                 device, amp, channels_last) -> None:  # fmt: skip
     """Per member: file, format, architecture, parameters, classes, input, normalization."""
-    from ensc.compress.teacher import load_teacher
+    from ensc.teachers.ensemble import load_teacher
 
     teacher = load_teacher(
         path, arch=teacher_arch, arch_kwargs=json_object(teacher_arch_kwargs), code_path=code_path,
@@ -121,10 +121,10 @@ def inspect_cmd(path, teacher_arch, teacher_arch_kwargs, code_path, unsafe_load,
 
 def _accuracies(teacher: Any, dataset: str, data_root: Path | None, device: str, amp: bool | None,
                 channels_last: bool | None) -> list[float]:  # fmt: skip
-    from ensc.compress.data import DataConfig, load_dataset
-    from ensc.compress.datasource import check_compatible
-    from ensc.compress.runtime import resolve_runtime
-    from ensc.compress.teacher import sanity_check
+    from ensc.data.datasets import DataConfig, load_dataset
+    from ensc.data.source import check_compatible
+    from ensc.engine.runtime import resolve_runtime
+    from ensc.teachers.ensemble import sanity_check
 
     # the sanity pass needs 256 test images; a small train subset keeps image folders fast to read
     data = load_dataset(

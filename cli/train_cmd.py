@@ -59,9 +59,9 @@ def train_cmd(dataset, data_root, val_size, train_subset, test_subset, data_seed
               epochs, batch_size, lr, weight_decay, warmup_epochs, max_steps, seed, out, force, resume,
               device, amp, channels_last) -> None:  # fmt: skip
     """Train a deep-ensemble teacher of M independently seeded members."""
-    from ensc.compress.loop import OptimConfig
-    from ensc.compress.runtime import resolve_runtime
-    from ensc.compress.train_teacher import TeacherTrainConfig, train_teacher
+    from ensc.engine.loop import OptimConfig
+    from ensc.engine.runtime import resolve_runtime
+    from ensc.teachers.train import TeacherTrainConfig, train_teacher
 
     config = TeacherTrainConfig(
         arch=arch,

@@ -17,11 +17,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ensc.compress.loop import BackwardFn, StepFn, StepResult
 from ensc.compress.losses import TARGET_MODES, DistillationLoss
 from ensc.compress.perturb import MemberLogits, PerturbConfig, perturb
-from ensc.compress.runtime import Runtime
-from ensc.compress.timing import NO_TIMER, PhaseTimer
+from ensc.engine.loop import BackwardFn, StepFn, StepResult
+from ensc.engine.runtime import Runtime
+from ensc.engine.timing import NO_TIMER, PhaseTimer
 from ensc.errors import ConfigError
 from ensc.models.batchensemble import BatchEnsemble
 
@@ -69,11 +69,11 @@ def fast_teachers(
 ) -> list[nn.Module]:
     """The frozen teachers with BatchNorm folded into their convs, channels_last on CPUs.
 
-    Same logits (checked on ``probe`` by :func:`ensc.compress.predict.eval_copy`, which keeps a
+    Same logits (checked on ``probe`` by :func:`ensc.engine.predict.eval_copy`, which keeps a
     member as it is when it cannot fold it), about a fifth less time for the targets and the
     perturbation gradients (``docs/eval-overhead.md``); input gradients still flow.
     """
-    from ensc.compress.predict import eval_copy
+    from ensc.engine.predict import eval_copy
 
     return [eval_copy(t, runtime, probe) for t in teachers]
 
@@ -107,7 +107,7 @@ def make_distill_step(
     net: nn.Module | None = None,
     timer: PhaseTimer = NO_TIMER,
 ) -> StepFn:
-    """The ``step`` function for :func:`ensc.compress.loop.train`.
+    """The ``step`` function for :func:`ensc.engine.loop.train`.
 
     ``net`` is the student as trained (``runtime.wrap(student)``: DistributedDataParallel under
     torchrun); the perturbation's eval-mode pass uses ``student`` itself, since it needs no

@@ -28,9 +28,6 @@ from ensc.compress.average import (
     fold_max_abs_diff,
     recalibrate_bn,
 )
-from ensc.compress.checkpoint import ModelSpec, save_checkpoint
-from ensc.compress.data import DataConfig, ImageDataset, iterate_batches, load_dataset
-from ensc.compress.datasource import check_compatible, data_config_for
 from ensc.compress.distill import (
     DistillConfig,
     fast_teachers,
@@ -38,24 +35,27 @@ from ensc.compress.distill import (
     make_distill_step,
     param_groups,
 )
-from ensc.compress.fileio import atomic_write_text, jsonable
-from ensc.compress.logits_cache import cache_dir_for, cached_teacher_logits
-from ensc.compress.loop import OptimConfig, steady_seconds_per_step, train
-from ensc.compress.metrics import nll
-from ensc.compress.predict import (
+from ensc.compress.report import Predictions, build_report, gaps_closed, parity, render_markdown
+from ensc.compress.warmstart import WARM_START_LR, init_from_member, matching_member
+from ensc.data.datasets import DataConfig, ImageDataset, iterate_batches, load_dataset
+from ensc.data.source import check_compatible, data_config_for
+from ensc.engine.loop import OptimConfig, steady_seconds_per_step, train
+from ensc.engine.predict import (
     eval_copy,
     eval_member_networks,
     predict_logits_many,
     predict_member_logits,
     probe_batch,
 )
-from ensc.compress.report import Predictions, build_report, gaps_closed, parity, render_markdown
-from ensc.compress.runtime import Runtime
-from ensc.compress.teacher import Teacher, load_teacher, sanity_check
-from ensc.compress.timing import PhaseTimer
-from ensc.compress.warmstart import WARM_START_LR, init_from_member, matching_member
+from ensc.engine.runtime import Runtime
+from ensc.engine.timing import PhaseTimer
 from ensc.errors import ConfigError, EnscError
+from ensc.evaluation.metrics import nll
+from ensc.fileio import atomic_write_text, jsonable
 from ensc.models.batchensemble import BatchEnsemble, to_batchensemble
+from ensc.models.checkpoint import ModelSpec, save_checkpoint
+from ensc.teachers.ensemble import Teacher, load_teacher, sanity_check
+from ensc.teachers.logits_cache import cache_dir_for, cached_teacher_logits
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from ensc.compress.metrics import agreement, ensemble_nll_curve, evaluate_predictions
-from ensc.compress.table import markdown_table
+from ensc.evaluation.metrics import agreement, ensemble_nll_curve, evaluate_predictions
+from ensc.evaluation.table import markdown_table
 
 REPORT_COLUMNS = (
     "acc",

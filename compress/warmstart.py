@@ -12,10 +12,10 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from ensc.compress.checkpoint import ModelSpec
-from ensc.compress.teacher import Teacher
 from ensc.errors import ConfigError
+from ensc.models.checkpoint import ModelSpec
 from ensc.models.normalize import Normalize, NormalizedModel
+from ensc.teachers.ensemble import Teacher
 
 # Peak learning rate of a warm-started student (batch 128, warm-up + cosine over the step budget):
 # the best of 0.1, 0.03 and 0.01 on the validation split of the CIFAR-10 study (docs/results.md),

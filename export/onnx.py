@@ -16,15 +16,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ensc import __version__
-from ensc.compress.fileio import atomic_write
 from ensc.errors import EnscError
 from ensc.export.wrappers import INPUT_NAME, OUTPUT_NAMES
+from ensc.fileio import atomic_write
 
 if TYPE_CHECKING:
     import onnx
     from torch import nn
 
-    from ensc.compress.checkpoint import ModelSpec
+    from ensc.models.checkpoint import ModelSpec
 
 log = logging.getLogger(__name__)
 

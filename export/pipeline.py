@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ensc.compress.fileio import refuse_overwrite
 from ensc.errors import ConfigError
 from ensc.export.onnx import (
     DEFAULT_OPSET,
@@ -41,6 +40,7 @@ from ensc.export.validate import (
     tolerance_for,
     validate_onnx,
 )
+from ensc.fileio import refuse_overwrite
 
 if TYPE_CHECKING:
     import onnx

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ensc.compress.fileio import atomic_write
+from ensc.fileio import atomic_write
 
 if TYPE_CHECKING:
     from ensc.export.bench import BenchResult

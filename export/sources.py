@@ -12,8 +12,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ensc.compress.checkpoint import Checkpoint, ModelSpec, load_checkpoint
 from ensc.errors import CheckpointError, ConfigError
+from ensc.models.checkpoint import Checkpoint, ModelSpec, load_checkpoint
 
 if TYPE_CHECKING:
     import torch
@@ -142,8 +142,8 @@ def load_exportable(
 
 def load_teacher_exportable(folder: Path, recorded: dict[str, Any] | None, out: Path) -> Exportable:
     """A DeepEns teacher folder as one graph (``probs`` = the members' mean)."""
-    from ensc.compress.teacher import load_teacher
     from ensc.export.wrappers import EnsembleMean
+    from ensc.teachers.ensemble import load_teacher
 
     teacher = load_teacher(folder)
     return Exportable(
@@ -209,8 +209,8 @@ def load_check_images(
     """Test images (the model's recorded test split, at most ``test_samples``) and calibration images."""
     import torch
 
-    from ensc.compress.data import balanced_indices, load_dataset
-    from ensc.compress.datasource import check_compatible, data_config_for
+    from ensc.data.datasets import balanced_indices, load_dataset
+    from ensc.data.source import check_compatible, data_config_for
 
     if test_samples < 1:
         raise ConfigError(f"the parity check needs at least one test image; got {test_samples}")

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from ensc.compress.allocator import preload_env, tcmalloc_library
+from ensc.engine.allocator import preload_env, tcmalloc_library
 
 GLIBC = sys.platform.startswith("linux") and bool(os.confstr("CS_GNU_LIBC_VERSION"))
 
@@ -19,7 +19,7 @@ def _clean_env(**extra: str) -> dict[str, str]:
 
 
 def test_malloc_tuning_applies_once_and_can_be_turned_off() -> None:
-    code = "from ensc.compress.allocator import tune_malloc as t; print(t()); print(t())"
+    code = "from ensc.engine.allocator import tune_malloc as t; print(t()); print(t())"
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=_clean_env()
     )

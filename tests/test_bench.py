@@ -13,14 +13,14 @@ import pytest
 import torch
 from torch import nn
 
-from ensc.compress.checkpoint import load_checkpoint
-from ensc.compress.teacher import load_teacher
 from ensc.export.bench import Candidate, count_macs, measure
 from ensc.export.onnx import read_metadata, save_onnx, set_metadata
 from ensc.export.quantize import to_int8
 from ensc.export.sources import load_check_images
 from ensc.export.validate import make_session, run_onnx
 from ensc.export.wrappers import EnsembleMean, SingleNetwork
+from ensc.models.checkpoint import load_checkpoint
+from ensc.teachers.ensemble import load_teacher
 from tests.conftest import run_cli
 
 ROW_KEYS = {

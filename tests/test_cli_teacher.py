@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ensc.compress.checkpoint import load_checkpoint
+from ensc.models.checkpoint import load_checkpoint
 from tests.conftest import CIFAR_JPEG, needs_cifar_jpeg, run_cli
 
 TRAIN_SMOKE = (

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from ensc.compress.checkpoint import load_checkpoint, load_model
-from ensc.compress.loop import OptimConfig
 from ensc.compress.pipeline import CompressConfig, ParityError, run_compress
 from ensc.compress.report import gap_closed, gaps_closed, parity
-from ensc.compress.runtime import resolve_runtime
 from ensc.compress.warmstart import WARM_START_LR
+from ensc.engine.loop import OptimConfig
+from ensc.engine.runtime import resolve_runtime
+from ensc.models.checkpoint import load_checkpoint, load_model
 from tests.conftest import run_cli
 
 SMOKE = (

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ensc.compress.data import (
+from ensc.data.datasets import (
     DataConfig,
     augment,
     balanced_indices,
@@ -154,7 +154,7 @@ def test_imagefolder_errors(tmp_path: Path):
 def test_validation_stays_held_out_across_train_subsets():
     # a teacher trained on 3,000 images and a student distilled on 1,000 (or all) share no image
     # between the student's validation split and the teacher's training images
-    from ensc.compress.data import split_indices
+    from ensc.data.datasets import split_indices
 
     labels = torch.arange(10).repeat(2000)  # 20,000 images
     teacher_train, teacher_val = split_indices(

@@ -205,10 +205,10 @@ def test_unknown_member_batch_mode_is_refused() -> None:
 def test_loop_logs_progress_without_a_terminal(monkeypatch, caplog, timed: bool) -> None:
     """Every LOG_EVERY_SECONDS a line with s/step and ETA; phase shares when a timer is given
     (`ensc train` passes none: its progress lines crashed once)."""
-    from ensc.compress import loop
-    from ensc.compress.data import Split
-    from ensc.compress.runtime import resolve_runtime
-    from ensc.compress.timing import PhaseTimer
+    from ensc.data.datasets import Split
+    from ensc.engine import loop
+    from ensc.engine.runtime import resolve_runtime
+    from ensc.engine.timing import PhaseTimer
 
     monkeypatch.setattr(loop, "LOG_EVERY_SECONDS", 0.0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, K))
@@ -248,7 +248,7 @@ def test_student_eval_pass_gives_input_gradients_only() -> None:
 
 def test_fast_teachers_give_the_same_logits_and_input_gradients() -> None:
     from ensc.compress.distill import fast_teachers
-    from ensc.compress.runtime import resolve_runtime
+    from ensc.engine.runtime import resolve_runtime
 
     teachers = _teachers()
     for t in teachers:  # non-trivial BatchNorm statistics to fold

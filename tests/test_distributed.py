@@ -12,7 +12,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from ensc.compress.checkpoint import load_checkpoint
+from ensc.models.checkpoint import load_checkpoint
 
 
 def _free_port() -> int:
@@ -25,9 +25,9 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
-    from ensc.compress.data import DataConfig, load_dataset
-    from ensc.compress.loop import OptimConfig, StepResult, train
-    from ensc.compress.runtime import resolve_runtime
+    from ensc.data.datasets import DataConfig, load_dataset
+    from ensc.engine.loop import OptimConfig, StepResult, train
+    from ensc.engine.runtime import resolve_runtime
     from ensc.models import build_model
 
     torch.set_num_threads(1)
@@ -93,11 +93,11 @@ def _distill_worker(rank: int, world: int, port: int, out: str) -> None:
     )
     from torch import nn
 
-    from ensc.compress.data import Split
     from ensc.compress.distill import DistillConfig, make_distill_step
-    from ensc.compress.loop import OptimConfig, train
     from ensc.compress.perturb import PerturbConfig
-    from ensc.compress.runtime import resolve_runtime
+    from ensc.data.datasets import Split
+    from ensc.engine.loop import OptimConfig, train
+    from ensc.engine.runtime import resolve_runtime
     from ensc.models.batchensemble import to_batchensemble
 
     torch.set_num_threads(1)

@@ -14,17 +14,10 @@ import torch
 from torch import nn
 
 from ensc.compress.average import member_network, recalibrate_bn
-from ensc.compress.checkpoint import load_checkpoint, read_payload
-from ensc.compress.data import DataConfig, Split, load_dataset
-from ensc.compress.logits_cache import (
-    cache_dir_for,
-    cache_key,
-    cached_teacher_logits,
-    load_logits,
-)
-from ensc.compress.loop import OptimConfig
 from ensc.compress.pipeline import CompressConfig, _recalibrate_bn, run_compress
-from ensc.compress.predict import (
+from ensc.data.datasets import DataConfig, Split, load_dataset
+from ensc.engine.loop import OptimConfig
+from ensc.engine.predict import (
     eval_copy,
     eval_member_networks,
     predict_logits,
@@ -32,10 +25,17 @@ from ensc.compress.predict import (
     predict_member_logits,
     probe_batch,
 )
-from ensc.compress.runtime import resolve_runtime
-from ensc.compress.teacher import load_teacher
+from ensc.engine.runtime import resolve_runtime
 from ensc.models import build_model
 from ensc.models.batchensemble import to_batchensemble
+from ensc.models.checkpoint import load_checkpoint, read_payload
+from ensc.teachers.ensemble import load_teacher
+from ensc.teachers.logits_cache import (
+    cache_dir_for,
+    cache_key,
+    cached_teacher_logits,
+    load_logits,
+)
 
 CPU = resolve_runtime("cpu")
 TIMING_KEYS = {
@@ -320,7 +320,7 @@ def test_eval_copy_falls_back_when_the_copy_differs(monkeypatch, caplog):
     wrong = copy.deepcopy(net)
     with torch.no_grad():
         wrong.fc.bias += 1.0
-    monkeypatch.setattr("ensc.compress.predict._fused", lambda model: wrong)
+    monkeypatch.setattr("ensc.engine.predict._fused", lambda model: wrong)
     caplog.set_level(logging.WARNING, logger="ensc")
     assert eval_copy(net, CPU, torch.rand(4, 1, 28, 28)) is net
     assert "evaluating the network itself" in caplog.text
@@ -347,8 +347,8 @@ def test_member_networks_match_the_batchensemble(data):
 def test_each_model_is_predicted_once_per_split(tiny_teacher: Path, tmp_path: Path, monkeypatch):
     """Every teacher member, student member and the averaged network (after and before BN
     recalibration): one pass per split."""
-    import ensc.compress.evaluate as evaluate_mod
     import ensc.compress.pipeline as pipeline_mod
+    import ensc.evaluation.evaluate as evaluate_mod
 
     passes: list[int] = []  # images of one split through one network
 

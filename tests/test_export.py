@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from ensc.compress.average import average
-from ensc.compress.checkpoint import load_checkpoint, save_checkpoint
 from ensc.errors import CheckpointError
 from ensc.export.quantize import to_fp16
 from ensc.export.sources import load_check_images
@@ -25,6 +24,7 @@ from ensc.export.validate import make_session, run_torch, tolerance_for, validat
 from ensc.export.wrappers import BatchEnsembleMean, EnsembleMean, SingleNetwork, mean_of_softmax
 from ensc.models import build_model, to_batchensemble
 from ensc.models.batchensemble import BatchEnsemble
+from ensc.models.checkpoint import load_checkpoint, save_checkpoint
 from tests.conftest import run_cli
 
 CHECK = ("--check-samples", "200")

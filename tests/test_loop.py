@@ -8,13 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ensc.compress.checkpoint import ModelSpec, load_checkpoint, load_model, save_checkpoint
-from ensc.compress.data import DataConfig, load_dataset
-from ensc.compress.loop import OptimConfig, StepResult, train
-from ensc.compress.runtime import resolve_runtime
-from ensc.compress.schedule import warmup_cosine
+from ensc.data.datasets import DataConfig, load_dataset
+from ensc.engine.loop import OptimConfig, StepResult, train
+from ensc.engine.runtime import resolve_runtime
+from ensc.engine.schedule import warmup_cosine
 from ensc.errors import CheckpointError, ConfigError
 from ensc.models import build_model
+from ensc.models.checkpoint import ModelSpec, load_checkpoint, load_model, save_checkpoint
 
 
 def test_warmup_cosine_shape():

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from ensc.compress.metrics import (
+from ensc.evaluation.metrics import (
     Metrics,
     accuracy,
     agreement,

@@ -14,14 +14,14 @@ import pytest
 import torch
 from torch import nn
 
-from ensc.compress.checkpoint import ModelSpec, save_checkpoint
-from ensc.compress.manifest import member_entries
-from ensc.compress.runtime import resolve_runtime
-from ensc.compress.teacher import load_teacher, near_chance_limit, sanity_check
-from ensc.compress.teacher_formats import read_member_file, sniff
 from ensc.compress.warmstart import init_from_member
+from ensc.engine.runtime import resolve_runtime
 from ensc.errors import CheckpointError, ConfigError
 from ensc.models import build_model, to_batchensemble
+from ensc.models.checkpoint import ModelSpec, save_checkpoint
+from ensc.teachers.ensemble import load_teacher, near_chance_limit, sanity_check
+from ensc.teachers.formats import read_member_file, sniff
+from ensc.teachers.manifest import member_entries
 from tests.conftest import CIFAR_JPEG, needs_cifar_jpeg, run_cli
 
 USER_CODE = '''
@@ -261,7 +261,7 @@ def test_auto_student_init_finds_the_member_with_the_students_architecture(small
 
 
 def test_user_architecture_without_num_classes_builds_a_student(zoo):
-    from ensc.compress.teacher import add_code_path
+    from ensc.teachers.ensemble import add_code_path
 
     add_code_path(zoo["code"])
     (zoo["code"] / "fixed_nets.py").write_text(
@@ -283,7 +283,7 @@ def test_inspect_prints_one_row_per_member(zoo):
 
 def test_sanity_pass_warns_about_a_misnormalized_member(zoo, tmp_path: Path, caplog):
     """A nearest-centroid classifier is good with its own normalization and at chance with a wrong one."""
-    from ensc.compress.data import DataConfig, load_dataset
+    from ensc.data.datasets import DataConfig, load_dataset
 
     data = load_dataset(DataConfig("fashion-mnist", train_subset=2000, test_subset=500))
     mean, std = data.mean[0], data.std[0]
@@ -301,10 +301,10 @@ def test_sanity_pass_warns_about_a_misnormalized_member(zoo, tmp_path: Path, cap
     (tmp_path / "ensemble.json").write_text(json.dumps({"members": members}))
     teacher = load_teacher(tmp_path, code_path=zoo["code"], dataset="fashion-mnist")
     assert teacher.specs[0].in_channels == 1 and teacher.specs[0].image_size == (28, 28)
-    with caplog.at_level(logging.WARNING, logger="ensc.compress.teacher"):
+    with caplog.at_level(logging.WARNING, logger="ensc.teachers.ensemble"):
         good, bad = sanity_check(teacher, data.test, resolve_runtime("cpu"))
     assert good > 50 and bad < 15
-    warnings = [r.getMessage() for r in caplog.records if r.name == "ensc.compress.teacher"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "ensc.teachers.ensemble"]
     assert len(warnings) == 1 and "member 1" in warnings[0] and "normalization" in warnings[0]
 
 

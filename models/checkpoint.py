@@ -15,11 +15,11 @@ import torch
 from torch import nn
 
 from ensc import __version__
-from ensc.compress.fileio import atomic_torch_save
 from ensc.errors import CheckpointError
+from ensc.fileio import atomic_torch_save
 
 if TYPE_CHECKING:
-    from ensc.compress.data import ImageDataset
+    from ensc.data.datasets import ImageDataset
     from ensc.models.batchensemble import BatchEnsemble
 
 FORMAT = "ensc-checkpoint"
@@ -37,7 +37,7 @@ class ModelSpec:
     mean: tuple[float, ...]  # normalization applied inside the model (pixels in [0, 1])
     std: tuple[float, ...]
     class_names: tuple[str, ...] = ()
-    dataset: str = ""  # dataset name (see ensc.compress.data.DATASETS)
+    dataset: str = ""  # dataset name (see ensc.data.datasets.DATASETS)
     data_root: str = ""  # --data-root it was trained from, "" for the default location
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
     kind: str = "model"  # "model" (a plain network) or "batchensemble"

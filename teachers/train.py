@@ -9,14 +9,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ensc.compress.checkpoint import ModelSpec, save_checkpoint
-from ensc.compress.data import DataConfig, ImageDataset, load_dataset
-from ensc.compress.fileio import jsonable
-from ensc.compress.loop import BackwardFn, OptimConfig, StepResult, train
-from ensc.compress.metrics import accuracy, nll
-from ensc.compress.predict import predict_probs
-from ensc.compress.runtime import Runtime
+from ensc.data.datasets import DataConfig, ImageDataset, load_dataset
+from ensc.engine.loop import BackwardFn, OptimConfig, StepResult, train
+from ensc.engine.predict import predict_probs
+from ensc.engine.runtime import Runtime
 from ensc.errors import ConfigError
+from ensc.evaluation.metrics import accuracy, nll
+from ensc.fileio import jsonable
+from ensc.models.checkpoint import ModelSpec, save_checkpoint
 
 log = logging.getLogger(__name__)
 

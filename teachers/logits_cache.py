@@ -29,11 +29,11 @@ from typing import Any
 
 import torch
 
-from ensc.compress.data import Split
-from ensc.compress.evaluate import member_logits
-from ensc.compress.fileio import atomic_torch_save
-from ensc.compress.runtime import Runtime
-from ensc.compress.teacher import Teacher
+from ensc.data.datasets import Split
+from ensc.engine.runtime import Runtime
+from ensc.evaluation.evaluate import member_logits
+from ensc.fileio import atomic_torch_save
+from ensc.teachers.ensemble import Teacher
 
 log = logging.getLogger(__name__)
 

@@ -12,11 +12,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ensc.compress.data import ImageDataset, Split
-from ensc.compress.metrics import agreement, ensemble_nll_curve, evaluate_predictions
-from ensc.compress.predict import eval_copy, predict_logits_many, probe_batch
-from ensc.compress.runtime import Runtime
-from ensc.compress.teacher import Teacher
+from ensc.data.datasets import ImageDataset, Split
+from ensc.engine.predict import eval_copy, predict_logits_many, probe_batch
+from ensc.engine.runtime import Runtime
+from ensc.evaluation.metrics import agreement, ensemble_nll_curve, evaluate_predictions
+from ensc.teachers.ensemble import Teacher
 
 
 def member_logits(
@@ -24,8 +24,8 @@ def member_logits(
 ) -> dict[str, torch.Tensor]:
     """Each member's logits on each split, ``{name: [M, N, K]}``: one pass per member and split.
 
-    Members run as their fast evaluation copies (:func:`~ensc.compress.predict.eval_copy`),
-    side by side on a CPU (:func:`~ensc.compress.predict.predict_logits_many`).
+    Members run as their fast evaluation copies (:func:`~ensc.engine.predict.eval_copy`),
+    side by side on a CPU (:func:`~ensc.engine.predict.predict_logits_many`).
     """
     teacher.to(runtime.device)
     probe = probe_batch(splits.values(), runtime)

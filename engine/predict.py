@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from ensc.compress.average import member_network
-from ensc.compress.data import Split, iterate_batches
-from ensc.compress.runtime import Runtime
+from ensc.data.datasets import Split, iterate_batches
+from ensc.engine.runtime import Runtime
 from ensc.models.batchensemble import BatchEnsemble
 
 log = logging.getLogger(__name__)

@@ -2,8 +2,8 @@
 
 Each member ends up as a frozen ``nn.Module`` in eval mode that takes [0, 1] pixels (SPEC.md §1)
 and returns logits ``[B, K]``, with a :class:`ModelSpec` describing it. Files are read by
-:mod:`ensc.compress.teacher_formats`; which files, with which architecture and normalization,
-comes from :mod:`ensc.compress.manifest`; :mod:`ensc.compress.member` turns each into a module.
+:mod:`ensc.teachers.formats`; which files, with which architecture and normalization,
+comes from :mod:`ensc.teachers.manifest`; :mod:`ensc.teachers.member` turns each into a module.
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ensc.compress.checkpoint import ModelSpec
-from ensc.compress.data import Split
-from ensc.compress.manifest import find_member_files, member_entries
-from ensc.compress.member import load_member
-from ensc.compress.runtime import Runtime
+from ensc.data.datasets import Split
+from ensc.engine.runtime import Runtime
 from ensc.errors import CheckpointError, ConfigError
+from ensc.models.checkpoint import ModelSpec
+from ensc.teachers.manifest import find_member_files, member_entries
+from ensc.teachers.member import load_member
 
 __all__ = ["Teacher", "find_member_files", "load_teacher", "near_chance_limit", "sanity_check"]
 
@@ -136,7 +136,7 @@ def sanity_check(
     A member far below its usual accuracy almost always means a wrong input normalization
     (``mean``/``std`` in ensemble.json) or a class order other than the dataset's.
     """
-    from ensc.compress.predict import predict_logits
+    from ensc.engine.predict import predict_logits
 
     gen = torch.Generator().manual_seed(seed)
     sample = split.subset(torch.randperm(len(split), generator=gen)[:n])

@@ -19,12 +19,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ensc.compress.data import Split, iterate_batches, steps_per_epoch
-from ensc.compress.fileio import atomic_torch_save
-from ensc.compress.runtime import Runtime
-from ensc.compress.schedule import default_warmup_epochs, scaled_lr, warmup_cosine
-from ensc.compress.timing import NO_TIMER, PhaseTimer
+from ensc.data.datasets import Split, iterate_batches, steps_per_epoch
+from ensc.engine.runtime import Runtime
+from ensc.engine.schedule import default_warmup_epochs, scaled_lr, warmup_cosine
+from ensc.engine.timing import NO_TIMER, PhaseTimer
 from ensc.errors import ConfigError
+from ensc.fileio import atomic_torch_save
 
 log = logging.getLogger(__name__)
 

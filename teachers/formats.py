@@ -34,8 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ensc.compress.checkpoint import Checkpoint, checkpoint_from_payload, is_ensc_payload
 from ensc.errors import CheckpointError
+from ensc.models.checkpoint import Checkpoint, checkpoint_from_payload, is_ensc_payload
 
 log = logging.getLogger(__name__)
 

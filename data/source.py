@@ -6,9 +6,9 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
-from ensc.compress.checkpoint import ModelSpec
-from ensc.compress.data import DataConfig, ImageDataset
+from ensc.data.datasets import DataConfig, ImageDataset
 from ensc.errors import ConfigError, DataError
+from ensc.models.checkpoint import ModelSpec
 
 
 def data_config_for(

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ensc.compress.catalog import DATASETS
+from ensc.data.catalog import DATASETS
 from ensc.errors import DataError
 
 log = logging.getLogger(__name__)

@@ -17,11 +17,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ensc.compress.checkpoint import ModelSpec
-from ensc.compress.manifest import MemberEntry
-from ensc.compress.teacher_formats import MemberFile, one_line, read_member_file
 from ensc.errors import CheckpointError, ConfigError
+from ensc.models.checkpoint import ModelSpec
 from ensc.models.normalize import Normalize, NormalizedModel
+from ensc.teachers.formats import MemberFile, one_line, read_member_file
+from ensc.teachers.manifest import MemberEntry
 
 log = logging.getLogger(__name__)
 
