@@ -15,3 +15,36 @@ class CheckpointError(EnscError):
 
 class ConfigError(EnscError):
     """Options that contradict each other or the files they point at."""
+
+
+class DivergenceError(EnscError, FloatingPointError):
+    """Training diverged (the loss became NaN or infinite); a FloatingPointError too, as before."""
+
+
+class ExportError(EnscError):
+    """The model could not be exported, converted or written as asked."""
+
+
+class ExportParityError(ExportError):
+    """An exported graph does not reproduce PyTorch within the tolerance; ``result`` has the details."""
+
+    def __init__(self, message: str, result: object = None) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+class CompressParityError(EnscError):
+    """The averaged network lost more than allowed against its BatchEnsemble, or the fold was not exact."""
+
+
+def one_line(err: BaseException, *, join: bool = False) -> str:
+    """``err``'s message as one line: its first line, or with ``join`` all its lines joined by spaces.
+
+    ``join`` also collapses runs of whitespace. An empty message gives the exception's class name.
+    """
+    text = str(err).strip()
+    if join:
+        text = " ".join(text.split())
+    elif text:
+        text = text.splitlines()[0]
+    return text or type(err).__name__

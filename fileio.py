@@ -1,4 +1,4 @@
-"""Atomic file writes (temp file in the same folder + rename) and the no-overwrite rule."""
+"""Atomic file writes (temp file in the same folder + rename), safe ``torch.load``, the no-overwrite rule."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import IO, Any
 
 import torch
 
-from ensc.errors import ConfigError
+from ensc.errors import CheckpointError, ConfigError, one_line
 
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
@@ -33,6 +33,22 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def torch_load(path: Path, *, unsafe: bool = False) -> Any:
+    """``torch.load`` onto the CPU with ``weights_only=True``; ``unsafe`` unpickles anything.
+
+    ``unsafe`` runs code from the file: only for files the user trusts and asked for. A missing
+    or unreadable file raises a one-line :class:`CheckpointError` naming it, raised from torch's
+    own error (callers that give more specific advice read its ``__cause__``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not unsafe)
+    except Exception as err:  # UnpicklingError, RuntimeError, EOFError, ...
+        raise CheckpointError(f"cannot load {path} as a checkpoint: {one_line(err)}") from err
 
 
 def refuse_overwrite(path: Path, force: bool, flag: str = "--force") -> None:

@@ -160,7 +160,8 @@ def ratio(
 
 def render(results: dict[int, BenchResult], commands: list[str], teacher: dict, cpu: dict,
            args: argparse.Namespace) -> str:  # fmt: skip
-    from ensc.export.render import latency_table, model_table, table
+    from ensc.evaluation.table import render_table
+    from ensc.export.render import latency_table, model_table
 
     first = next(iter(results.values()))
     env = first.environment
@@ -215,7 +216,7 @@ def render(results: dict[int, BenchResult], commands: list[str], teacher: dict, 
         "",
         "## Targets",
         "",
-        table(["target", "threads", "measured", "goal", "result"], target_rows, "lrrrl"),
+        render_table(["target", "threads", "measured", "goal", "result"], target_rows, "lrrrl"),
         "",
     ]
     for threads, result in results.items():

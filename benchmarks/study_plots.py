@@ -74,15 +74,15 @@ def reliability_data(plan: str, kd_row: str, avg_row: str, work: Path) -> dict[s
     from ensc.engine.runtime import resolve_runtime
     from ensc.evaluation.metrics import reliability_bins
     from ensc.models.checkpoint import load_model
-    from ensc.teachers.ensemble import add_code_path, load_teacher
+    from ensc.teachers.ensemble import load_teacher, user_code
 
-    add_code_path(TEACHER_DIR / "code")
     runtime = resolve_runtime("cpu")
     data = load_dataset(DataConfig("imagefolder", root=CIFAR_JPEG))
-    teacher = load_teacher(work / "ensemble.json", code_path=TEACHER_DIR / "code")
-    students = [
-        load_model(work / "runs" / plan / row / "student.pt")[0] for row in (kd_row, avg_row)
-    ]
+    with user_code(TEACHER_DIR / "code"):  # the students' architecture is the teacher's code
+        teacher = load_teacher(work / "ensemble.json")
+        students = [
+            load_model(work / "runs" / plan / row / "student.pt")[0] for row in (kd_row, avg_row)
+        ]
     logits = predict_logits_many([*teacher.members, *students], {"test": data.test}, runtime)
     probs = [out["test"].softmax(-1) for out in logits]
     models = {

@@ -28,6 +28,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from ensc import rundir
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 TEACHER_DIR = SHARED / "teachers-cifar10-resnet"
@@ -35,7 +37,6 @@ CIFAR_JPEG = SHARED / "cifar10-jpeg"
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 STUDENT = "resnet_cifar:resnet32"
 ENSC = str(Path(sys.executable).with_name("ensc"))
-STATE_FILE = ".state.pt"  # ensc's resumable training state in a run folder
 log = logging.getLogger("study")
 
 
@@ -159,7 +160,7 @@ def teacher_flags(plan: str, work: Path) -> list[str]:
 def command(spec: dict[str, Any], run_dir: Path, work: Path, plan: str) -> list[str]:
     base = [ENSC, "compress", *teacher_flags(plan, work), "--max-acc-drop", "100",
             "--out", str(run_dir)]  # fmt: skip
-    if (run_dir / STATE_FILE).exists():
+    if (run_dir / rundir.STATE).exists():
         base.append("--resume")
     elif run_dir.exists():
         base.append("--force")  # a run that died before its first saved state

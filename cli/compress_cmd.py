@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
-from ensc.cli.options import command_line, runtime_options
-from ensc.cli.teachers_cmd import check_member_ref, json_object, member_index, teacher_options
+from ensc.cli.options import (
+    check_member_ref,
+    command_line,
+    json_object,
+    member_index,
+    runtime_options,
+    teacher_options,
+)
+from ensc.compress.names import PERTURBATIONS
 from ensc.data.catalog import DATASETS
-
-PERTURB_CHOICES = ("none", "gaussian", "ods", "confods", "tdiv-sdiv")
 
 
 @click.command(
@@ -74,7 +80,7 @@ Examples:
 )
 @click.option(
     "--perturb",
-    type=click.Choice(PERTURB_CHOICES),
+    type=click.Choice(PERTURBATIONS),
     default="none",
     show_default=True,
     help="Input perturbation meant to carry the teachers' diversity ([DM], [WA]). Each one cost the "
@@ -180,47 +186,20 @@ Examples:
               help="Start the student from a teacher member's weights: auto = the first member with the "
                    "student's architecture (else random weights), member:K, or scratch.")  # fmt: skip
 @runtime_options
-def compress_cmd(teacher, arch, members, dataset, data_root, train_subset, test_subset, epochs, batch_size, lr,
-                 weight_decay, max_steps, steps, perturb, step, alpha, temperature, init, fast_weights, method, member_batch, targets, recalibrate_bn, bn_recal_batches, teacher_cache,
-                 max_acc_drop, seed, out, resume, force, teacher_arch, teacher_arch_kwargs, code_path,
-                 unsafe_load, student_init, device, amp, channels_last) -> None:  # fmt: skip
+@click.pass_context
+def compress_cmd(ctx: click.Context, device: str, amp: bool | None, channels_last: bool | None,
+                 teacher_arch_kwargs: str | None, student_init: str, **flags: Any) -> None:  # fmt: skip
     """Distill a teacher ensemble into a BatchEns student and average it into one network."""
-    from ensc.compress.distill import DistillConfig
-    from ensc.compress.perturb import PerturbConfig
-    from ensc.compress.pipeline import CompressConfig, run_compress
-    from ensc.engine.loop import OptimConfig
+    from ensc.compress.config import compress_config
+    from ensc.compress.pipeline import run_compress
     from ensc.engine.runtime import resolve_runtime
 
-    # SPEC §5 writes ODS/ConfODS with the KD temperature T of §4, as [DM]'s code does
-    step_arg = {} if step is None else {"step": step}
-    perturb_config = PerturbConfig(kind=perturb, temperature=temperature, **step_arg)
-    config = CompressConfig(
-        teacher=teacher,
-        arch=arch,
-        members=members,
-        data_overrides={"name": dataset, "root": data_root, "train_subset": train_subset, "test_subset": test_subset},
-        optim=OptimConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, max_steps=max_steps,
-                          steps=steps),
-        distill=DistillConfig(alpha=alpha, temperature=temperature, perturb=perturb_config,
-                              fast_weights=fast_weights or ("wa" if init == "ones" else "dm"),
-                              member_batch=member_batch, targets=targets),
-        init=init,
-        method=method,
-        recalibrate_bn=recalibrate_bn,
-        bn_recal_batches=bn_recal_batches or None,
-        cache_teacher_logits=teacher_cache,
-        max_acc_drop=max_acc_drop,
-        out=out,
-        seed=seed,
-        resume=resume,
-        force=force,
-        command=command_line(click.get_current_context()),
-        teacher_arch=teacher_arch,
+    config = compress_config(
+        **flags,
         teacher_arch_kwargs=json_object(teacher_arch_kwargs),
-        code_path=code_path,
-        unsafe_load=unsafe_load,
         student_init=member_index(student_init),
-    )  # fmt: skip
+        command=command_line(ctx),
+    )
     result = run_compress(config, resolve_runtime(device, amp, channels_last))
     if result is None:  # a non-main process of a torchrun launch: rank 0 reports
         return

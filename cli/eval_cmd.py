@@ -7,8 +7,7 @@ from pathlib import Path
 
 import click
 
-from ensc.cli.options import runtime_options
-from ensc.cli.teachers_cmd import json_object, teacher_options
+from ensc.cli.options import json_object, runtime_options, teacher_options
 from ensc.data.catalog import DATASETS
 
 COLUMNS = ("acc", "nll", "bs", "ece", "cnll", "cece", "dee", "kl_div", "disagreement")
@@ -51,13 +50,10 @@ Examples:
 def eval_cmd(teacher, students, dataset, data_root, test_subset, json_path, force, teacher_arch, teacher_arch_kwargs,
              code_path, unsafe_load, device, amp, channels_last) -> None:  # fmt: skip
     """Evaluate teacher members, DE-1 ... DE-M and single networks on the test split."""
-    from ensc.data.datasets import load_dataset
-    from ensc.data.source import check_compatible, data_config_for
     from ensc.engine.runtime import resolve_runtime
-    from ensc.evaluation.evaluate import evaluate
+    from ensc.evaluation.evaluate import evaluate_saved
     from ensc.evaluation.table import markdown_table
     from ensc.fileio import atomic_write_text, refuse_overwrite
-    from ensc.models.checkpoint import load_checkpoint
     from ensc.teachers.ensemble import load_teacher
 
     if teacher is None and not students:
@@ -68,19 +64,12 @@ def eval_cmd(teacher, students, dataset, data_root, test_subset, json_path, forc
         teacher, arch=teacher_arch, arch_kwargs=json_object(teacher_arch_kwargs), code_path=code_path,
         unsafe_load=unsafe_load, dataset=dataset,
     ) if teacher is not None else None  # fmt: skip
-    ckpts = {str(path): load_checkpoint(path) for path in students}
-    first = next(iter(ckpts.values()), None)
-    spec, recorded = (ens.spec, ens.data_record) if ens else (first.spec, first.info.get("data"))
-    config = data_config_for(spec, recorded, name=dataset, root=data_root, test_subset=test_subset)
-    data = load_dataset(config)
-    for ckpt in [*ckpts.values(), *([] if ens is None else [None])]:
-        check_compatible(ckpt.spec if ckpt else ens.spec, data)
-    models = {name: ckpt.build_model() for name, ckpt in ckpts.items()}
-    result = evaluate(
-        data, resolve_runtime(device, amp, channels_last), teacher=ens, students=models
-    )
+    result = evaluate_saved(
+        resolve_runtime(device, amp, channels_last), ens, students,
+        dataset=dataset, data_root=data_root, test_subset=test_subset,
+    )  # fmt: skip
     click.echo(
-        f"{data.name}: {result['n_test']} test images, T fitted on {result['n_val']} validation images"
+        f"{result['dataset']}: {result['n_test']} test images, T fitted on {result['n_val']} validation images"
     )
     columns = COLUMNS + (("agreement",) if ens and students else ())
     click.echo(

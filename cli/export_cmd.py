@@ -95,9 +95,9 @@ def export_cmd(to_onnx, run, model, what, teacher, precision, opset, out, check_
 
     A file that fails the check is kept as FILE.failed and the command exits with an error.
     """
+    from ensc.errors import ExportParityError
     from ensc.export.pipeline import ExportConfig, run_export
     from ensc.export.render import human_bytes, parity_table
-    from ensc.export.validate import ParityError
 
     if not to_onnx:
         raise click.UsageError("choose the format: --onnx (the only one so far)")
@@ -108,7 +108,7 @@ def export_cmd(to_onnx, run, model, what, teacher, precision, opset, out, check_
     )  # fmt: skip
     try:
         result = run_export(config)
-    except ParityError as err:
+    except ExportParityError as err:
         if err.result is not None:
             click.echo(parity_table(err.result.parity))
         raise click.ClickException(str(err)) from None

@@ -42,9 +42,9 @@ class EnscGroup(click.Group):
         except Exception as err:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            from ensc.errors import EnscError
+            from ensc.errors import EnscError, one_line
 
-            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            message = one_line(err)
             if not isinstance(err, (EnscError, ValueError)):
                 message = f"{type(err).__name__}: {message} (rerun with --debug for the traceback)"
             raise click.ClickException(message) from None

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import re
 import shlex
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -110,3 +112,52 @@ def command_line(ctx: click.Context) -> str:
         else:
             parts += [param.opts[0], str(value)]
     return shlex.join(parts)
+
+
+def json_object(text: str | None) -> dict[str, Any]:
+    """``--teacher-arch-kwargs`` as a dict (it stays a string in the recorded command line)."""
+    return json.loads(text) if text else {}
+
+
+def member_index(text: str) -> int | str:
+    """``--student-init member:K`` as K; ``auto`` and ``scratch`` as they are."""
+    return int(text.split(":", 1)[1]) if text.startswith("member:") else text
+
+
+def _check_json_object(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as err:
+        raise click.BadParameter(f"not valid JSON ({err}): {value!r}") from None
+    if not isinstance(parsed, dict):
+        raise click.BadParameter(
+            f"""expected a JSON object such as '{{"num_classes": 100}}'; got {value!r}"""
+        )
+    return value
+
+
+def check_member_ref(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Callback for ``--student-init``: accepts ``member:K``, ``auto`` or ``scratch``."""
+    if value is not None and not re.fullmatch(r"member:\d+|auto|scratch", value.strip()):
+        raise click.BadParameter(
+            f"expected member:K (K a teacher member's index), auto or scratch; got {value!r}"
+        )
+    return None if value is None else value.strip()
+
+
+def teacher_options(f: Callable) -> Callable:
+    """--teacher-arch, --teacher-arch-kwargs, --code-path, --unsafe-load (see `load_teacher`)."""
+    opts = [
+        click.option("--teacher-arch", help="Architecture of weight-only teacher files: registry name or package.module:callable."),
+        click.option("--teacher-arch-kwargs", metavar="JSON", callback=_check_json_object,
+                     help="""Arguments of that architecture, as JSON: '{"num_classes": 100}'."""),
+        click.option("--code-path", type=click.Path(path_type=Path, exists=True, file_okay=False),
+                     help="Folder with your model code, put on the import path."),
+        click.option("--unsafe-load", is_flag=True,
+                     help="Allow teacher files that hold pickled Python objects (runs code from them: only files you trust)."),
+    ]  # fmt: skip
+    for opt in reversed(opts):
+        f = opt(f)
+    return f

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import update_bn
 
 from ensc.models.batchensemble import BE_LAYERS, BatchEnsemble, BEConv2d, BELinear
+from ensc.models.modes import eval_mode
 
 __all__ = [
     "average",
@@ -144,14 +145,9 @@ def fold_max_abs_diff(be: BatchEnsemble, plain: nn.Module, x: Tensor) -> float:
             f"fold_max_abs_diff needs a non-empty batch (B, ...); got {tuple(x.shape)}"
         )
     averaged = average_fast_weights(be).eval()
-    was_training = plain.training
-    plain.eval()
-    try:
-        with torch.no_grad():
-            members = averaged.forward_members(x).float()  # [M, B, K]
-            single = plain(x).float()  # [B, K]
-    finally:
-        plain.train(was_training)
+    with eval_mode(plain), torch.no_grad():
+        members = averaged.forward_members(x).float()  # [M, B, K]
+        single = plain(x).float()  # [B, K]
     if members.shape[1:] != single.shape:
         raise ValueError(
             f"the BatchEnsemble gives logits {tuple(members.shape[1:])} per member but the plain "

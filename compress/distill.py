@@ -1,8 +1,8 @@
 """One distillation step of a BatchEns student from a DeepEns teacher, and its optimizer groups.
 
-Per step ([DM] §3, [WA] §3): perturb the clean batch x into x̃ (using the frozen teachers, and the
-student in eval mode for TDiv-SDiv), get the teachers' logits on x̃, run the student on x̃ and
-backpropagate the KD term, then (when α < 1 and x̃ ≠ x) on x for the CE term.
+Per step ([DM] §3, [WA] §3; docs/method.md §4): perturb the clean batch x into x̃ (using the
+frozen teachers, and the student in eval mode for TDiv-SDiv), get the teachers' logits on x̃, run
+the student on x̃ and backpropagate the KD term, then (when α < 1 and x̃ ≠ x) on x for the CE term.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from ensc.engine.runtime import Runtime
 from ensc.engine.timing import NO_TIMER, PhaseTimer
 from ensc.errors import ConfigError
 from ensc.models.batchensemble import BatchEnsemble
+from ensc.models.modes import eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,9 @@ class DistillConfig:
     alpha: float = 0.9  # weight of the KD term ([WA] 1.0; [DM] 0.9)
     temperature: float = 1.0  # KD temperature ([WA] 4; [DM] 1)
     perturb: PerturbConfig = field(default_factory=PerturbConfig)  # kind "none"
-    fast_weights: str = "wa"  # "wa": decay r, s towards 1 with λ/M and scale their grads by M; "dm": no decay, half lr
+    # "wa" ([WA]): decay r, s towards 1 with λ/M and scale their gradients by M; "dm" ([DM]): no
+    # decay and half the learning rate for r, s and member biases (docs/method.md §6)
+    fast_weights: str = "wa"
     member_batch: str = "split"  # one of MEMBER_BATCH_MODES
     targets: str = "mean"  # one of TARGET_MODES: teacher m for member m, or the ensemble mean
 
@@ -86,15 +89,11 @@ def student_eval_logits_fn(student: BatchEnsemble) -> Callable[[torch.Tensor], t
     """
 
     def logits(x: torch.Tensor) -> torch.Tensor:
-        was_training = student.training
-        student.eval()
-        try:
+        with eval_mode(student):
             state = {n: t.detach() for n, t in student.state_dict(keep_vars=True).items()}
             tiled = x.repeat(student.members, *([1] * (x.dim() - 1)))  # [Ms*B, ...]
             out = torch.func.functional_call(student, state, (tiled,))
             return out.unflatten(0, (student.members, -1)).float()  # [Ms, B, K]
-        finally:
-            student.train(was_training)
 
     return logits
 
@@ -118,72 +117,96 @@ def make_distill_step(
     the sum, and only one pass's activations are held at a time (half the memory of one pass on
     both). BatchNorm sees the two batches separately, as in the papers' code.
     """
-    net = net if net is not None else student
-    m = student.members
-    loss_fn = DistillationLoss(config.alpha, config.temperature)
-    teacher = MemberLogits(teachers)  # x [B, ...] -> [Mt, B, K]; gradients flow to x only
-    student_eval = student_eval_logits_fn(student)
-    need_clean = config.alpha < 1 and config.perturb.kind != "none"
-    split = config.member_batch == "split"
+    return _DistillStep(student, teachers, config, gen, net if net is not None else student, timer)
 
-    def member_inputs(x: torch.Tensor) -> torch.Tensor:
+
+class _DistillStep:
+    """The step :func:`make_distill_step` returns: perturb, ask the teacher, run the student."""
+
+    def __init__(
+        self, student: BatchEnsemble, teachers: list[nn.Module], config: DistillConfig,
+        gen: torch.Generator, net: nn.Module, timer: PhaseTimer,
+    ) -> None:  # fmt: skip
+        self.student, self.config, self.gen, self.net, self.timer = student, config, gen, net, timer
+        self.m = student.members
+        self.loss_fn = DistillationLoss(alpha=config.alpha, temperature=config.temperature)
+        self.teacher = MemberLogits(teachers)  # x [B, ...] -> [Mt, B, K]; gradients flow to x only
+        self.student_eval = student_eval_logits_fn(student)
+        self.need_clean = config.alpha < 1 and config.perturb.kind != "none"
+        self.split = config.member_batch == "split"
+        self.member_wise = config.targets == "member" and len(self.teacher) == self.m  # else: mean
+        self.warned = False  # about cutting batches to a multiple of M, once
+
+    def member_inputs(self, x: torch.Tensor) -> torch.Tensor:
         """What the student's M members see: chunk m of x (split) or all of x, tiled (repeat)."""
-        return x if split else x.repeat(m, *([1] * (x.dim() - 1)))  # [M*B', ...]
+        return x if self.split else x.repeat(self.m, *([1] * (x.dim() - 1)))  # [M*B', ...]
 
-    member_wise = config.targets == "member" and len(teacher) == m  # else: the ensemble mean
-
-    def targets_for(x_tilde: torch.Tensor) -> torch.Tensor:
+    def targets_for(self, x_tilde: torch.Tensor) -> torch.Tensor:
         """Teacher logits [Mt or 1, B', K] for the student's [Ms, B', K] (B' = B/M when split)."""
+        m, teacher = self.m, self.teacher
         with torch.no_grad():
-            if not member_wise:  # one target for every member: the ensemble's mean prediction
-                mean = mean_prediction_logits(teacher(x_tilde), config.temperature)  # [B, K]
-                return mean.unflatten(0, (m, -1)) if split else mean.unsqueeze(0)
-            if not split:
+            if not self.member_wise:  # one target for every member: the ensemble's mean prediction
+                mean = mean_prediction_logits(teacher(x_tilde), self.config.temperature)  # [B, K]
+                return mean.unflatten(0, (m, -1)) if self.split else mean.unsqueeze(0)
+            if not self.split:
                 return teacher(x_tilde)  # [Mt, B, K]
             chunks = x_tilde.unflatten(0, (m, -1))  # teacher k only on student member k's chunk
             return torch.cat([teacher(chunks[k], members=[k]) for k in range(m)])
 
-    def student_logits(x: torch.Tensor) -> torch.Tensor:
-        logits = net(member_inputs(x))  # [Ms*B', K]
-        return logits.view(m, -1, logits.shape[-1])  # [Ms, B', K]
+    def student_logits(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.net(self.member_inputs(x))  # [Ms*B', K]
+        return logits.view(self.m, -1, logits.shape[-1])  # [Ms, B', K]
 
-    warned = False  # about cutting batches to a multiple of M, once
+    def _equal_chunks(
+        self, x: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Split mode needs equal chunks: leave the last B mod M images out (warn once)."""
+        if not self.split or x.shape[0] % self.m == 0:
+            return x, labels
+        if not self.warned:
+            log.warning(
+                "--member-batch split: batches of %d images are cut to %d, a multiple of "
+                "M=%d (a --batch-size that M divides uses every image)",
+                x.shape[0], x.shape[0] - x.shape[0] % self.m, self.m,
+            )  # fmt: skip
+            self.warned = True
+        return _whole_chunks(x, labels, self.m)
 
-    def step(x: torch.Tensor, labels: torch.Tensor, backward: BackwardFn) -> StepResult:
-        nonlocal warned
-        if split and x.shape[0] % m:  # equal chunks: leave the last B mod M images out
-            if not warned:
-                log.warning(
-                    "--member-batch split: batches of %d images are cut to %d, a multiple of "
-                    "M=%d (a --batch-size that M divides uses every image)",
-                    x.shape[0], x.shape[0] - x.shape[0] % m, m,
-                )  # fmt: skip
-                warned = True
-            x, labels = _whole_chunks(x, labels, m)
-        b = x.shape[0]
-        member_labels = labels.view(m, -1) if split else labels  # [Ms, B/M] or [B]
+    def __call__(self, x: torch.Tensor, labels: torch.Tensor, backward: BackwardFn) -> StepResult:
+        config, timer = self.config, self.timer
+        x, labels = self._equal_chunks(x, labels)
+        member_labels = labels.view(self.m, -1) if self.split else labels  # [Ms, B/M] or [B]
         with timer("perturb"):
-            x_tilde = perturb(x, config.perturb, teacher=teacher, student=student_eval, gen=gen)
+            x_tilde = perturb(
+                x, config.perturb, teacher=self.teacher, student=self.student_eval, gen=self.gen
+            )
         with timer("teacher"):
-            targets = targets_for(x_tilde)
-        if not need_clean:  # one pass: KD and CE on the same logits
-            with timer("student"):
-                logits = student_logits(x_tilde)
-                loss = loss_fn(logits, targets, logits, member_labels)
-            backward(loss)
-            return StepResult(loss.detach(), _correct(logits, member_labels, split), b)
-        first_pass = getattr(net, "no_sync", contextlib.nullcontext)  # DDP: reduce once, at the end
+            targets = self.targets_for(x_tilde)
+        if self.need_clean:
+            return self._two_passes(x, x_tilde, targets, member_labels, backward)
+        with timer("student"):  # one pass: KD and CE on the same logits
+            logits = self.student_logits(x_tilde)
+            loss = self.loss_fn(logits, targets, logits, member_labels)
+        backward(loss)
+        return StepResult(loss.detach(), _correct(logits, member_labels, self.split), x.shape[0])
+
+    def _two_passes(
+        self, x: torch.Tensor, x_tilde: torch.Tensor, targets: torch.Tensor,
+        member_labels: torch.Tensor, backward: BackwardFn,
+    ) -> StepResult:  # fmt: skip
+        """KD on x̃, then CE on x, each backpropagated before the next pass starts."""
+        alpha, timer = self.config.alpha, self.timer
+        first_pass = getattr(self.net, "no_sync", contextlib.nullcontext)  # DDP: reduce at the end
         with first_pass():
             with timer("student"):
-                kd = config.alpha * loss_fn.kd(student_logits(x_tilde), targets)
+                kd = alpha * self.loss_fn.kd(self.student_logits(x_tilde), targets)
             backward(kd)
         with timer("student"):
-            on_clean = student_logits(x)
-            ce = (1 - config.alpha) * loss_fn.ce(on_clean, member_labels)
+            on_clean = self.student_logits(x)
+            ce = (1 - alpha) * self.loss_fn.ce(on_clean, member_labels)
         backward(ce)
-        return StepResult(kd.detach() + ce.detach(), _correct(on_clean, member_labels, split), b)
-
-    return step
+        correct = _correct(on_clean, member_labels, self.split)
+        return StepResult(kd.detach() + ce.detach(), correct, x.shape[0])
 
 
 def mean_prediction_logits(teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -223,11 +246,10 @@ def param_groups(student: BatchEnsemble, regime: str, weight_decay: float) -> li
     fast = list(student.fast_weight_parameters())
     bias = list(student.member_bias_parameters())
     shared = list(student.shared_parameters())
-    if (
-        regime == "wa"
-    ):  # decay towards 1 is applied in the gradient hook, not as plain decay towards 0
+    if regime == "wa":
+        # [WA]: r, s get no plain decay towards 0; fast_weight_hook decays them towards 1
         groups = [{"params": shared}, {"params": fast, "weight_decay": 0.0}, {"params": bias}]
-    else:  # [DM]: no weight decay and half the learning rate for the fast weights
+    else:  # [DM]: no weight decay and half the learning rate for fast weights and member biases
         groups = [
             {"params": shared},
             {"params": fast, "weight_decay": 0.0, "lr_scale": 0.5},

@@ -20,9 +20,12 @@ class DistillationLoss(nn.Module):
     Student member m learns from teacher member m when the ensembles have the same size, else
     every student member learns from the teacher ensemble's mean prediction. Teacher logits are
     treated as constants.
+
+    ``alpha`` and ``temperature`` have no defaults here: the configured ones live in one place,
+    :class:`ensc.compress.distill.DistillConfig` (and the CLI, which fills it).
     """
 
-    def __init__(self, alpha: float = 0.9, temperature: float = 1.0) -> None:
+    def __init__(self, alpha: float, temperature: float) -> None:
         super().__init__()
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")

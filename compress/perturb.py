@@ -1,4 +1,4 @@
-"""Input perturbations that carry the teachers' diversity into distillation (SPEC.md §5).
+"""Input perturbations that carry the teachers' diversity into distillation (docs/method.md §5).
 
 Every perturbation maps a clean batch x ∈ [0, 1]^(B×D) to x̃ = clip(x + ε, 0, 1), with ε per
 example and "step" in units of 1/255. The gradient-based kinds share one scaling
@@ -35,7 +35,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-PERTURBATIONS = ("none", "gaussian", "ods", "confods", "tdiv-sdiv")
+from ensc.compress.names import PERTURBATIONS
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # x [B, C, H, W] -> member logits [M, B, K]
 
@@ -106,9 +106,10 @@ class TDivSDivDirection(NamedTuple):
 
 
 def l2_direction(g: torch.Tensor, step: float) -> torch.Tensor:
-    """Scale each example's g to L2 length (step/255)·√D: ε = (step/255)·√D·g/‖g‖₂ (SPEC §5).
+    """Scale each example's g to L2 length (step/255)·√D (docs/method.md §5).
 
-    g is [B, ...] with D = the number of elements per example; an all-zero g gives ε = 0.
+    ε = (step/255)·√D·g/‖g‖₂, where g is [B, ...] with D = the number of elements per example;
+    an all-zero g gives ε = 0.
     """
     if g.dim() < 2:
         raise ValueError(f"g must be batched as [B, ...], got shape {tuple(g.shape)}")
@@ -203,7 +204,10 @@ def epsilon(
     student: LogitsFn | None = None,
     gen: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """The unclipped, detached offset ε of ``config.kind`` for the batch x [B, C, H, W] (SPEC §5)."""
+    """The unclipped, detached offset ε of ``config.kind`` for the batch x [B, C, H, W].
+
+    See docs/method.md §5.
+    """
     kind, step = config.kind, config.step
     if kind == "none":
         return torch.zeros_like(x)

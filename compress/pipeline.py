@@ -1,9 +1,6 @@
 """`ensc compress` end to end: DE teacher → BatchEns student → averaged single network → report.
 
-The run folder holds everything a user needs afterwards: ``student.pt`` (the single plain network
-in ensc's checkpoint format), ``student_be.pt``, ``config.json``, ``log.txt``, ``report.json`` and
-``report.md``. ``runs/latest`` points at the newest finished run, so `ensc export` / `ensc bench`
-find it without options.
+Everything a user needs afterwards goes into one run folder (its layout: :mod:`ensc.rundir`).
 """
 
 from __future__ import annotations
@@ -12,24 +9,23 @@ import contextlib
 import copy
 import json
 import logging
-import os
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ensc import rundir
 from ensc.compress.average import (
     average,
     fast_weight_spread,
     fold_max_abs_diff,
     recalibrate_bn,
 )
+from ensc.compress.config import CompressConfig, check_config
 from ensc.compress.distill import (
-    DistillConfig,
     fast_teachers,
     fast_weight_hook,
     make_distill_step,
@@ -39,7 +35,7 @@ from ensc.compress.report import Predictions, build_report, gaps_closed, parity,
 from ensc.compress.warmstart import WARM_START_LR, init_from_member, matching_member
 from ensc.data.datasets import DataConfig, ImageDataset, iterate_batches, load_dataset
 from ensc.data.source import check_compatible, data_config_for
-from ensc.engine.loop import OptimConfig, steady_seconds_per_step, train
+from ensc.engine.loop import steady_seconds_per_step, train
 from ensc.engine.predict import (
     eval_copy,
     eval_member_networks,
@@ -48,61 +44,17 @@ from ensc.engine.predict import (
     probe_batch,
 )
 from ensc.engine.runtime import Runtime
+from ensc.engine.seeding import seeded
 from ensc.engine.timing import PhaseTimer
-from ensc.errors import ConfigError, EnscError
+from ensc.errors import CompressParityError
 from ensc.evaluation.metrics import nll
 from ensc.fileio import atomic_write_text, jsonable
 from ensc.models.batchensemble import BatchEnsemble, to_batchensemble
 from ensc.models.checkpoint import ModelSpec, save_checkpoint
-from ensc.teachers.ensemble import Teacher, load_teacher, sanity_check
+from ensc.teachers.ensemble import Teacher, load_teacher, sanity_check, user_code
 from ensc.teachers.logits_cache import cache_dir_for, cached_teacher_logits
 
 log = logging.getLogger(__name__)
-
-STATE_FILE = ".state.pt"
-COMPRESS_METHODS = ("batchensemble", "kd-single")
-BN_RECAL_BATCHES = 20  # training batches for BN recalibration (measured: as good as all of them)
-
-
-class ParityError(EnscError):
-    """The averaged network lost more than allowed, or the fold was not exact."""
-
-
-@dataclass(frozen=True)
-class CompressConfig:
-    """Everything `ensc compress` does; defaults: [WA]'s student, [DM]'s loss (SPEC.md §3–§6)."""
-
-    teacher: Path  # teacher members: folder, ensemble.json, file or glob
-    arch: str  # student architecture
-    members: int | None = None  # BatchEns size; None = number of teachers
-    data_overrides: dict[str, Any] = field(default_factory=dict)  # DataConfig fields to change
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=200))
-    distill: DistillConfig = field(default_factory=DistillConfig)
-    init: str = "ones"  # fast-weight init: "ones" ([WA], needed for averaging) or "normal" ([DM])
-    recalibrate_bn: bool = True  # re-estimate BN statistics of the averaged network on train data
-    bn_recal_batches: int | None = BN_RECAL_BATCHES  # ... on this many shuffled batches; None = all
-    cache_teacher_logits: bool = True  # keep the teacher's val/test logits in runs_dir/.cache
-    max_acc_drop: float = (
-        1.0  # parity gate: allowed accuracy drop (points) of averaged vs BE student
-    )
-    fold_tolerance: float = 1e-3  # parity gate: max |Δlogit| between averaged BE and folded network
-    out: Path | None = None  # run folder; None = runs/<arch>-<perturb>-<time>
-    runs_dir: Path = Path("runs")  # where default run folders and the `latest` link live
-    seed: int = 0
-    resume: bool = False
-    force: bool = False
-    command: str = ""  # the command line, for the report
-    teacher_arch: str | None = None  # architecture of weight-only teacher files (--teacher-arch)
-    teacher_arch_kwargs: dict[str, Any] = field(default_factory=dict)  # its builder's arguments
-    code_path: Path | None = None  # folder of user code (architectures, pickled classes) to import
-    unsafe_load: bool = False  # allow full unpickling of teacher files (runs code from them)
-    # start the student from teacher member K (an int), from the first member with the student's
-    # architecture ("auto": the averaged network then starts as that member), or "scratch"
-    student_init: int | str = "auto"
-    # "batchensemble": distill into BE-M and average it (the product); "kd-single": plain KD of
-    # the ensemble's mean prediction into one network of --arch, everything else the same (the
-    # baseline a user would otherwise deploy)
-    method: str = "batchensemble"
 
 
 @dataclass(frozen=True)
@@ -113,41 +65,27 @@ class CompressResult:
 
 
 def run_compress(config: CompressConfig, runtime: Runtime) -> CompressResult | None:
-    """Distill, average, evaluate and write the run folder; raises ParityError after writing on failure.
+    """Distill, average, evaluate and write the run folder; raises CompressParityError after writing on failure.
 
     Returns None on the non-main processes of a data-parallel run.
     """
     started = time.perf_counter()
     run_dir = runtime.broadcast(_prepare_run_dir(config) if runtime.is_main else None)
-    handler = _log_to_file(run_dir / "log.txt") if runtime.is_main else logging.NullHandler()
-    try:
-        teacher = load_teacher(
-            config.teacher, arch=config.teacher_arch, arch_kwargs=config.teacher_arch_kwargs,
-            code_path=config.code_path, unsafe_load=config.unsafe_load,
-            dataset=config.data_overrides.get("name"),
-        )  # fmt: skip
-        data_config = data_config_for(teacher.spec, teacher.data_record, **config.data_overrides)
-        data = load_dataset(data_config)
-        check_compatible(teacher.spec, data)
-        members = 1 if config.method == "kd-single" else config.members or len(teacher)
-        student, spec, init_member = _build_student(config, teacher, data, members, runtime)
-        config = with_warm_start_lr(config, init_member is not None)
-        teacher.to(runtime.device)
-        if runtime.is_main:
-            # validation, not test: test labels stay unseen until the report
-            sanity_check(teacher, data.val, runtime)
-            record = _config_record(config, data_config, members)
-            atomic_write_text(run_dir / "config.json", json.dumps(record, indent=2) + "\n")
-
+    with rundir.run_log(run_dir if runtime.is_main else None):
+        run = _set_up(config, runtime, run_dir)
+        config, teacher, student, data = run.config, run.teacher, run.student, run.data
         history = _distill(config, runtime, student, teacher, data, run_dir)
         student.eval()
         if not runtime.is_main:  # rank 0 evaluates, reports and writes the run folder
             return None
         be_spec = replace(
-            spec, kind="batchensemble", members=members, arch_kwargs={**spec.arch_kwargs}
+            run.spec,
+            kind="batchensemble",
+            members=run.members,
+            arch_kwargs={**run.spec.arch_kwargs},
         )
         save_checkpoint(
-            run_dir / "student_be.pt",
+            run_dir / rundir.STUDENT_BE,
             student,
             be_spec,
             info={"seed": config.seed, "init": config.init},
@@ -159,43 +97,86 @@ def run_compress(config: CompressConfig, runtime: Runtime) -> CompressResult | N
         clock.start("report_seconds")
         report = build_report(preds, data.val.labels, data.test.labels)
         report["bn_statistics"] = bn_statistics  # of the kept network (student.pt)
-        if config.method == "kd-single":  # one network, no members: name the rows for what they are
-            _name_kd_rows(report)
-        report["parity"] = parity(report, config.max_acc_drop, fold_diff, config.fold_tolerance)
-        report["init_member"] = init_member
-        report["gap_closed"] = gaps_closed(report, init_member)
-        report["fast_weights"] = fast_weight_spread(student)
-        report["params"] = {
-            "teacher": sum(p.numel() for m in teacher.members for p in m.parameters()),
-            "student_be": sum(p.numel() for p in student.parameters()),
-            "student_avg": sum(p.numel() for p in averaged.parameters()),
-        }
-        steady = steady_seconds_per_step(history)  # leaves the first step's one-off costs out
-        report["train"] = {"steps": history["steps"], "seconds": round(history["seconds"], 1),
-                           "s_per_step": None if steady is None else round(steady, 3)}  # fmt: skip
-        report["dataset"] = data.name
-        report["method"] = config.method
+        _add_run_facts(report, run, averaged, fold_diff, history)
         report["teacher_logits_cache"] = teacher_cache
         save_checkpoint(
-            run_dir / "student.pt", averaged, spec,
+            run_dir / rundir.STUDENT, averaged, run.spec,
             metrics={k: report["student_avg"][k] for k in ("acc", "nll", "bs", "ece")},
-            info={"seed": config.seed, "data": jsonable(asdict(data_config)), "source": "ensc compress",
+            info={"seed": config.seed, "data": jsonable(asdict(run.data_config)), "source": "ensc compress",
                   "teacher": str(config.teacher), "recalibrated_bn": bn_statistics == "re-estimated"},
         )  # fmt: skip
         clock.stop()
         report["timing"] = {"train_seconds": round(history["seconds"], 1), **clock.rounded()}
         report["wall_seconds"] = round(time.perf_counter() - started, 1)
         log.info("after training: %s", _timing_line(report["timing"], teacher_cache))
-        md = _render_report(config, report, run_dir, teacher, data, members, history, runtime)
-        atomic_write_text(run_dir / "report.json", json.dumps(report, indent=2) + "\n")
-        atomic_write_text(run_dir / "report.md", md)
-        (run_dir / STATE_FILE).unlink(missing_ok=True)
-        _point_latest(config.runs_dir, run_dir)
+        md = _render_report(config, report, run_dir, teacher, data, run.members, history, runtime)
+        atomic_write_text(run_dir / rundir.REPORT_JSON, json.dumps(report, indent=2) + "\n")
+        atomic_write_text(run_dir / rundir.REPORT_MD, md)
+        (run_dir / rundir.STATE).unlink(missing_ok=True)
+        rundir.point_latest(config.runs_dir, run_dir)
         _enforce_gate(report["parity"], run_dir)
         return CompressResult(run_dir, report, md)
-    finally:
-        logging.getLogger("ensc").removeHandler(handler)
-        handler.close()
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What a run works on, once set up: teacher, data, student, and the config as resolved."""
+
+    config: CompressConfig  # with the warm-start learning rate filled in
+    teacher: Teacher
+    data_config: DataConfig
+    data: ImageDataset
+    members: int  # the student's M (1 for kd-single)
+    student: BatchEnsemble
+    spec: ModelSpec  # of one student network
+    init_member: int | None  # the teacher member the student starts from
+
+
+def _set_up(config: CompressConfig, runtime: Runtime, run_dir: Path) -> _Run:
+    """Load teacher and data, build the student, and record the settings in config.json."""
+    teacher = load_teacher(
+        config.teacher, arch=config.teacher_arch, arch_kwargs=config.teacher_arch_kwargs,
+        code_path=config.code_path, unsafe_load=config.unsafe_load,
+        dataset=config.data_overrides.get("name"),
+    )  # fmt: skip
+    data_config = data_config_for(teacher.spec, teacher.data_record, **config.data_overrides)
+    data = load_dataset(data_config)
+    check_compatible(teacher.spec, data)
+    members = 1 if config.method == "kd-single" else config.members or len(teacher)
+    with user_code(config.code_path):  # a student of the teacher's architecture uses its code
+        student, spec, init_member = _build_student(config, teacher, data, members, runtime)
+    config = with_warm_start_lr(config, init_member is not None)
+    teacher.to(runtime.device)
+    if runtime.is_main:
+        # validation, not test: test labels stay unseen until the report
+        sanity_check(teacher, data.val, runtime)
+        record = _config_record(config, data_config, members)
+        atomic_write_text(run_dir / rundir.CONFIG, json.dumps(record, indent=2) + "\n")
+    return _Run(config, teacher, data_config, data, members, student, spec, init_member)
+
+
+def _add_run_facts(
+    report: dict[str, Any], run: _Run, averaged: torch.nn.Module, fold_diff: float,
+    history: dict[str, Any],
+) -> None:  # fmt: skip
+    """The parity gate, gaps closed, fast-weight spread, sizes and training time, into ``report``."""
+    config = run.config
+    if config.method == "kd-single":  # one network, no members: name the rows for what they are
+        _name_kd_rows(report)
+    report["parity"] = parity(report, config.max_acc_drop, fold_diff, config.fold_tolerance)
+    report["init_member"] = run.init_member
+    report["gap_closed"] = gaps_closed(report, run.init_member)
+    report["fast_weights"] = fast_weight_spread(run.student)
+    report["params"] = {
+        "teacher": sum(p.numel() for m in run.teacher.members for p in m.parameters()),
+        "student_be": sum(p.numel() for p in run.student.parameters()),
+        "student_avg": sum(p.numel() for p in averaged.parameters()),
+    }
+    steady = steady_seconds_per_step(history)  # leaves the first step's one-off costs out
+    report["train"] = {"steps": history["steps"], "seconds": round(history["seconds"], 1),
+                       "s_per_step": None if steady is None else round(steady, 3)}  # fmt: skip
+    report["dataset"] = run.data.name
+    report["method"] = config.method
 
 
 def _single_network(
@@ -265,7 +246,7 @@ def _distill(
         param_groups=param_groups(student, config.distill.fast_weights, wd),
         hflip=data.hflip,
         seed=config.seed,
-        state_path=run_dir / STATE_FILE,
+        state_path=run_dir / rundir.STATE,
         resume=config.resume,
         desc=f"distill BE-{student.members}",
         after_backward=fast_weight_hook(student, config.distill.fast_weights, wd),
@@ -377,7 +358,7 @@ def _name_kd_rows(report: dict[str, Any]) -> None:
 
 
 def _enforce_gate(gate: dict[str, Any], run_dir: Path) -> None:
-    """Raise ParityError (after the report is written) when the parity gate failed."""
+    """Raise CompressParityError (after the report is written) when the parity gate failed."""
     if gate["passed"]:
         return
     reason = (
@@ -385,7 +366,7 @@ def _enforce_gate(gate: dict[str, Any], run_dir: Path) -> None:
         f"(allowed {gate['max_acc_drop']})" if not gate["acc_gate_passed"]
         else f"the fold is not exact (max |Δlogit| {gate['fold_max_abs_diff']:.2e})"
     )  # fmt: skip
-    raise ParityError(f"parity gate failed: {reason}; see {run_dir / 'report.md'}")
+    raise CompressParityError(f"parity gate failed: {reason}; see {run_dir / rundir.REPORT_MD}")
 
 
 def _build_student(
@@ -398,19 +379,19 @@ def _build_student(
         class_names=teacher.spec.class_names,
         data_root=teacher.spec.data_root,
     )
-    torch.manual_seed(config.seed)
-    net = spec.build()
-    k = config.student_init
-    if k == "auto":
-        k = matching_member(net, teacher)
-        if k is not None:
-            log.info(
-                "student starts from teacher member %d (%s), which has its architecture; "
-                "--student-init scratch starts from random weights", k, teacher.paths[k].name,
-            )  # fmt: skip
-    if isinstance(k, int):
-        spec = init_from_member(net, spec, teacher, k)
-    student = to_batchensemble(net, members=members, init=config.init)
+    with seeded(config.seed):  # weight init (and fast weights' random init) from the run's seed
+        net = spec.build()
+        k = config.student_init
+        if k == "auto":
+            k = matching_member(net, teacher)
+            if k is not None:
+                log.info(
+                    "student starts from teacher member %d (%s), which has its architecture; "
+                    "--student-init scratch starts from random weights", k, teacher.paths[k].name,
+                )  # fmt: skip
+        if isinstance(k, int):
+            spec = init_from_member(net, spec, teacher, k)
+        student = to_batchensemble(net, members=members, init=config.init)
     if config.method == "kd-single":  # one member with r = s = 1 frozen: the plain network itself
         for p in student.fast_weight_parameters():
             p.requires_grad_(False)
@@ -433,8 +414,8 @@ def _predict_all(
     The teachers' logits come from the cache when an earlier run computed them on the same data;
     the BE student's members and the averaged network run as fast evaluation copies (BatchNorm
     folded into the convolutions, checked against the originals on a probe batch), side by side
-    on a CPU (``predict_logits_many``). The second
-    value says whether the teacher cache was used (see ``cached_teacher_logits``).
+    on a CPU (``predict_logits_many``). The second value says whether the teacher cache was used
+    (see ``cached_teacher_logits``).
     """
     splits = {"val": data.val, "test": data.test}
     cache_dir = cache_dir_for(config.runs_dir) if config.cache_teacher_logits else None
@@ -506,74 +487,17 @@ def _timing_line(timing: dict[str, float], teacher_cache: str) -> str:
 
 
 def _prepare_run_dir(config: CompressConfig) -> Path:
-    if config.force and config.resume:
-        raise ConfigError("--force and --resume contradict each other; pass one")
-    if config.method not in COMPRESS_METHODS:
-        raise ConfigError(
-            f"unknown --method {config.method!r}: choose one of {', '.join(COMPRESS_METHODS)}"
-        )
-    if config.method == "kd-single" and config.distill.perturb.kind == "tdiv-sdiv":
-        raise ConfigError(
-            "--method kd-single trains one network, and tdiv-sdiv needs at least 2 student "
-            "members: use --perturb ods, confods, gaussian or none"
-        )
-    if config.bn_recal_batches is not None and config.bn_recal_batches < 1:
-        raise ConfigError(
-            f"bn_recal_batches must be at least 1 (or None for the whole training split); got {config.bn_recal_batches}"
-        )
+    check_config(config)
     if config.out is not None:
         run_dir = Path(config.out)
     elif config.resume:
-        run_dir = Path(config.runs_dir) / "latest"
-        if not (run_dir / STATE_FILE).exists():
-            raise ConfigError(
-                f"nothing to resume in {run_dir}: pass --out RUN_DIR of the interrupted run"
-            )
-        run_dir = run_dir.resolve()
+        run_dir = rundir.latest_to_resume(config.runs_dir)
     else:
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         kind = "kd-single-" if config.method == "kd-single" else ""
-        run_dir = (
-            Path(config.runs_dir) / f"{kind}{config.arch}-{config.distill.perturb.kind}-{stamp}"
+        run_dir = rundir.default_run_dir(
+            config.runs_dir, f"{kind}{config.arch}-{config.distill.perturb.kind}"
         )
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"--out {run_dir} is a file; give a folder for the run")
-    if run_dir.exists() and not (config.force or config.resume):
-        taken = [n for n in ("student.pt", "report.json", STATE_FILE) if (run_dir / n).exists()]
-        if taken:
-            raise ConfigError(
-                f"{run_dir} already holds a run ({taken[0]}): pass --resume to continue it or --force to overwrite it"
-            )
-    if config.force:
-        (run_dir / STATE_FILE).unlink(missing_ok=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
-
-
-def _point_latest(runs_dir: Path, run_dir: Path) -> None:
-    """Atomically repoint ``runs_dir/latest`` at ``run_dir`` (relative when inside runs_dir)."""
-    runs_dir = Path(runs_dir)
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    target = run_dir.resolve()
-    try:
-        link_to = os.path.relpath(target, runs_dir.resolve())
-    except ValueError:  # another drive on Windows
-        link_to = str(target)
-    tmp = runs_dir / f".latest.{os.getpid()}"
-    tmp.unlink(missing_ok=True)
-    os.symlink(link_to, tmp, target_is_directory=True)
-    os.replace(tmp, runs_dir / "latest")
-
-
-def _log_to_file(path: Path) -> logging.Handler:
-    handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-    handler.setLevel(logging.INFO)
-    logger = logging.getLogger("ensc")
-    logger.addHandler(handler)
-    if logger.getEffectiveLevel() > logging.INFO:
-        logger.setLevel(logging.INFO)
-    return handler
+    return rundir.claim(run_dir, force=config.force, resume=config.resume)
 
 
 def _config_record(config: CompressConfig, data: DataConfig, members: int) -> dict[str, Any]:

@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from ensc.evaluation.metrics import agreement, ensemble_nll_curve, evaluate_predictions
+from ensc.evaluation.metrics import evaluate_predictions
+from ensc.evaluation.scores import Scorer
 from ensc.evaluation.table import markdown_table
 
 REPORT_COLUMNS = (
@@ -44,25 +45,13 @@ class Predictions:
 def build_report(
     preds: Predictions, val_labels: torch.Tensor, test_labels: torch.Tensor
 ) -> dict[str, Any]:
-    """Metrics (SPEC §7) of each teacher, DE-M, each student member, BE-M and the averaged network.
+    """Metrics of each teacher, DE-M, each student member, BE-M and the averaged network.
 
-    DEE is measured against the teacher's calibrated prefix-ensemble curve; ``agreement`` is the
-    top-1 agreement with DE-M in percent.
+    The metrics are those of docs/method.md §9. DEE is measured against the teacher's calibrated
+    prefix-ensemble curve; ``agreement`` is the top-1 agreement with DE-M in percent.
     """
-    curve = ensemble_nll_curve(
-        preds.teacher_test, test_labels, val_member_probs=preds.teacher_val, val_labels=val_labels
-    )
-    de_test = preds.teacher_test.mean(0)
-
-    def row(
-        name: str, test: torch.Tensor, val: torch.Tensor, members: torch.Tensor | None = None
-    ) -> dict[str, Any]:
-        metrics = evaluate_predictions(
-            test, test_labels, val_probs=val, val_labels=val_labels,
-            member_probs=members if members is not None and len(members) > 1 else None, de_nll_curve=curve,
-        ).to_dict()  # fmt: skip
-        return {"name": name, **metrics, "agreement": agreement(test, de_test)}
-
+    scorer = Scorer(val_labels, test_labels, preds.teacher_val, preds.teacher_test)
+    row = scorer.row
     t_val, t_test, s_val, s_test = (
         preds.teacher_val,
         preds.teacher_test,
@@ -72,14 +61,14 @@ def build_report(
     report = {
         "n_val": len(val_labels),
         "n_test": len(test_labels),
-        "teacher": row(f"DE-{len(t_test)} teacher", de_test, t_val.mean(0), t_test),
+        "teacher": row(f"DE-{len(t_test)} teacher", t_test.mean(0), t_val.mean(0), t_test),
         "teacher_members": [row(f"teacher {k}", t_test[k], t_val[k]) for k in range(len(t_test))],
         "student_be": row(f"BE-{len(s_test)} student", s_test.mean(0), s_val.mean(0), s_test),
         "student_members": [
             row(f"student member {k}", s_test[k], s_val[k]) for k in range(len(s_test))
         ],
         "student_avg": row("averaged single network", preds.avg_test, preds.avg_val),
-        "de_cnll_curve": curve,
+        "de_cnll_curve": scorer.curve,
     }
     val = {"teacher": t_val.mean(0), "student_be": s_val.mean(0), "student_avg": preds.avg_val}
     if preds.alt_test is not None and preds.alt_val is not None:

@@ -3,8 +3,8 @@
 Small image datasets (Fashion-MNIST, CIFAR, a folder of thumbnails) fit in memory once decoded, so
 ensc decodes them a single time into a ``uint8 [N, C, H, W]`` tensor and augments whole batches on
 the fly: no per-sample PIL work in the training loop. Pixels reach models in [0, 1]; the
-normalization lives inside the model (SPEC.md §1), so ``mean``/``std`` here are only *measured*
-on the training split and handed to the model builder.
+normalization lives inside the model (docs/method.md §1), so ``mean``/``std`` here are only
+*measured* on the training split and handed to the model builder.
 """
 
 from __future__ import annotations

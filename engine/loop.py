@@ -23,15 +23,15 @@ from ensc.data.datasets import Split, iterate_batches, steps_per_epoch
 from ensc.engine.runtime import Runtime
 from ensc.engine.schedule import default_warmup_epochs, scaled_lr, warmup_cosine
 from ensc.engine.timing import NO_TIMER, PhaseTimer
-from ensc.errors import ConfigError
-from ensc.fileio import atomic_torch_save
+from ensc.errors import ConfigError, DivergenceError
+from ensc.fileio import atomic_torch_save, torch_load
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """Optimizer and schedule; defaults are the papers' recipe (SPEC.md §4)."""
+    """Optimizer and schedule; defaults are the papers' recipe (docs/method.md §7)."""
 
     epochs: int = 30
     batch_size: int = 128
@@ -125,56 +125,108 @@ def train(
     if len(data) == 0:
         raise ConfigError("the training split is empty")
     optimizer = make_optimizer(param_groups or [{"params": list(model.parameters())}], config)
-    total = config.total_steps(len(data))
-    epochs = config.num_epochs(len(data))
-    scheduler = warmup_cosine(optimizer, total, config.warmup_steps(len(data)))
-    scaler = runtime.grad_scaler()
-    gen = torch.Generator().manual_seed(seed)
+    loop = _Loop(
+        model, step, data, config, runtime, optimizer, hflip=hflip, seed=seed, desc=desc,
+        after_backward=after_backward, timer=timer,
+    )  # fmt: skip
     identity = {"config": asdict(config), **(identity or {})}
-    history: dict[str, Any] = {"epochs": [], "steps": 0, "seconds": 0.0}
-
-    start_epoch = 0
     if state_path is not None and resume and Path(state_path).exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        loop.resume(Path(state_path), identity)
+    return loop.run(Path(state_path) if state_path is not None else None, identity)
+
+
+class _Loop:
+    """The pieces of one training run (optimizer, schedule, scaler, data order, history) and the
+    epochs over them; :func:`train` is its one user."""
+
+    def __init__(
+        self, model: nn.Module, step: StepFn, data: Split, config: OptimConfig, runtime: Runtime,
+        optimizer: torch.optim.Optimizer, *, hflip: bool, seed: int, desc: str,
+        after_backward: Callable[[], None] | None, timer: PhaseTimer,
+    ) -> None:  # fmt: skip
+        self.model, self.step, self.data, self.config, self.runtime = (
+            model,
+            step,
+            data,
+            config,
+            runtime,
+        )
+        self.optimizer, self.hflip, self.desc, self.timer = optimizer, hflip, desc, timer
+        self.after_backward = after_backward
+        self.total = config.total_steps(len(data))
+        self.epochs = config.num_epochs(len(data))
+        self.scheduler = warmup_cosine(optimizer, self.total, config.warmup_steps(len(data)))
+        self.scaler = runtime.grad_scaler()
+        self.gen = torch.Generator().manual_seed(seed)
+        self.history: dict[str, Any] = {"epochs": [], "steps": 0, "seconds": 0.0}
+        self.start_epoch = 0
+
+    def _parts(self) -> dict[str, Any]:
+        return {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler,
+                "scaler": self.scaler}  # fmt: skip
+
+    def resume(self, state_path: Path, identity: dict[str, Any]) -> None:
+        """Continue from the state saved at the end of the last finished epoch."""
+        state = torch_load(state_path)
         if state["identity"] != identity:
             raise ConfigError(
                 f"{state_path} was saved by a run with different settings; use --force to start over"
             )
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        gen.set_state(state["generator"])
-        history = state["history"]
-        start_epoch = state["epoch"]
+        for name, part in self._parts().items():
+            part.load_state_dict(state[name])
+        self.gen.set_state(state["generator"])
+        history = self.history = state["history"]
+        self.start_epoch = state["epoch"]
         history["resumed_steps"], history["resumed_seconds"] = history["steps"], history["seconds"]
-        log.info("%s: resuming after epoch %d (%d steps done)", desc, start_epoch, history["steps"])
-
-    bar = tqdm(
-        total=total,
-        initial=history["steps"],
-        desc=desc,
-        unit="step",
-        dynamic_ncols=True,
-        disable=None if runtime.is_main else True,
-    )
-    t0 = time.perf_counter() - history["seconds"]
-    t_start = last_log = time.perf_counter()
-    start_steps = history["steps"]
-
-    def backward(loss: torch.Tensor) -> None:
-        with torch.autocast(runtime.device.type, enabled=False), timer("student"):
-            scaler.scale(loss).backward()
-
-    for epoch in range(start_epoch, epochs):
-        if history["steps"] >= total:
-            break
-        model.train()
-        loss_sum, correct, count, n_steps = 0.0, 0, 0, 0
-        batches = iterate_batches(
-            data, config.batch_size, gen=gen, shuffle=True, augment_hflip=hflip, drop_last=True
+        log.info(
+            "%s: resuming after epoch %d (%d steps done)",
+            self.desc,
+            self.start_epoch,
+            history["steps"],
         )
-        while True:
+
+    def _save(self, state_path: Path, identity: dict[str, Any], epochs_done: int) -> None:
+        state = {name: part.state_dict() for name, part in self._parts().items()}
+        state.update(identity=identity, epoch=epochs_done, generator=self.gen.get_state(),
+                     history=self.history)  # fmt: skip
+        atomic_torch_save(state, state_path)
+
+    def run(self, state_path: Path | None, identity: dict[str, Any]) -> dict[str, Any]:
+        history = self.history
+        self.bar = tqdm(
+            total=self.total, initial=history["steps"], desc=self.desc, unit="step",
+            dynamic_ncols=True, disable=None if self.runtime.is_main else True,
+        )  # fmt: skip
+        t0 = time.perf_counter() - history["seconds"]
+        self.t_start = self.last_log = time.perf_counter()
+        self.start_steps = history["steps"]
+        for epoch in range(self.start_epoch, self.epochs):
+            if history["steps"] >= self.total:
+                break
+            loss, acc = self._epoch(epoch)
+            history["seconds"] = time.perf_counter() - t0
+            history["epochs"].append({"epoch": epoch + 1, "loss": loss, "acc": acc})
+            log.info("%s: epoch %d/%d loss %.4f acc %.2f%% (%.0fs)",
+                     self.desc, epoch + 1, self.epochs, loss, acc, history["seconds"])  # fmt: skip
+            if state_path is not None and self.runtime.is_main:
+                self._save(state_path, identity, epoch + 1)
+            self.runtime.barrier()  # others wait until rank 0's state file is complete
+        self.bar.close()
+        return history
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        with torch.autocast(self.runtime.device.type, enabled=False), self.timer("student"):
+            self.scaler.scale(loss).backward()
+
+    def _epoch(self, epoch: int) -> tuple[float, float]:
+        """One pass over the shuffled data (or what is left of the step budget): mean loss and
+        accuracy (percent) of its steps."""
+        runtime, history, timer = self.runtime, self.history, self.timer
+        self.model.train()
+        loss_sum, correct, count, n_steps = 0.0, 0, 0, 0
+        batches = iterate_batches(self.data, self.config.batch_size, gen=self.gen, shuffle=True,
+                                  augment_hflip=self.hflip, drop_last=True)  # fmt: skip
+        while history["steps"] < self.total:
             with timer("data"):
                 batch = next(batches, None)
                 if batch is None:
@@ -182,76 +234,44 @@ def train(
                 images, labels = runtime.shard(*batch)  # data-parallel: this process's share
                 images = runtime.to_device(images)
                 labels = labels.to(runtime.device, non_blocking=True)
-            optimizer.zero_grad(set_to_none=True)
-            with runtime.autocast():
-                result = step(images, labels, backward)
-            with timer("optimizer"):
-                if after_backward is not None:
-                    scaler.unscale_(optimizer)
-                    after_backward()
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-            loss_value = float(result.loss)
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(
-                    f"{desc}: loss became {loss_value} at step {history['steps']}; lower --lr"
-                )
-            loss_sum, correct, count, n_steps = (
-                loss_sum + loss_value,
-                correct + result.correct,
-                count + result.count,
-                n_steps + 1,
+            result = self._optimizer_step(images, labels)
+            loss_sum, correct, count, n_steps = (loss_sum + float(result.loss),
+                correct + result.correct, count + result.count, n_steps + 1)  # fmt: skip
+            self._after_step(epoch, loss_sum / n_steps, 100 * correct / max(1, count))
+        return loss_sum / max(1, n_steps), 100 * correct / max(1, count)
+
+    def _optimizer_step(self, images: torch.Tensor, labels: torch.Tensor) -> StepResult:
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.runtime.autocast():
+            result = self.step(images, labels, self._backward)
+        with self.timer("optimizer"):
+            if self.after_backward is not None:
+                self.scaler.unscale_(self.optimizer)
+                self.after_backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+        loss_value = float(result.loss)
+        if not math.isfinite(loss_value):
+            raise DivergenceError(
+                f"{self.desc}: loss became {loss_value} at step {self.history['steps']}; lower --lr"
             )
-            history["steps"] += 1
-            if history["steps"] == start_steps + 1:  # includes one-off costs (allocator growth)
-                history["first_step_seconds"] = time.perf_counter() - t_start
-            if time.perf_counter() - last_log >= LOG_EVERY_SECONDS:
-                last_log = time.perf_counter()
-                _log_progress(desc, history["steps"], total, start_steps, last_log - t_start, timer)
-            bar.update(1)
-            bar.set_postfix(
-                epoch=epoch + 1,
-                loss=f"{loss_sum / n_steps:.3f}",
-                acc=f"{100 * correct / max(1, count):.1f}",
-                lr=f"{scheduler.get_last_lr()[0]:.3g}",
-            )
-            if history["steps"] >= total:
-                break
-        history["seconds"] = time.perf_counter() - t0
-        history["epochs"].append(
-            {
-                "epoch": epoch + 1,
-                "loss": loss_sum / max(1, n_steps),
-                "acc": 100 * correct / max(1, count),
-            }
-        )
-        log.info(
-            "%s: epoch %d/%d loss %.4f acc %.2f%% (%.0fs)",
-            desc,
-            epoch + 1,
-            epochs,
-            loss_sum / max(1, n_steps),
-            100 * correct / max(1, count),
-            history["seconds"],
-        )
-        if state_path is not None and runtime.is_main:
-            atomic_torch_save(
-                {
-                    "identity": identity,
-                    "epoch": epoch + 1,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "generator": gen.get_state(),
-                    "history": history,
-                },
-                Path(state_path),
-            )
-        runtime.barrier()  # others wait until rank 0's state file is complete
-    bar.close()
-    return history
+        return result
+
+    def _after_step(self, epoch: int, loss: float, acc: float) -> None:
+        """Count the step; bar, progress line every LOG_EVERY_SECONDS, first-step time."""
+        history = self.history
+        history["steps"] += 1
+        now = time.perf_counter()
+        if history["steps"] == self.start_steps + 1:  # includes one-off costs (allocator growth)
+            history["first_step_seconds"] = now - self.t_start
+        if now - self.last_log >= LOG_EVERY_SECONDS:
+            self.last_log = now
+            _log_progress(self.desc, history["steps"], self.total, self.start_steps,
+                          now - self.t_start, self.timer)  # fmt: skip
+        self.bar.update(1)
+        self.bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.3f}", acc=f"{acc:.1f}",
+                             lr=f"{self.scheduler.get_last_lr()[0]:.3g}")  # fmt: skip
 
 
 def _log_progress(

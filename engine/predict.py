@@ -30,6 +30,7 @@ from ensc.compress.average import member_network
 from ensc.data.datasets import Split, iterate_batches
 from ensc.engine.runtime import Runtime
 from ensc.models.batchensemble import BatchEnsemble
+from ensc.models.modes import eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -57,15 +58,11 @@ def predict_logits(
 ) -> torch.Tensor:
     """Logits of ``model`` (eval mode) on every image of ``split``: float32 [N, K] on the CPU."""
     batch_size = batch_size or eval_batch_size(runtime)
-    was_training = model.training
-    model.eval()
     out = []
-    try:
+    with eval_mode(model):
         for images, _ in iterate_batches(split, batch_size):
             with runtime.autocast():
                 out.append(model(runtime.to_device(images)).float().cpu())
-    finally:
-        model.train(was_training)
     return torch.cat(out)
 
 
@@ -106,17 +103,15 @@ def predict_logits_many(
         with torch.inference_mode(), runtime.autocast():
             return models[k](runtime.to_device(images)).float().cpu()
 
-    modes = [model.training for model in models]
     threads = torch.get_num_threads()
     try:
-        for model in models:
-            model.eval()
-        with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        with (
+            eval_mode(*models),
+            ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool,
+        ):
             outs = list(pool.map(run, jobs))
     finally:
         torch.set_num_threads(threads)
-        for model, mode in zip(models, modes, strict=True):
-            model.train(mode)
     parts: list[dict[str, list[torch.Tensor]]] = [{name: [] for name in splits} for _ in models]
     for (k, name, _), out in zip(jobs, outs, strict=True):
         parts[k][name].append(out)
@@ -136,15 +131,11 @@ def predict_member_logits(
 ) -> torch.Tensor:
     """Each BatchEns member's logits on ``split`` from one BE forward per batch: [M, N, K], CPU."""
     batch_size = batch_size or max(1, eval_batch_size(runtime) // student.members)
-    was_training = student.training
-    student.eval()
     out = []
-    try:
+    with eval_mode(student):
         for images, _ in iterate_batches(split, batch_size):
             with runtime.autocast():
                 out.append(student.forward_members(runtime.to_device(images)).float().cpu())
-    finally:
-        student.train(was_training)
     return torch.cat(out, dim=1)  # [M, N, K]
 
 
@@ -181,15 +172,11 @@ def eval_copy(model: nn.Module, runtime: Runtime, probe: torch.Tensor) -> nn.Mod
         isinstance(m, nn.modules.batchnorm._BatchNorm | nn.Conv2d) for m in model.modules()
     ):
         return model
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         fast = _fused(model)
         if runtime.device.type == "cpu" or runtime.channels_last:
             fast = _ChannelsLast(fast.to(memory_format=torch.channels_last))
         diff = _max_rel_diff(model, fast, probe)
-    finally:
-        model.train(was_training)
     if not diff <= EVAL_COPY_TOLERANCE:  # NaN too
         log.warning(
             "the fused evaluation copy of %s differs by %.1e from the network; evaluating the "
@@ -209,14 +196,9 @@ def eval_member_networks(
     """
     nets = [member_network(student, m).to(runtime.device) for m in range(student.members)]
     nets = [eval_copy(net, runtime, probe) for net in nets]
-    was_training = student.training
-    student.eval()
-    try:
-        with torch.inference_mode():
-            want = student.forward_members(probe).float()  # [M, B, K]
-            got = torch.stack([net(probe).float() for net in nets])
-    finally:
-        student.train(was_training)
+    with eval_mode(student), torch.inference_mode():
+        want = student.forward_members(probe).float()  # [M, B, K]
+        got = torch.stack([net(probe).float() for net in nets])
     diff = _rel_diff(want, got)
     if not diff <= EVAL_COPY_TOLERANCE:  # NaN too
         log.warning(

@@ -1,4 +1,7 @@
-"""Learning-rate schedule of both papers: linear warm-up, then cosine decay to zero (SPEC.md §4)."""
+"""Learning-rate schedule of both papers: linear warm-up, then cosine decay to zero.
+
+See docs/method.md §7.
+"""
 
 from __future__ import annotations
 

@@ -6,16 +6,20 @@ their temperature-scaled versions, DEE and diversity).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ensc.data.datasets import ImageDataset, Split
+from ensc.data.datasets import ImageDataset, Split, load_dataset
+from ensc.data.source import check_compatible, data_config_for
 from ensc.engine.predict import eval_copy, predict_logits_many, probe_batch
 from ensc.engine.runtime import Runtime
-from ensc.evaluation.metrics import agreement, ensemble_nll_curve, evaluate_predictions
+from ensc.errors import ConfigError
+from ensc.evaluation.scores import Scorer
+from ensc.models.checkpoint import load_checkpoint
 from ensc.teachers.ensemble import Teacher
 
 
@@ -62,32 +66,16 @@ def evaluate(
         "ensembles": [],
         "students": [],
     }
-    labels, val_labels = data.test.labels, data.val.labels
-    curve, de_test = None, None
+    val, test = member_probs(teacher, data, runtime) if teacher is not None else (None, None)
+    scorer = Scorer(data.val.labels, data.test.labels, val, test)
     if teacher is not None:
-        val, test = member_probs(teacher, data, runtime)
-        curve = ensemble_nll_curve(test, labels, val_member_probs=val, val_labels=val_labels)
-        de_test = test.mean(0)
-        result["de_cnll_curve"] = curve
-
-    def metrics(
-        test_probs: torch.Tensor, val_probs: torch.Tensor, members: torch.Tensor | None = None
-    ) -> dict[str, Any]:
-        return evaluate_predictions(
-            test_probs, labels, val_probs=val_probs, val_labels=val_labels,
-            member_probs=members, de_nll_curve=curve,
-        ).to_dict()  # fmt: skip
-
-    if teacher is not None:
-        result["members"] = [
-            {"name": f"member {k}", "path": str(teacher.paths[k]), **metrics(test[k], val[k])}
-            for k in range(len(teacher))
-        ]
+        result["de_cnll_curve"] = scorer.curve
+        result["members"] = []
+        for k in range(len(teacher)):
+            row = scorer.row(f"member {k}", test[k], val[k], with_agreement=False)
+            result["members"].append({"name": row["name"], "path": str(teacher.paths[k]), **row})
         result["ensembles"] = [
-            {
-                "name": f"DE-{m}",
-                **metrics(test[:m].mean(0), val[:m].mean(0), test[:m] if m > 1 else None),
-            }
+            scorer.row(f"DE-{m}", test[:m].mean(0), val[:m].mean(0), test[:m], with_agreement=False)
             for m in range(1, len(teacher) + 1)
         ]
     probe = probe_batch([data.test, data.val], runtime)
@@ -96,9 +84,36 @@ def evaluate(
         if probe is not None:
             model = eval_copy(model, runtime, probe)
         (logits,) = predict_logits_many([model], {"test": data.test, "val": data.val}, runtime)
-        s_test, s_val = logits["test"].softmax(-1), logits["val"].softmax(-1)
-        row = {"name": name, **metrics(s_test, s_val)}
-        if de_test is not None:
-            row["agreement"] = agreement(s_test, de_test)
-        result["students"].append(row)
+        result["students"].append(
+            scorer.row(name, logits["test"].softmax(-1), logits["val"].softmax(-1))
+        )
     return result
+
+
+def evaluate_saved(
+    runtime: Runtime,
+    teacher: Teacher | None = None,
+    student_paths: Sequence[Path] = (),
+    *,
+    dataset: str | None = None,
+    data_root: Path | None = None,
+    test_subset: int | None = None,
+) -> dict[str, Any]:
+    """`ensc eval`: :func:`evaluate` on the data the models were trained on (recorded in the
+    teacher, else the first student) unless ``dataset`` / ``data_root`` say otherwise."""
+    ckpts = {str(path): load_checkpoint(path) for path in student_paths}
+    first = next(iter(ckpts.values()), None)
+    if teacher is None and first is None:
+        raise ConfigError("nothing to evaluate: pass a teacher, a student checkpoint, or both")
+    spec, recorded = (
+        (teacher.spec, teacher.data_record) if teacher else (first.spec, first.info.get("data"))
+    )
+    config = data_config_for(spec, recorded, name=dataset, root=data_root, test_subset=test_subset)
+    data = load_dataset(config)
+    for model_spec in [
+        *(c.spec for c in ckpts.values()),
+        *([] if teacher is None else [teacher.spec]),
+    ]:
+        check_compatible(model_spec, data)
+    models = {name: ckpt.build_model() for name, ckpt in ckpts.items()}
+    return evaluate(data, runtime, teacher=teacher, students=models)

@@ -1,4 +1,5 @@
-"""Evaluation metrics of SPEC §7: ACC, NLL, Brier, ECE, temperature scaling, DEE, diversity.
+"""Evaluation metrics of docs/method.md §9: ACC, NLL, Brier, ECE, temperature scaling, DEE,
+diversity.
 
 Conventions (shared by every function here):
 
@@ -308,7 +309,7 @@ def disagreement(member_probs: torch.Tensor) -> float:
 
 @dataclass(frozen=True)
 class Metrics:
-    """All §7 metrics of one predictor; optional fields are None when not computed."""
+    """All metrics of one predictor (docs/method.md §9); the optional ones None if not computed."""
 
     acc: float  # top-1 accuracy, percent
     nll: float  # mean −log p_y

@@ -43,14 +43,28 @@ def markdown_table(
     """One row per dict (its ``name`` first), the given metric columns after it."""
     header = [name_header] + [COLUMNS[c][0] for c in columns]
     body = [[str(r["name"])] + [_cell(r.get(c), COLUMNS[c][1]) for c in columns] for r in rows]
-    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+    return render_table(header, body)
 
-    def line(cells: list[str]) -> str:
+
+def render_table(
+    header: Sequence[str], rows: Sequence[Sequence[str]], align: str | None = None
+) -> str:
+    """A Markdown table of text cells; ``align`` has one letter per column, ``l`` or ``r``.
+
+    The default aligns the first column left and the others right; columns are padded to their
+    widest cell so the table also reads well in a terminal.
+    """
+    align = align or "l" + "r" * (len(header) - 1)
+    widths = [max(len(line[i]) for line in [header, *rows]) for i in range(len(header))]
+
+    def line(values: Sequence[str]) -> str:
         padded = [
-            c.ljust(w) if i == 0 else c.rjust(w)
-            for i, (c, w) in enumerate(zip(cells, widths, strict=False))
+            v.ljust(w) if a == "l" else v.rjust(w)
+            for v, w, a in zip(values, widths, align, strict=True)
         ]
         return "| " + " | ".join(padded) + " |"
 
-    rule = "|" + "|".join("-" * (w + 1) + (":" if i else "-") for i, w in enumerate(widths)) + "|"
-    return "\n".join([line(header), rule, *(line(b) for b in body)])
+    rule = "|".join(
+        "-" * (w + 1) + (":" if a == "r" else "-") for w, a in zip(widths, align, strict=True)
+    )
+    return "\n".join([line(header), f"|{rule}|", *(line(r) for r in rows)])

@@ -16,28 +16,28 @@ degrades badly when oversubscribed. Results are dataclasses; rendering is
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ensc import __version__
-from ensc.errors import ConfigError
+from ensc import __version__, rundir
+from ensc.errors import ConfigError, ExportParityError
 from ensc.export.sources import (
     CheckImages,
     Exportable,
     load_check_images,
     load_exportable,
     onnx_path,
-    resolve_run,
 )
-from ensc.export.validate import ParityError, make_session
+from ensc.export.validate import make_session
 
 if TYPE_CHECKING:
     import torch
@@ -297,7 +297,7 @@ def run_bench(
     """Benchmark the run's teacher, BE student and averaged network side by side."""
     import torch
 
-    run_dir = resolve_run(run, runs_dir)
+    run_dir = rundir.resolve_run(run, runs_dir)
     providers, device_type = resolve_provider(config.provider)
     exportables = {
         "student": load_exportable("student", run=run_dir),
@@ -311,33 +311,25 @@ def run_bench(
         test_samples=config.test_samples,
         data_root=config.data_root,
     )
-    device = torch.device(device_type)
     threads = config.threads or torch.get_num_threads()
-    saved_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
     notes: list[str] = []
-    try:
-        candidates = _candidates(exportables, run_dir, images, providers, device, threads, notes)
+    with _torch_threads(threads):
+        candidates = _candidates(
+            exportables, run_dir, images, providers, torch.device(device_type), threads, notes
+        )
         x, y = images.test_images.numpy(), images.test_labels.numpy()
         acc = [accuracy(c.predict, x, y) for c in candidates]
-        log.info(
-            "timing %d candidates at batch sizes %s (%d warm-up + %d timed calls each)",
-            len(candidates), ",".join(map(str, config.batch_sizes)), config.warmup, config.repeats,
-        )  # fmt: skip
-        load_before = _loadavg()
-        latency = measure(
-            candidates, x, config.batch_sizes, warmup=config.warmup, repeats=config.repeats
+        latency, load_before, load_after = _timed(candidates, x, config)
+    if (
+        threads > 1
+        and load_before is not None
+        and (load_before - 1) + threads > (os.cpu_count() or 1)
+    ):
+        notes.append(
+            f"the {os.cpu_count() or 1} CPUs were already busy (1-min load average {load_before}) "
+            f"and {threads} threads oversubscribed them: PyTorch's OpenMP pool stalls then, so its "
+            "times are inflated far more than onnxruntime's; rerun with --threads 1 or on free cores"
         )
-        load_after = _loadavg()
-        cpus = os.cpu_count() or 1
-        if threads > 1 and load_before is not None and (load_before - 1) + threads > cpus:
-            notes.append(
-                f"the {cpus} CPUs were already busy (1-min load average {load_before}) and {threads} "
-                "threads oversubscribed them: PyTorch's OpenMP pool stalls then, so its times are "
-                "inflated far more than onnxruntime's; rerun with --threads 1 or on free cores"
-            )
-    finally:
-        torch.set_num_threads(saved_threads)
     rows = _rows(candidates, latency, acc, config.batch_sizes)
     environment = _environment(threads, providers, device_type)
     environment["loadavg_1min"] = {"before": load_before, "after": load_after}
@@ -351,6 +343,34 @@ def run_bench(
         n_test=len(y),
         dataset=images.dataset,
     )  # fmt: skip
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int) -> Iterator[None]:
+    """PyTorch's intra-op threads set to ``threads`` for the block, then restored."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _timed(
+    candidates: list[Candidate], x: np.ndarray, config: BenchConfig
+) -> tuple[dict[tuple[int, int], Latency], float | None, float | None]:
+    """Latencies of every candidate at every batch size, with the load average before and after."""
+    log.info(
+        "timing %d candidates at batch sizes %s (%d warm-up + %d timed calls each)",
+        len(candidates), ",".join(map(str, config.batch_sizes)), config.warmup, config.repeats,
+    )  # fmt: skip
+    load_before = _loadavg()
+    latency = measure(
+        candidates, x, config.batch_sizes, warmup=config.warmup, repeats=config.repeats
+    )
+    return latency, load_before, _loadavg()
 
 
 def _candidates(
@@ -412,7 +432,7 @@ def _export_for_bench(exp: Exportable, images: CheckImages) -> bytes:
 
     model, reports = build_onnx(exp, images, ExportConfig())
     if not reports[0].passed:
-        raise ParityError(
+        raise ExportParityError(
             f"the {exp.what} graph exported for the benchmark fails its parity check: "
             + "; ".join(reports[0].failures)
         )

@@ -1,7 +1,7 @@
 """Export a wrapped network to ONNX: dynamic batch axis, named input/outputs, self-describing.
 
 The graph takes ``images`` float32 ``[batch, C, H, W]`` with pixels in [0, 1] (normalization is
-inside, SPEC.md §1) and returns ``logits`` and ``probs`` ``[batch, K]``
+inside, docs/method.md §1) and returns ``logits`` and ``probs`` ``[batch, K]``
 (see :mod:`ensc.export.wrappers`). Class names, the input contract, mean/std, the source
 checkpoints and the ensc version are stored in the model's ``metadata_props``.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ensc import __version__
-from ensc.errors import EnscError
+from ensc.errors import ExportError, one_line
 from ensc.export.wrappers import INPUT_NAME, OUTPUT_NAMES
 from ensc.fileio import atomic_write
 
@@ -35,10 +35,6 @@ BATCH_AXIS = "batch"
 TRACE_BATCH = 2  # example batch for tracing; not 0/1, which torch.export would specialize
 # libraries that log every optimization pass at INFO while exporting
 EXPORTER_LOGGERS = ("torch.onnx", "torch.export", "torch.fx", "onnxscript", "onnx_ir")
-
-
-class ExportError(EnscError):
-    """The model could not be exported, converted or written as asked."""
 
 
 def export_onnx(
@@ -70,8 +66,7 @@ def export_onnx(
                 verbose=False,
             )
     except Exception as err:  # torch.export / onnxscript raise many types; keep the first line
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ExportError(f"torch.onnx.export failed: {first}") from err
+        raise ExportError(f"torch.onnx.export failed: {one_line(err)}") from err
     model = program.model_proto
     _name_batch_axis(model)
     return model
@@ -171,8 +166,9 @@ def check_onnx(model: onnx.ModelProto) -> None:
     try:
         onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
-        first = str(err).strip().splitlines()[0]
-        raise ExportError(f"the exported ONNX graph is invalid (onnx.checker): {first}") from err
+        raise ExportError(
+            f"the exported ONNX graph is invalid (onnx.checker): {one_line(err)}"
+        ) from err
 
 
 def save_onnx(model: onnx.ModelProto, path: Path) -> int:

@@ -1,9 +1,9 @@
 """`ensc export --onnx` end to end: locate the network, export, convert, validate, write.
 
-Every export is validated (SPEC: export and validation are separate steps, validation always on):
+Every export is validated (export and validation are separate steps; validation is always on):
 the fp32 graph against PyTorch first, then the fp16/int8 graph derived from it. When a gate fails
 the file is still written, with a ``.failed`` suffix (``student.onnx.failed``), so it can be
-inspected, and :class:`~ensc.export.validate.ParityError` is raised; the real name is only ever
+inspected, and :class:`~ensc.errors.ExportParityError` is raised; the real name is only ever
 given to a file that passed.
 """
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ensc.errors import ConfigError
+from ensc.errors import ConfigError, ExportParityError
 from ensc.export.onnx import (
     DEFAULT_OPSET,
     check_onnx,
@@ -33,7 +33,6 @@ from ensc.export.sources import (
     onnx_path,
 )
 from ensc.export.validate import (
-    ParityError,
     ParityReport,
     make_session,
     run_torch,
@@ -95,7 +94,7 @@ class ExportResult:
 
 
 def run_export(config: ExportConfig) -> ExportResult:
-    """Export, validate and write; raises ParityError (with ``.result``) after writing ``*.failed``."""
+    """Export, validate and write; raises ExportParityError (with ``.result``) after writing ``*.failed``."""
     check_precision(config.precision)
     exportable = load_exportable(
         config.what,
@@ -136,7 +135,7 @@ def run_export(config: ExportConfig) -> ExportResult:
     )
     if not passed:
         reasons = "; ".join(f for r in reports for f in r.failures)
-        raise ParityError(
+        raise ExportParityError(
             f"parity check failed ({reasons}); the graph is kept as {failed} for inspection", result
         )
     return result

@@ -22,7 +22,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ensc.export.onnx import ExportError, check_onnx, quiet_loggers
+from ensc.errors import ExportError, one_line
+from ensc.export.onnx import check_onnx, quiet_loggers
 from ensc.export.wrappers import INPUT_NAME
 
 if TYPE_CHECKING:
@@ -102,8 +103,7 @@ def to_int8(model: onnx.ModelProto, calib_images: torch.Tensor) -> onnx.ModelPro
                     calibrate_method=CalibrationMethod.MinMax,
                 )
         except Exception as err:  # onnxruntime raises many types here; keep the first line
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ExportError(f"int8 quantization failed: {first}") from err
+            raise ExportError(f"int8 quantization failed: {one_line(err)}") from err
         quantized = onnx.load(out)
     check_onnx(quantized)
     return quantized

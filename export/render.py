@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ensc.evaluation.table import render_table
 from ensc.fileio import atomic_write
 
 if TYPE_CHECKING:
@@ -14,29 +15,6 @@ if TYPE_CHECKING:
     from ensc.export.validate import ParityReport
 
 MATPLOTLIB_MISSING = "matplotlib is not installed, so no plot was drawn (pip install matplotlib)"
-
-
-def table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str | None = None) -> str:
-    """A Markdown table; ``align`` has one letter per column, ``l`` or ``r`` (default: first left, rest right)."""
-    align = align or "l" + "r" * (len(header) - 1)
-    cells = [list(header), *[list(r) for r in rows]]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(header))]
-
-    def line(values: Sequence[str]) -> str:
-        padded = [
-            v.ljust(w) if a == "l" else v.rjust(w)
-            for v, w, a in zip(values, widths, align, strict=True)
-        ]
-        return "| " + " | ".join(padded) + " |"
-
-    rule = (
-        "|"
-        + "|".join(
-            "-" * (w + 1) + (":" if a == "r" else "-") for w, a in zip(widths, align, strict=True)
-        )
-        + "|"
-    )
-    return "\n".join([line(header), rule, *(line(r) for r in rows)])
 
 
 def _num(value: float | None, fmt: str) -> str:
@@ -78,7 +56,7 @@ def parity_table(reports: Sequence[ParityReport]) -> str:
         ])  # fmt: skip
     header = ["precision", "images", "max Δlogit", "max Δprob", "agree %", "acc PyTorch %",
               "acc ONNX %", "Δacc", "gate", "result"]  # fmt: skip
-    return table(header, rows, "lrrrrrrrll")
+    return render_table(header, rows, "lrrrrrrrll")
 
 
 # --- bench ----------------------------------------------------------------------------------
@@ -102,7 +80,7 @@ def latency_table(result: BenchResult) -> str:
         "images/s",
         "vs teacher",
     ]
-    return table(header, rows, "lllrrrrrr")
+    return render_table(header, rows, "lllrrrrrr")
 
 
 def model_table(result: BenchResult) -> str:
@@ -116,7 +94,7 @@ def model_table(result: BenchResult) -> str:
         rows.append([r.name, r.engine, r.precision, human_count(r.params), human_count(r.macs),
                      human_bytes(r.file_bytes), f"{r.accuracy:.2f}"])  # fmt: skip
     header = ["model", "engine", "prec.", "params", "MACs/image", "file", "test acc %"]
-    return table(header, rows, "lllrrrr")
+    return render_table(header, rows, "lllrrrr")
 
 
 def environment_lines(result: BenchResult) -> list[str]:

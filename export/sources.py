@@ -1,18 +1,18 @@
 """What gets exported or benchmarked, and on which images: run folders, checkpoints, teachers.
 
-A run folder of `ensc compress` (default ``runs/latest``) holds ``student.pt`` (the averaged
-single network), ``student_be.pt`` (the BatchEns student) and ``config.json`` (which names the
-teacher folder). Any ensc checkpoint can be exported on its own with ``model=FILE.pt``.
+A run folder of `ensc compress` (default ``runs/latest``; layout in :mod:`ensc.rundir`) holds the
+averaged single network, the BatchEns student and the config that names the teacher folder. Any
+ensc checkpoint can be exported on its own with ``model=FILE.pt``.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ensc.errors import CheckpointError, ConfigError
+from ensc import rundir
+from ensc.errors import ConfigError
 from ensc.models.checkpoint import Checkpoint, ModelSpec, load_checkpoint
 
 if TYPE_CHECKING:
@@ -20,7 +20,6 @@ if TYPE_CHECKING:
     from torch import nn
 
 WHATS = ("student", "student-be", "teacher")  # what --what can name in a run
-RUN_FILES = {"student": "student.pt", "student-be": "student_be.pt"}
 ONNX_NAMES = {"student": "student", "student-be": "student_be", "teacher": "teacher"}
 
 
@@ -46,58 +45,14 @@ class Exportable:
         return sum(p.stat().st_size for p in self.sources)
 
 
-def resolve_run(run: Path | None, runs_dir: Path = Path("runs")) -> Path:
-    """The run folder: ``run`` or ``runs_dir/latest``; a one-line error when there is none."""
-    run_dir = Path(run) if run is not None else Path(runs_dir) / "latest"
-    if not run_dir.exists():
-        hint = "" if run is not None else f" (no {run_dir} here)"
-        raise CheckpointError(
-            f"no run found at {run_dir}{hint}: run `ensc compress --teacher DIR --arch ARCH` "
-            "first, or pass --run DIR or --model FILE.pt"
-        )
-    if not run_dir.is_dir():
-        raise CheckpointError(f"--run {run_dir} is a file; pass the run folder of `ensc compress`")
-    return run_dir
-
-
-def run_checkpoint(run_dir: Path, what: str) -> Checkpoint:
-    path = run_dir / RUN_FILES[what]
-    if not path.is_file():
-        raise CheckpointError(
-            f"run {run_dir} has no {path.name}: `ensc compress` did not finish there; "
-            "rerun it with --resume, or pass --model FILE.pt"
-        )
-    return load_checkpoint(path)
-
-
-def run_teacher_dir(run_dir: Path) -> Path:
-    """The teacher folder recorded in the run's config.json (relative paths: from the cwd)."""
-    config = run_dir / "config.json"
-    try:
-        recorded = json.loads(config.read_text())["teacher"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(
-            f"cannot read the teacher folder from {config}: pass --teacher DIR"
-        ) from err
-    folder = Path(recorded)
-    if not folder.exists():
-        raise CheckpointError(
-            f"the run's teacher {folder} (recorded in {config}) is not here: pass --teacher DIR"
-        )
-    return folder
-
-
 def run_data_record(run_dir: Path) -> dict[str, Any] | None:
     """The DataConfig the run was evaluated on (student.pt, else config.json)."""
-    student = run_dir / RUN_FILES["student"]
+    student = run_dir / rundir.STUDENT
     if student.is_file():
         data = load_checkpoint(student).info.get("data")
         if data:
             return data
-    try:
-        return json.loads((run_dir / "config.json").read_text()).get("data")
-    except (OSError, ValueError):
-        return None
+    return (rundir.read_config(run_dir) or {}).get("data")
 
 
 def load_exportable(
@@ -126,15 +81,15 @@ def load_exportable(
         )
     what = what or "student"
     if what == "teacher":
-        run_dir = resolve_run(run, runs_dir) if teacher is None or run is not None else None
-        folder = Path(teacher) if teacher is not None else run_teacher_dir(run_dir)
+        run_dir = rundir.resolve_run(run, runs_dir) if teacher is None or run is not None else None
+        folder = Path(teacher) if teacher is not None else rundir.teacher_dir(run_dir)
         recorded = run_data_record(run_dir) if run_dir is not None else None
         out_dir = run_dir if run_dir is not None else folder
         return load_teacher_exportable(folder, recorded, out_dir / "teacher.onnx")
     if teacher is not None:
         raise ConfigError("--teacher only applies to --what teacher")
-    run_dir = resolve_run(run, runs_dir)
-    ckpt = run_checkpoint(run_dir, what)
+    run_dir = rundir.resolve_run(run, runs_dir)
+    ckpt = load_checkpoint(rundir.checkpoint_path(run_dir, what))
     out = run_dir / f"{ONNX_NAMES[what]}.onnx"
     recorded = ckpt.info.get("data") or run_data_record(run_dir)  # student.pt: no second load
     return _from_checkpoint(ckpt, what, recorded, out)

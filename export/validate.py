@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ensc.export.onnx import ExportError
+from ensc.errors import ExportError, one_line
 from ensc.export.wrappers import INPUT_NAME, OUTPUT_NAMES
 
 if TYPE_CHECKING:
@@ -28,14 +28,6 @@ if TYPE_CHECKING:
 
 EVAL_BATCH = 256  # images per inference call during validation
 SHAPE_PROBES = (1, 3)  # batch sizes run to prove the batch axis is dynamic
-
-
-class ParityError(ExportError):
-    """The exported graph does not reproduce PyTorch within the tolerance; ``result`` has the details."""
-
-    def __init__(self, message: str, result: Any = None) -> None:
-        super().__init__(message)
-        self.result = result
 
 
 @dataclass(frozen=True)
@@ -118,8 +110,7 @@ def make_session(
             source, sess_options=options, providers=providers or ["CPUExecutionProvider"]
         )
     except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph/... types
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ExportError(f"onnxruntime cannot load the graph: {first}") from err
+        raise ExportError(f"onnxruntime cannot load the graph: {one_line(err)}") from err
 
 
 def run_onnx(
@@ -220,7 +211,7 @@ def _check_shapes(session: onnxruntime.InferenceSession, images: torch.Tensor, k
         try:
             outs = session.run(list(OUTPUT_NAMES), {INPUT_NAME: probe.numpy()})
         except Exception as err:  # onnxruntime's RuntimeException types are not importable stably
-            failures.append(f"batch of {b} fails: {str(err).strip().splitlines()[0]}")
+            failures.append(f"batch of {b} fails: {one_line(err)}")
             continue
         for name, out in zip(OUTPUT_NAMES, outs, strict=True):
             if tuple(out.shape) != (b, k):

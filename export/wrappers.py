@@ -1,11 +1,11 @@
 """What an exported graph computes: one network, a teacher ensemble, or a BatchEns student.
 
 Every wrapper takes ``images`` float32 ``(B, C, H, W)`` with pixels in [0, 1] (the networks
-normalize inside themselves, SPEC.md §1) and returns ``(logits, probs)``, both ``(B, K)``:
+normalize inside themselves, docs/method.md §1) and returns ``(logits, probs)``, both ``(B, K)``:
 
 - :class:`SingleNetwork`: the network's logits and their softmax.
 - :class:`EnsembleMean` (DE-M teacher) and :class:`BatchEnsembleMean` (BE-M student): ``probs`` is
-  the members' mean predictive distribution (SPEC.md §2), ``logits`` its logarithm, so that
+  the members' mean predictive distribution (docs/method.md §2), ``logits`` its logarithm, so that
   ``softmax(logits) == probs`` and argmax/top-1 are read the same way from every graph.
 """
 

@@ -11,7 +11,8 @@ That is how the layers compute it: M small per-member weights, one conv / matmul
 chunk. Same arithmetic as scaling the activations, but autograd keeps only the layer input for
 the backward pass instead of three activation-sized tensors per layer, which halves a BE
 student's training memory (``docs/bench-distill.md``).
-BatchNorm layers stay shared: one BN over the whole M·B batch, which keeps averaging exact (§6).
+BatchNorm layers stay shared: one BN over the whole M·B batch, which keeps averaging exact
+(docs/method.md §8).
 
 Ensemble-axis convention, used by every module here: the input is ``(M*B, C, H, W)``, made of M
 contiguous chunks of B examples, chunk m being member m's input; logits ``(M*B, K)`` are viewed
@@ -130,8 +131,8 @@ class BEConv2d(_BEMixin, nn.Conv2d):
     """``nn.Conv2d`` with BatchEnsemble fast weights; ``weight``/``bias`` keep their plain names.
 
     Input ``(M*B, C_in, H, W)`` in member chunks (see the module docstring). Only ``groups=1``
-    is supported, so that ``r`` scales whole input channels and the fold of §6 stays a rank-1
-    rescaling of ``W``.
+    is supported, so that ``r`` scales whole input channels and the fold (docs/method.md §8)
+    stays a rank-1 rescaling of ``W``.
 
     Args:
         in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
@@ -270,7 +271,7 @@ class BELinear(_BEMixin, nn.Linear):
         return f"{super().extra_repr()}, {self._be_extra_repr()}"
 
 
-# The BatchEnsemble layer types, e.g. for isinstance checks when folding (§6).
+# The BatchEnsemble layer types, e.g. for isinstance checks when folding (docs/method.md §8).
 BE_LAYERS = (BEConv2d, BELinear)
 
 
@@ -290,7 +291,7 @@ class BatchEnsemble(nn.Module):
     (``(M*B, ...)`` in, ``(M*B, K)`` out); :meth:`forward_members` takes a plain batch.
 
     Parameters fall into three disjoint groups, for optimizers that treat them differently
-    (SPEC.md §4, fast-weight regularization):
+    (docs/method.md §6, fast-weight regularization):
     :meth:`fast_weight_parameters` (r, s: [WA] decays them towards 1 and scales their gradients
     by M), :meth:`member_bias_parameters` (per-member biases: gradient scaled by M like r, s, but
     ordinary decay, not towards 1) and :meth:`shared_parameters` (everything else).
@@ -363,12 +364,13 @@ class BatchEnsemble(nn.Module):
 
 
 def to_batchensemble(model: nn.Module, *, members: int, init: str = "ones") -> BatchEnsemble:
-    """A BatchEnsemble of ``members`` members built on a deep copy of ``model`` (SPEC.md §3).
+    """A BatchEnsemble of ``members`` members built on a deep copy of ``model``.
 
     Every ``nn.Conv2d`` / ``nn.Linear`` (exact type) becomes a :class:`BEConv2d` /
     :class:`BELinear` with the same shared weights, so the state-dict keys of the plain network
     are kept (plus ``r``, ``s``, ``member_bias``). BatchNorm layers stay shared by all members.
-    ``model`` is not modified. Extra parameters: Σ_layers M·(in + out [+ out if biased]).
+    ``model`` is not modified. Extra parameters: Σ_layers M·(in + out [+ out if biased])
+    (docs/method.md §3).
 
     Args:
         model: any network built from Conv2d/Linear/BatchNorm/activations/pooling.

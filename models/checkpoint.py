@@ -16,7 +16,7 @@ from torch import nn
 
 from ensc import __version__
 from ensc.errors import CheckpointError
-from ensc.fileio import atomic_torch_save
+from ensc.fileio import atomic_torch_save, torch_load
 
 if TYPE_CHECKING:
     from ensc.data.datasets import ImageDataset
@@ -134,17 +134,8 @@ def save_checkpoint(
 
 
 def read_payload(path: Path) -> dict[str, Any]:
-    """``torch.load`` with ``weights_only=True``, with one-line errors for the usual failures."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (
-        Exception
-    ) as err:  # torch raises many types here (UnpicklingError, RuntimeError, EOFError)
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"cannot load {path} as a checkpoint: {first}") from err
+    """The file's contents (:func:`~ensc.fileio.torch_load`: weights only, one-line errors)."""
+    return torch_load(path)
 
 
 def is_ensc_payload(payload: Any) -> bool:

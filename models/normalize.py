@@ -1,4 +1,4 @@
-"""Per-channel input normalization, the first layer of every ensc model (SPEC §1)."""
+"""Per-channel input normalization, the first layer of every ensc model (docs/method.md §1)."""
 
 from __future__ import annotations
 

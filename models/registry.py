@@ -12,6 +12,8 @@ from typing import Any, TypeVar
 
 from torch import nn
 
+from ensc.errors import one_line
+
 from .normalize import Normalize, NormalizedModel
 from .resnet import resnet, resnet8, resnet14, resnet20, resnet32, resnet44, resnet56, resnet110
 from .wrn import wide_resnet
@@ -107,27 +109,7 @@ def _build_user_model(
     std: Sequence[float] | None,
     **kwargs: Any,
 ) -> nn.Module:
-    module_name, _, attr = name.partition(":")
-    if not module_name or not attr:
-        raise ValueError(f"Expected a model of the form 'package.module:callable'; got {name!r}")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:  # any error while importing user code, re-raised with context
-        reason = " ".join(str(exc).split())  # one line, even for multi-line messages
-        hint = "; is it installed or on PYTHONPATH?" if isinstance(exc, ImportError) else ""
-        raise ValueError(
-            f"Cannot import module {module_name!r} for model {name!r}: "
-            f"{type(exc).__name__}: {reason}{hint}"
-        ) from exc
-    try:
-        fn = functools.reduce(getattr, attr.split("."), module)
-    except AttributeError as exc:
-        raise ValueError(
-            f"Module {module_name!r} has no attribute {attr!r} (model {name!r})"
-        ) from exc
-    if not callable(fn):
-        raise TypeError(f"{name!r} is not callable; point to a model class or builder function")
-
+    fn = _user_callable(name)
     params, var_keyword = _keyword_params(fn)
     # a builder that fixes its own number of classes (no num_classes argument) is checked below
     takes_classes = params is None or "num_classes" in params or var_keyword
@@ -159,6 +141,31 @@ def _build_user_model(
     if not takes_norm and (mean is not None or std is not None):
         model = NormalizedModel(Normalize(in_channels, mean, std), model)
     return model
+
+
+def _user_callable(name: str) -> Callable[..., Any]:
+    """The callable ``package.module:attr`` names, imported; ValueError/TypeError say what failed."""
+    module_name, _, attr = name.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"Expected a model of the form 'package.module:callable'; got {name!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # any error while importing user code, re-raised with context
+        reason = one_line(exc, join=True)  # one line, even for multi-line messages
+        hint = "; is it installed or on PYTHONPATH?" if isinstance(exc, ImportError) else ""
+        raise ValueError(
+            f"Cannot import module {module_name!r} for model {name!r}: "
+            f"{type(exc).__name__}: {reason}{hint}"
+        ) from exc
+    try:
+        fn = functools.reduce(getattr, attr.split("."), module)
+    except AttributeError as exc:
+        raise ValueError(
+            f"Module {module_name!r} has no attribute {attr!r} (model {name!r})"
+        ) from exc
+    if not callable(fn):
+        raise TypeError(f"{name!r} is not callable; point to a model class or builder function")
+    return fn
 
 
 def _keyword_params(fn: Callable[..., Any]) -> tuple[set[str] | None, bool]:

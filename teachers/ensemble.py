@@ -1,18 +1,20 @@
-"""A DeepEns teacher (SPEC.md §2): member networks from ensc or from anyone else's code.
+"""A DeepEns teacher (docs/method.md §2): member networks from ensc or from anyone else's code.
 
-Each member ends up as a frozen ``nn.Module`` in eval mode that takes [0, 1] pixels (SPEC.md §1)
-and returns logits ``[B, K]``, with a :class:`ModelSpec` describing it. Files are read by
-:mod:`ensc.teachers.formats`; which files, with which architecture and normalization,
+Each member ends up as a frozen ``nn.Module`` in eval mode that takes [0, 1] pixels
+(docs/method.md §1) and returns logits ``[B, K]``, with a :class:`ModelSpec` describing it. Files
+are read by :mod:`ensc.teachers.formats`; which files, with which architecture and normalization,
 comes from :mod:`ensc.teachers.manifest`; :mod:`ensc.teachers.member` turns each into a module.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import math
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,23 +92,22 @@ def load_teacher(
         arch: architecture of weight-only members (registry name or ``package.module:callable``)
             without one in the manifest.
         arch_kwargs: arguments of that architecture's builder, e.g. ``{"num_classes": 100}``.
-        code_path: a folder prepended to ``sys.path`` (as PYTHONPATH would be), so that user
-            architectures and pickled classes import.
+        code_path: a folder put first on ``sys.path`` while the members load (as PYTHONPATH
+            would be), so that user architectures and pickled classes import.
         unsafe_load: allow full unpickling of files that hold Python objects. Runs code from the
             file: only for files you trust.
         dataset: the dataset the teacher is used with, a hint for the input size of members
             that do not record it (``fashion-mnist`` 1×28×28, ``cifar10``/``cifar100`` 3×32×32).
     """
-    if code_path is not None:
-        add_code_path(code_path)
-    entries = member_entries(source, arch=arch, arch_kwargs=arch_kwargs)
-    hint = DATASET_INPUT.get(dataset or "")
-    members, specs, infos = [], [], []
-    for entry in entries:
-        model, spec, info = load_member(entry, unsafe_load=unsafe_load, hint=hint)
-        members.append(model.eval().requires_grad_(False))
-        specs.append(spec)
-        infos.append(info)
+    with user_code(code_path):
+        entries = member_entries(source, arch=arch, arch_kwargs=arch_kwargs)
+        hint = DATASET_INPUT.get(dataset or "")
+        members, specs, infos = [], [], []
+        for entry in entries:
+            model, spec, info = load_member(entry, unsafe_load=unsafe_load, hint=hint)
+            members.append(model.eval().requires_grad_(False))
+            specs.append(spec)
+            infos.append(info)
     for what, values in (
         ("the number of classes", [s.num_classes for s in specs]),
         ("input channels", [s.in_channels for s in specs]),
@@ -117,14 +118,25 @@ def load_teacher(
     return Teacher(members, specs, [e.path for e in entries], infos)
 
 
-def add_code_path(code_path: Path) -> None:
-    """Put ``code_path`` first on ``sys.path`` so user code imports from it."""
+@contextlib.contextmanager
+def user_code(code_path: Path | None) -> Iterator[None]:
+    """``code_path`` first on ``sys.path`` while the block runs, so user code imports from it
+    (modules imported meanwhile stay imported); None: nothing to add."""
+    if code_path is None:
+        yield
+        return
     folder = Path(code_path).expanduser().resolve()
     if not folder.is_dir():
         raise ConfigError(f"--code-path {code_path} is not a folder")
-    if str(folder) not in sys.path:
+    added = str(folder) not in sys.path
+    if added:
         sys.path.insert(0, str(folder))
     importlib.invalidate_caches()
+    try:
+        yield
+    finally:
+        if added and str(folder) in sys.path:
+            sys.path.remove(str(folder))
 
 
 @torch.no_grad()

@@ -34,7 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ensc.errors import CheckpointError
+from ensc.errors import CheckpointError, one_line
+from ensc.fileio import torch_load
 from ensc.models.checkpoint import Checkpoint, checkpoint_from_payload, is_ensc_payload
 
 log = logging.getLogger(__name__)
@@ -227,16 +228,12 @@ def _is_state_dict(obj: Any) -> bool:
     )
 
 
-def one_line(err: BaseException) -> str:
-    """An exception as one line of text, for CLI error messages."""
-    text = " ".join(str(err).split())
-    return text or type(err).__name__
-
-
 def _torch_load(path: Path, unsafe_load: bool) -> Any:
+    """:func:`~ensc.fileio.torch_load`, naming the teacher option that fixes a refused file."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=not unsafe_load)
-    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, ... here
+        return torch_load(path, unsafe=unsafe_load)
+    except CheckpointError as error:
+        err = error.__cause__  # torch's own error; None when the file does not exist
         message = str(err)
         if not unsafe_load and "Weights only load failed" in message:
             found = _UNSUPPORTED_GLOBAL.search(message)
@@ -247,10 +244,10 @@ def _torch_load(path: Path, unsafe_load: bool) -> Any:
             ) from err
         if unsafe_load and isinstance(err, AttributeError | ImportError):
             raise CheckpointError(
-                f"cannot unpickle {path}: {one_line(err)}; the classes it pickled must be "
+                f"cannot unpickle {path}: {one_line(err, join=True)}; the classes it pickled must be "
                 "importable: pass --code-path DIR with their source"
             ) from err
-        raise CheckpointError(f"cannot load {path} as a checkpoint: {one_line(err)}") from err
+        raise
 
 
 def _load_torchscript(path: Path) -> nn.Module:
@@ -259,7 +256,9 @@ def _load_torchscript(path: Path) -> nn.Module:
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, still common
             return torch.jit.load(str(path), map_location="cpu")
     except Exception as err:  # RuntimeError from the TorchScript deserializer
-        raise CheckpointError(f"cannot load TorchScript archive {path}: {one_line(err)}") from err
+        raise CheckpointError(
+            f"cannot load TorchScript archive {path}: {one_line(err, join=True)}"
+        ) from err
 
 
 def _load_exported(path: Path) -> tuple[nn.Module, tuple[int | None, ...] | None]:
@@ -269,7 +268,9 @@ def _load_exported(path: Path) -> tuple[nn.Module, tuple[int | None, ...] | None
     try:
         program = torch.export.load(io.BytesIO(path.read_bytes()))  # any name, not only *.pt2
     except Exception as err:  # deserialization errors of many kinds
-        raise CheckpointError(f"cannot load torch.export program {path}: {one_line(err)}") from err
+        raise CheckpointError(
+            f"cannot load torch.export program {path}: {one_line(err, join=True)}"
+        ) from err
     finally:
         export_log.setLevel(level)
     user_inputs = program.graph_signature.user_inputs
@@ -305,7 +306,9 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path), device="cpu")
     except Exception as err:  # SafetensorError and OSError
-        raise CheckpointError(f"cannot load safetensors file {path}: {one_line(err)}") from err
+        raise CheckpointError(
+            f"cannot load safetensors file {path}: {one_line(err, join=True)}"
+        ) from err
 
 
 def _unwrap(module: nn.Module) -> nn.Module:

@@ -31,8 +31,9 @@ import torch
 
 from ensc.data.datasets import Split
 from ensc.engine.runtime import Runtime
+from ensc.errors import CheckpointError
 from ensc.evaluation.evaluate import member_logits
-from ensc.fileio import atomic_torch_save
+from ensc.fileio import atomic_torch_save, torch_load
 from ensc.teachers.ensemble import Teacher
 
 log = logging.getLogger(__name__)
@@ -134,8 +135,9 @@ def load_logits(
     if not path.is_file():
         return None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
+        obj = torch_load(path)
+    except CheckpointError as error:
+        err = error.__cause__ or error  # torch's own error
         return _ignore(path, f"unreadable: {type(err).__name__}: {err}")
     if not isinstance(obj, dict) or obj.get("format") != LOGITS_FORMAT:
         return _ignore(path, f"not a format-{LOGITS_FORMAT} teacher-logits file")

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ensc.errors import CheckpointError, ConfigError
+from ensc.errors import CheckpointError, ConfigError, one_line
 from ensc.models.checkpoint import ModelSpec
 from ensc.models.normalize import Normalize, NormalizedModel
-from ensc.teachers.formats import MemberFile, one_line, read_member_file
+from ensc.teachers.formats import MemberFile, read_member_file
 from ensc.teachers.manifest import MemberEntry
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,9 @@ def _build_arch(
             kwargs["in_channels"] = channels
         model = fn(**kwargs)
     except Exception as err:  # unknown names, bad arguments, errors inside user code
-        raise ConfigError(f"{where}: cannot build architecture {arch!r}: {one_line(err)}") from err
+        raise ConfigError(
+            f"{where}: cannot build architecture {arch!r}: {one_line(err, join=True)}"
+        ) from err
     if not isinstance(model, nn.Module):
         raise ConfigError(f"{where}: {arch} returned a {type(model).__name__}, not an nn.Module")
     return model
@@ -152,7 +154,7 @@ def _user_callable(arch: str, where: str) -> Any:
     except Exception as err:  # any error while importing user code
         raise ConfigError(
             f"{where}: cannot import {module_name!r} for architecture {arch!r}: "
-            f"{type(err).__name__}: {one_line(err)}; pass --code-path DIR with your code "
+            f"{type(err).__name__}: {one_line(err, join=True)}; pass --code-path DIR with your code "
             "(or install it)"
         ) from err
     for part in attr.split("."):
@@ -272,7 +274,7 @@ def _probe(model: nn.Module, channels: int, size: tuple[int, int], where: str) -
             out = model(x)
     except Exception as err:  # whatever the member's own code raises
         raise CheckpointError(
-            f"{where} fails on a test batch {shape}: {one_line(err)}; pass the --dataset it was "
+            f"{where} fails on a test batch {shape}: {one_line(err, join=True)}; pass the --dataset it was "
             "trained on (for its image size) or check its architecture"
         ) from err
     if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != 2:

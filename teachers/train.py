@@ -1,4 +1,7 @@
-"""Train a DeepEns teacher: M members of one architecture, each from its own seed (SPEC.md §2, §4)."""
+"""Train a DeepEns teacher: M members of one architecture, each from its own seed.
+
+See docs/method.md §2 (the teacher) and §7 (the recipe).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from ensc.data.datasets import DataConfig, ImageDataset, load_dataset
 from ensc.engine.loop import BackwardFn, OptimConfig, StepResult, train
 from ensc.engine.predict import predict_probs
 from ensc.engine.runtime import Runtime
+from ensc.engine.seeding import seeded
 from ensc.errors import ConfigError
 from ensc.evaluation.metrics import accuracy, nll
 from ensc.fileio import jsonable
@@ -80,9 +84,9 @@ def train_teacher(
 
 def _train_member(config: TeacherTrainConfig, runtime: Runtime, data: ImageDataset, k: int) -> None:
     seed = config.seed + k
-    torch.manual_seed(seed)
     spec = ModelSpec.for_data(config.arch, data, data_root=str(config.data.root or ""))
-    model = runtime.prepare_model(spec.build())
+    with seeded(seed):  # member k's weight init; data order has its own generator (seed)
+        model = runtime.prepare_model(spec.build())
     net = runtime.wrap(model)  # DistributedDataParallel under torchrun
 
     def step(images: torch.Tensor, labels: torch.Tensor, backward: BackwardFn) -> StepResult:

@@ -1,4 +1,4 @@
-"""Tests for ensc.compress.average: the BatchEnsemble → plain network fold of SPEC §6."""
+"""Tests for ensc.compress.average: the BatchEnsemble → plain network fold (docs/method.md §8)."""
 
 from __future__ import annotations
 

@@ -137,7 +137,7 @@ def test_to_batchensemble_structure_and_parameter_count() -> None:
     extra = {k for k in be_keys if k.rsplit(".", 1)[1] in ("r", "s", "member_bias")}
     assert be_keys - extra == set(model.state_dict())
 
-    # SPEC §3: extra cost Σ_layers M·(in + out [+ out]).
+    # docs/method.md §3: extra cost Σ_layers M·(in + out [+ out]).
     expected = 0
     for m in model.modules():
         if isinstance(m, nn.Conv2d):

@@ -12,9 +12,10 @@ from ensc.data.datasets import DataConfig, load_dataset
 from ensc.engine.loop import OptimConfig, StepResult, train
 from ensc.engine.runtime import resolve_runtime
 from ensc.engine.schedule import warmup_cosine
-from ensc.errors import CheckpointError, ConfigError
+from ensc.errors import CheckpointError, ConfigError, DivergenceError, EnscError
 from ensc.models import build_model
 from ensc.models.checkpoint import ModelSpec, load_checkpoint, load_model, save_checkpoint
+from ensc.models.modes import eval_mode
 
 
 def test_warmup_cosine_shape():
@@ -162,3 +163,38 @@ def test_loop_runs_exactly_the_step_budget_across_epochs():
         resolve_runtime("cpu"), hflip=False,
     )  # fmt: skip
     assert history["steps"] == 5 and len(history["epochs"]) == 3  # 2 steps per epoch
+
+
+def test_divergence_is_a_one_line_ensc_error():
+    data = load_dataset(DataConfig("fashion-mnist", train_subset=330, test_subset=10))
+    model = build_model("resnet8", num_classes=10, in_channels=1)
+
+    def step(x, y, backward):
+        loss = F.cross_entropy(model(x), y) * float("nan")
+        backward(loss)
+        return StepResult(loss.detach(), 0, len(y))
+
+    with pytest.raises(DivergenceError, match="loss became nan at step 0; lower --lr") as info:
+        train(
+            model, step, data.train, OptimConfig(epochs=1, batch_size=100), resolve_runtime("cpu")
+        )
+    assert isinstance(info.value, EnscError) and isinstance(info.value, FloatingPointError)
+
+
+def test_unreadable_resume_state_names_the_file(tmp_path: Path):
+    data = load_dataset(DataConfig("fashion-mnist", train_subset=330, test_subset=10))
+    model = build_model("resnet8", num_classes=10, in_channels=1)
+    (tmp_path / "s.pt").write_bytes(b"not a torch file")
+    with pytest.raises(CheckpointError, match="cannot load .*s.pt as a checkpoint"):
+        train(
+            model, _cross_entropy_step(model), data.train, OptimConfig(epochs=1, batch_size=100),
+            resolve_runtime("cpu"), state_path=tmp_path / "s.pt", resume=True,
+        )  # fmt: skip
+
+
+def test_eval_mode_restores_each_mode_even_on_errors():
+    a, b = torch.nn.BatchNorm1d(2), torch.nn.BatchNorm1d(2).eval()
+    with pytest.raises(Interrupt), eval_mode(a, b):
+        assert not a.training and not b.training
+        raise Interrupt
+    assert a.training and not b.training

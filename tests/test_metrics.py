@@ -1,4 +1,4 @@
-"""Metrics of SPEC §7 against numbers computed by hand."""
+"""Metrics of docs/method.md §9 against numbers computed by hand."""
 
 import dataclasses
 import json

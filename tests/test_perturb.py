@@ -1,4 +1,4 @@
-"""Input perturbations of SPEC §5, each checked for its defining property on tiny real networks."""
+"""Input perturbations (docs/method.md §5), each checked for its defining property on tiny nets."""
 
 from __future__ import annotations
 
@@ -242,7 +242,7 @@ def _tdiv_sdiv_objective(
     teacher: Members, student: Members, x: torch.Tensor, i: int, j: int, targets_at: torch.Tensor
 ) -> torch.Tensor:
     """Per-example CE(t_i ← t_j) − CE(s_i ← s_j), [B], with the targets t_j, s_j held at
-    ``targets_at`` (the stop-gradient of SPEC §5: only the i-side moves)."""
+    ``targets_at`` (the stop-gradient of docs/method.md §5: only the i-side moves)."""
     with torch.no_grad():
         t, s = teacher(x), student(x)
         t0, s0 = teacher(targets_at), student(targets_at)

@@ -260,17 +260,19 @@ def test_auto_student_init_finds_the_member_with_the_students_architecture(small
     assert matching_member(other.build(), small_teacher) is None  # then: random weights
 
 
-def test_user_architecture_without_num_classes_builds_a_student(zoo):
-    from ensc.teachers.ensemble import add_code_path
+def test_user_architecture_without_num_classes_builds_a_student(tmp_path: Path):
+    from ensc.teachers.ensemble import user_code
 
-    add_code_path(zoo["code"])
-    (zoo["code"] / "fixed_nets.py").write_text(
+    (tmp_path / "fixed_nets.py").write_text(
         "from torch import nn\n"
         "def ten():\n    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))\n"
     )
-    assert build_model("fixed_nets:ten", num_classes=10)(torch.rand(2, 3, 32, 32)).shape == (2, 10)
-    with pytest.raises(ValueError, match="builds 10 outputs, but the data has 4 classes"):
-        build_model("fixed_nets:ten", num_classes=4)
+    with user_code(tmp_path):
+        net = build_model("fixed_nets:ten", num_classes=10)
+        with pytest.raises(ValueError, match="builds 10 outputs, but the data has 4 classes"):
+            build_model("fixed_nets:ten", num_classes=4)
+    assert net(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+    assert str(tmp_path.resolve()) not in sys.path  # the folder left sys.path again
 
 
 def test_inspect_prints_one_row_per_member(zoo):

@@ -1,0 +1,132 @@
+"""What `ensc compress` does, as one frozen config, and the method's rules for filling it from flags.
+
+The rules live here, not in the CLI: the perturbation's temperature is the KD temperature (as in
+[DM]'s code), the fast-weight treatment follows the fast-weight init unless given, and the
+combinations that cannot work are refused with one line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ensc.compress.distill import DistillConfig
+from ensc.compress.perturb import PerturbConfig
+from ensc.engine.loop import OptimConfig
+from ensc.errors import ConfigError
+
+COMPRESS_METHODS = ("batchensemble", "kd-single")
+BN_RECAL_BATCHES = 20  # training batches for BN recalibration (measured: as good as all of them)
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """Everything `ensc compress` does; defaults: docs/method.md §10."""
+
+    teacher: Path  # teacher members: folder, ensemble.json, file or glob
+    arch: str  # student architecture
+    members: int | None = None  # BatchEns size; None = number of teachers
+    data_overrides: dict[str, Any] = field(default_factory=dict)  # DataConfig fields to change
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=200))
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    init: str = "ones"  # fast-weight init: "ones" ([WA], needed for averaging) or "normal" ([DM])
+    recalibrate_bn: bool = True  # re-estimate BN statistics of the averaged network on train data
+    bn_recal_batches: int | None = BN_RECAL_BATCHES  # ... on this many shuffled batches; None = all
+    cache_teacher_logits: bool = True  # keep the teacher's val/test logits in runs_dir/.cache
+    max_acc_drop: float = 1.0  # parity gate: allowed accuracy drop (points) of averaged vs BE
+    fold_tolerance: float = 1e-3  # parity gate: max |Δlogit| between averaged BE and folded network
+    out: Path | None = None  # run folder; None = runs/<arch>-<perturb>-<time>
+    runs_dir: Path = Path("runs")  # where default run folders and the `latest` link live
+    seed: int = 0
+    resume: bool = False
+    force: bool = False
+    command: str = ""  # the command line, for the report
+    teacher_arch: str | None = None  # architecture of weight-only teacher files (--teacher-arch)
+    teacher_arch_kwargs: dict[str, Any] = field(default_factory=dict)  # its builder's arguments
+    code_path: Path | None = None  # folder of user code (architectures, pickled classes) to import
+    unsafe_load: bool = False  # allow full unpickling of teacher files (runs code from them)
+    # start the student from teacher member K (an int), from the first member with the student's
+    # architecture ("auto": the averaged network then starts as that member), or "scratch"
+    student_init: int | str = "auto"
+    # "batchensemble": distill into BE-M and average it (the product); "kd-single": plain KD of
+    # the ensemble's mean prediction into one network of --arch, everything else the same (the
+    # baseline a user would otherwise deploy)
+    method: str = "batchensemble"
+
+
+def compress_config(
+    *,
+    teacher: Path,
+    arch: str,
+    dataset: str | None = None,
+    data_root: Path | None = None,
+    train_subset: int | None = None,
+    test_subset: int | None = None,
+    epochs: int = 200,
+    batch_size: int = 128,
+    lr: float | None = None,
+    weight_decay: float = 5e-4,
+    max_steps: int | None = None,
+    steps: int | None = None,
+    perturb: str = "none",
+    step: float | None = None,
+    alpha: float = DistillConfig.alpha,
+    temperature: float = DistillConfig.temperature,
+    init: str = "ones",
+    fast_weights: str | None = None,
+    member_batch: str = DistillConfig.member_batch,
+    targets: str = DistillConfig.targets,
+    bn_recal_batches: int | None = BN_RECAL_BATCHES,
+    teacher_cache: bool = True,
+    **rest: Any,
+) -> CompressConfig:
+    """A :class:`CompressConfig` from flat options (the CLI's flags), with the method's rules applied.
+
+    ``fast_weights`` None: ``wa`` for ``init="ones"``, ``dm`` for ``"normal"`` (each paper's pair);
+    ``bn_recal_batches`` 0 or None: the whole training split. ``rest`` are CompressConfig fields.
+    """
+    step_arg = {} if step is None else {"step": step}
+    # ODS/ConfODS use the KD temperature T (docs/method.md §4, §5), as [DM]'s code does
+    perturb_config = PerturbConfig(kind=perturb, temperature=temperature, **step_arg)
+    data = {
+        "name": dataset,
+        "root": data_root,
+        "train_subset": train_subset,
+        "test_subset": test_subset,
+    }
+    config = CompressConfig(
+        teacher=teacher,
+        arch=arch,
+        data_overrides=data,
+        optim=OptimConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                          max_steps=max_steps, steps=steps),
+        distill=DistillConfig(alpha=alpha, temperature=temperature, perturb=perturb_config,
+                              fast_weights=fast_weights or ("wa" if init == "ones" else "dm"),
+                              member_batch=member_batch, targets=targets),
+        init=init,
+        bn_recal_batches=bn_recal_batches or None,
+        cache_teacher_logits=teacher_cache,
+        **rest,
+    )  # fmt: skip
+    check_config(config)
+    return config
+
+
+def check_config(config: CompressConfig) -> None:
+    """Refuse, with one line, the combinations that contradict each other."""
+    if config.force and config.resume:
+        raise ConfigError("--force and --resume contradict each other; pass one")
+    if config.method not in COMPRESS_METHODS:
+        raise ConfigError(
+            f"unknown --method {config.method!r}: choose one of {', '.join(COMPRESS_METHODS)}"
+        )
+    if config.method == "kd-single" and config.distill.perturb.kind == "tdiv-sdiv":
+        raise ConfigError(
+            "--method kd-single trains one network, and tdiv-sdiv needs at least 2 student "
+            "members: use --perturb ods, confods, gaussian or none"
+        )
+    if config.bn_recal_batches is not None and config.bn_recal_batches < 1:
+        raise ConfigError(
+            f"bn_recal_batches must be at least 1 (or None for the whole training split); got {config.bn_recal_batches}"
+        )
