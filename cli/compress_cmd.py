@@ -15,7 +15,7 @@ from ensc.cli.options import (
     runtime_options,
     teacher_options,
 )
-from ensc.compress.names import PERTURBATIONS
+from ensc.compress.names import COMPRESS_METHODS, PERTURBATIONS
 from ensc.data.catalog import DATASETS
 
 
@@ -119,7 +119,7 @@ Examples:
 )
 @click.option(
     "--method",
-    type=click.Choice(("batchensemble", "kd-single")),
+    type=click.Choice(COMPRESS_METHODS),
     default="batchensemble",
     show_default=True,
     help="batchensemble: distill into BE-M and average it into one network; kd-single: the "

@@ -6,7 +6,8 @@ is shared, that averaged BatchEnsemble *is* a plain network of the base architec
     W' = W ⊙ (s̄ r̄ᵀ)   (broadcast over kernel positions),   bias' = bias ⊙ s̄ + b̄
 
 and the same BN layers, at the inference cost of one member. The fold is exact up to float32
-round-off, which :func:`fold_max_abs_diff` checks after training.
+round-off, which :func:`fold_max_abs_diff` checks after training. The fold itself is
+:func:`ensc.models.fold.fold`, which also gives one member as a plain network.
 """
 
 from __future__ import annotations
@@ -19,14 +20,14 @@ import torch
 from torch import Tensor, nn
 from torch.optim.swa_utils import update_bn
 
-from ensc.models.batchensemble import BE_LAYERS, BatchEnsemble, BEConv2d, BELinear
+from ensc.models.batchensemble import BatchEnsemble
+from ensc.models.fold import check_be, fold
 from ensc.models.modes import eval_mode
 
 __all__ = [
     "average",
     "average_fast_weights",
     "fold_max_abs_diff",
-    "member_network",
     "recalibrate_bn",
 ]
 
@@ -37,7 +38,7 @@ def average_fast_weights(be: BatchEnsemble) -> BatchEnsemble:
     All members of the copy compute the same function: the one :func:`average` folds into a
     plain network. ``be`` is not modified; the copy keeps its train/eval mode.
     """
-    _check_be(be, "average_fast_weights")
+    check_be(be, "average_fast_weights")
     out = copy.deepcopy(be)
     with torch.no_grad():
         for layer in out.be_layers():
@@ -59,77 +60,8 @@ def average(be: BatchEnsemble) -> nn.Module:
     (:func:`~ensc.models.batchensemble.to_batchensemble` never creates such layers.)
     ``be`` is not modified.
     """
-    _check_be(be, "average")
-    return _fold(be, member=None)
-
-
-def member_network(be: BatchEnsemble, member: int) -> nn.Module:
-    """Member ``member`` of ``be`` as a plain network of the base architecture, in eval mode.
-
-    The same fold as :func:`average` with that member's fast weights instead of their mean:
-    ``W' = W ⊙ (s_m r_mᵀ)``, ``bias' = bias ⊙ s_m + b_m``, BatchNorm shared. Its logits equal
-    ``be.forward_members(x)[member]`` up to float32 round-off; evaluation uses it because a plain
-    network can have its BatchNorm folded into its convolutions. ``be`` is not modified.
-    """
-    _check_be(be, "member_network")
-    if not 0 <= member < be.members:
-        raise ValueError(f"member must be in [0, {be.members}); got {member}")
-    return _fold(be, member=member)
-
-
-def _fold(be: BatchEnsemble, member: int | None) -> nn.Module:
-    net = copy.deepcopy(be.net)
-    folded: dict[int, nn.Module] = {}  # id(BE layer) -> plain layer, for layers under two names
-    for name, module in list(net.named_modules(remove_duplicate=False)):
-        if not isinstance(module, BE_LAYERS):
-            continue
-        if id(module) not in folded:
-            folded[id(module)] = _fold_layer(module, member)
-        if name == "":  # the network is a single BE layer
-            net = folded[id(module)]
-        else:
-            parent_name, _, child = name.rpartition(".")
-            setattr(net.get_submodule(parent_name), child, folded[id(module)])
-    return net.eval()
-
-
-@torch.no_grad()
-def _fold_layer(layer: BEConv2d | BELinear, member: int | None = None) -> nn.Conv2d | nn.Linear:
-    """The plain layer with the mean fast weights (``member=None``) or those of one member."""
-
-    # Fold in float64 on the CPU (MPS has no float64), then cast back to the layer's dtype.
-    def f64(t: Tensor) -> Tensor:
-        return t.detach().to("cpu", torch.float64)
-
-    def pick(t: Tensor) -> Tensor:  # [M, features] -> [features]
-        return f64(t).mean(0) if member is None else f64(t[member])
-
-    r_bar = pick(layer.r)  # [M, in] -> [in]
-    s_bar = pick(layer.s)  # [M, out] -> [out]
-    weight = f64(layer.weight)  # [out, in, kh, kw] for convs, [out, in] for linears
-    scale = torch.outer(s_bar, r_bar)  # [out, in]
-    scale = scale.view(*scale.shape, *([1] * (weight.dim() - 2)))  # [out, in, 1, 1] for convs
-    weight = weight * scale
-    bias = f64(layer.bias) * s_bar if layer.bias is not None else None  # [out]
-    if layer.member_bias is not None:
-        b_bar = pick(layer.member_bias)  # [M, out] -> [out]
-        bias = b_bar if bias is None else bias + b_bar
-
-    factory = {"device": layer.weight.device, "dtype": layer.weight.dtype}
-    plain: nn.Conv2d | nn.Linear
-    if isinstance(layer, BEConv2d):
-        plain = nn.Conv2d(
-            layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
-            layer.padding, layer.dilation, layer.groups, bias is not None, layer.padding_mode,
-            **factory,
-        )  # fmt: skip
-    else:
-        plain = nn.Linear(layer.in_features, layer.out_features, bias is not None, **factory)
-    plain.weight.copy_(weight)
-    if bias is not None:
-        plain.bias.copy_(bias)
-    plain.train(layer.training)
-    return plain
+    check_be(be, "average")
+    return fold(be, member=None)
 
 
 def fold_max_abs_diff(be: BatchEnsemble, plain: nn.Module, x: Tensor) -> float:
@@ -139,7 +71,7 @@ def fold_max_abs_diff(be: BatchEnsemble, plain: nn.Module, x: Tensor) -> float:
     difference is taken over all members (which are identical after averaging) and classes. For
     ``plain = average(be)`` it should be float32 round-off (~1e-5); ``plain``'s mode is restored.
     """
-    _check_be(be, "fold_max_abs_diff")
+    check_be(be, "fold_max_abs_diff")
     if x.dim() == 0 or x.shape[0] == 0:
         raise ValueError(
             f"fold_max_abs_diff needs a non-empty batch (B, ...); got {tuple(x.shape)}"
@@ -163,7 +95,7 @@ def fast_weight_spread(be: BatchEnsemble) -> dict[str, float]:
     Averaging is exact for the averaged fast weights, but the averaged network only behaves like
     its members while they stay close together; a large spread explains a large parity loss.
     """
-    _check_be(be, "fast_weight_spread")
+    check_be(be, "fast_weight_spread")
     from_one = spread = 0.0
     for p in be.fast_weight_parameters():  # [M, features]
         from_one = max(from_one, float((p - 1).abs().max()))
@@ -212,11 +144,3 @@ def recalibrate_bn(
 def _nhwc(batch: Tensor | tuple[Tensor, ...]) -> Tensor:
     images = batch[0] if isinstance(batch, list | tuple) else batch
     return images.contiguous(memory_format=torch.channels_last) if images.dim() == 4 else images
-
-
-def _check_be(be: object, fn: str) -> None:
-    if not isinstance(be, BatchEnsemble):
-        raise TypeError(
-            f"{fn} needs a BatchEnsemble; got {type(be).__name__}. Build one with "
-            "ensc.models.batchensemble.to_batchensemble(model, members=M)"
-        )

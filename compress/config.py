@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from ensc.compress.distill import DistillConfig
+from ensc.compress.names import COMPRESS_METHODS
 from ensc.compress.perturb import PerturbConfig
 from ensc.engine.loop import OptimConfig
 from ensc.errors import ConfigError
 
-COMPRESS_METHODS = ("batchensemble", "kd-single")
 BN_RECAL_BATCHES = 20  # training batches for BN recalibration (measured: as good as all of them)
 
 

@@ -47,12 +47,12 @@ from ensc.engine.runtime import Runtime
 from ensc.engine.seeding import seeded
 from ensc.engine.timing import PhaseTimer
 from ensc.errors import CompressParityError
+from ensc.evaluation.logits_cache import cache_dir_for, cached_teacher_logits
 from ensc.evaluation.metrics import nll
 from ensc.fileio import atomic_write_text, jsonable
 from ensc.models.batchensemble import BatchEnsemble, to_batchensemble
 from ensc.models.checkpoint import ModelSpec, save_checkpoint
 from ensc.teachers.ensemble import Teacher, load_teacher, sanity_check, user_code
-from ensc.teachers.logits_cache import cache_dir_for, cached_teacher_logits
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ project's 2-core CPU machine with a CIFAR ResNet-32 (``docs/eval-overhead.md``):
   oneDNN's convolutions prefer: 1,120 → 1,400 images/s. It is kept only when its logits match;
 - a BatchEnsemble's BatchNorm follows the members' concatenated outputs and cannot be folded,
   so its members run as the plain networks they are
-  (:func:`~ensc.compress.average.member_network`): 1,360 vs 900 member-images/s for one
+  (:func:`~ensc.models.fold.member_network`): 1,360 vs 900 member-images/s for one
   BatchEnsemble forward pass over all members;
 - :func:`predict_logits_many` runs batches side by side, one intra-op thread each, instead of
   one after the other on a team of threads (about 10 % on an idle machine, and it does not
@@ -26,10 +26,10 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import nn
 
-from ensc.compress.average import member_network
 from ensc.data.datasets import Split, iterate_batches
 from ensc.engine.runtime import Runtime
 from ensc.models.batchensemble import BatchEnsemble
+from ensc.models.fold import member_network
 from ensc.models.modes import eval_mode
 
 log = logging.getLogger(__name__)

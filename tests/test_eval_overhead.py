@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from ensc.compress.average import member_network, recalibrate_bn
+from ensc.compress.average import recalibrate_bn
 from ensc.compress.pipeline import CompressConfig, _recalibrate_bn, run_compress
 from ensc.data.datasets import DataConfig, Split, load_dataset
 from ensc.engine.loop import OptimConfig
@@ -26,16 +26,17 @@ from ensc.engine.predict import (
     probe_batch,
 )
 from ensc.engine.runtime import resolve_runtime
-from ensc.models import build_model
-from ensc.models.batchensemble import to_batchensemble
-from ensc.models.checkpoint import load_checkpoint, read_payload
-from ensc.teachers.ensemble import load_teacher
-from ensc.teachers.logits_cache import (
+from ensc.evaluation.logits_cache import (
     cache_dir_for,
     cache_key,
     cached_teacher_logits,
     load_logits,
 )
+from ensc.models import build_model
+from ensc.models.batchensemble import to_batchensemble
+from ensc.models.checkpoint import load_checkpoint, read_payload
+from ensc.models.fold import member_network
+from ensc.teachers.ensemble import load_teacher
 
 CPU = resolve_runtime("cpu")
 TIMING_KEYS = {
