@@ -22,10 +22,11 @@ from typing import Any
 
 import torch
 
+from ensc import rundir
 from ensc.compress.average import average, fast_weight_spread
+from ensc.compress.config import compress_config
 from ensc.compress.distill import DistillConfig
-from ensc.compress.perturb import PerturbConfig
-from ensc.compress.pipeline import CompressConfig, run_compress
+from ensc.compress.pipeline import run_compress
 from ensc.data.datasets import DataConfig, load_dataset
 from ensc.engine.loop import OptimConfig
 from ensc.engine.runtime import resolve_runtime
@@ -97,7 +98,6 @@ def run_dataset(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
     rows: list[dict[str, Any]] = []
     missing: list[str] = []
-    distill = DistillConfig(alpha=args.alpha, temperature=args.temperature)
     chosen = args.methods.split(",")
     for label, kind in METHODS.items():
         if kind not in chosen:
@@ -107,10 +107,11 @@ def run_dataset(name: str, args: argparse.Namespace) -> dict[str, Any]:
             missing.append(label)  # render what has finished; the missing methods are listed
             continue
         if not (run_dir / "report.json").exists():
-            config = CompressConfig(
-                teacher=teacher_dir, arch=args.arch, data_overrides={"train_subset": args.train_subset, "test_subset": args.test_subset},
-                optim=optim, distill=replace(distill, perturb=PerturbConfig(kind=kind, temperature=distill.temperature)),
-                max_acc_drop=100.0, out=run_dir, runs_dir=out / "runs", resume=(run_dir / ".state.pt").exists(),
+            config = compress_config(
+                teacher=teacher_dir, arch=args.arch, train_subset=args.train_subset, test_subset=args.test_subset,
+                epochs=args.epochs, batch_size=args.batch_size, perturb=kind, alpha=args.alpha,
+                temperature=args.temperature, max_acc_drop=100.0, out=run_dir, runs_dir=out / "runs",
+                resume=(run_dir / rundir.STATE).exists(),
                 command=f"ensc compress --teacher {teacher_dir} --arch {args.arch} --perturb {kind} --epochs {args.epochs} --alpha {args.alpha} --temperature {args.temperature}",
             )  # fmt: skip
             timed(kind, lambda c=config: run_compress(c, runtime))

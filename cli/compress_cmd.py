@@ -89,7 +89,7 @@ Examples:
 @click.option(
     "--step",
     type=click.FloatRange(min=0),
-    help="Perturbation size in units of 1/255. Default: the perturbation's own.",
+    help="Perturbation size in units of 1/255. Default: 1, both papers' step (docs/method.md §5).",
 )
 @click.option(
     "--alpha",

@@ -120,8 +120,7 @@ def recalibrate_bn(
     estimates the statistics as well as the whole of it: shuffle before bounding).
     ``channels_last`` feeds the images in NHWC layout, which oneDNN's CPU convolutions run
     about 1.5x faster in train mode (the model's own layout is untouched). The passes run
-    without autograd. Weights are untouched and the train/eval
-    mode is restored. Returns ``model``.
+    without autograd; weights are untouched and the train/eval mode is restored. Returns ``model``.
     """
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"max_batches must be at least 1 (or None for all); got {max_batches}")

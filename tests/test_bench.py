@@ -159,11 +159,8 @@ def test_bench_json_schema_and_invariants(benched):
     assert (
         be["macs"] == 2 * student["macs"] and student["params"] < be["params"] < teacher["params"]
     )
-    for family in (
-        "teacher",
-        "student-be",
-        "student",
-    ):  # fp32 parity: same predictions on both engines
+    # fp32 parity: same predictions on both engines
+    for family in ("teacher", "student-be", "student"):
         assert row(family, "pytorch")["accuracy"] == row(family, "onnxruntime")["accuracy"]
     assert row("student", "onnxruntime", "int8")["file_bytes"] < 0.5 * student["file_bytes"]
     # student_be.onnx was not in the run: exported for the benchmark, not written into the run
