@@ -33,6 +33,10 @@ class ExportParityError(ExportError):
         self.result = result
 
 
+class WriteError(EnscError, OSError):
+    """A file could not be written (disk full, ...); an OSError too, so ``except OSError`` still catches it."""
+
+
 class CompressParityError(EnscError):
     """The averaged network lost more than allowed against its BatchEnsemble, or the fold was not exact."""
 
@@ -48,3 +52,8 @@ def one_line(err: BaseException, *, join: bool = False) -> str:
     elif text:
         text = text.splitlines()[0]
     return text or type(err).__name__
+
+
+def plural(n: int, noun: str, nouns: str | None = None) -> str:
+    """``"1 member"``, ``"2 members"``: ``n`` and the noun in the right number (``nouns``: an irregular plural)."""
+    return f"{n} {noun if n == 1 else nouns or noun + 's'}"

@@ -2,9 +2,10 @@
 
 A real crash (SIGKILL: no cleanup, no ``finally``) at a chosen place, so the fault-injection tests
 can check that a rerun or ``--resume`` always ends with a complete, consistent run folder. Points
-are named ``<command>.<where>`` (e.g. ``compress.after_step``); ``<point>:N`` fires on the N-th
-time the point is reached (default the first). Unset in normal use: then :func:`point` is a dict
-lookup and nothing else.
+are named ``<command>.<where>`` (e.g. ``compress.step``), and ``save.<file name>`` is reached inside
+every atomic write (:func:`ensc.fileio.atomic_write`, between the temp file and the rename);
+``<point>:N`` fires on the N-th time the point is reached (default the first). Unset in normal
+use: then :func:`point` is a dict lookup and nothing else.
 """
 
 from __future__ import annotations

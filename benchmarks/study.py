@@ -103,15 +103,16 @@ def run_dataset(name: str, args: argparse.Namespace) -> dict[str, Any]:
         if kind not in chosen:
             continue
         run_dir = out / kind
-        if args.only_finished and not (run_dir / "report.json").exists():
+        if args.only_finished and rundir.state_of(run_dir) != "finished":
             missing.append(label)  # render what has finished; the missing methods are listed
             continue
-        if not (run_dir / "report.json").exists():
+        if rundir.state_of(run_dir) != "finished":
             config = compress_config(
                 teacher=teacher_dir, arch=args.arch, train_subset=args.train_subset, test_subset=args.test_subset,
                 epochs=args.epochs, batch_size=args.batch_size, perturb=kind, alpha=args.alpha,
                 temperature=args.temperature, max_acc_drop=100.0, out=run_dir, runs_dir=out / "runs",
-                resume=(run_dir / rundir.STATE).exists(),
+                resume=(run_dir / rundir.MARKER).exists(),  # else anything there is replaced
+                force=run_dir.exists() and not (run_dir / rundir.MARKER).exists(),
                 command=f"ensc compress --teacher {teacher_dir} --arch {args.arch} --perturb {kind} --epochs {args.epochs} --alpha {args.alpha} --temperature {args.temperature}",
             )  # fmt: skip
             timed(kind, lambda c=config: run_compress(c, runtime))

@@ -160,10 +160,10 @@ def teacher_flags(plan: str, work: Path) -> list[str]:
 def command(spec: dict[str, Any], run_dir: Path, work: Path, plan: str) -> list[str]:
     base = [ENSC, "compress", *teacher_flags(plan, work), "--max-acc-drop", "100",
             "--out", str(run_dir)]  # fmt: skip
-    if (run_dir / rundir.STATE).exists():
-        base.append("--resume")
+    if (run_dir / rundir.MARKER).exists():
+        base.append("--resume")  # an unfinished run (from its last finished epoch, if any)
     elif run_dir.exists():
-        base.append("--force")  # a run that died before its first saved state
+        base.append("--force")  # anything else there (an older ensc's unfinished run) is replaced
     return base + spec["flags"]
 
 

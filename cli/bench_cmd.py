@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ensc.cli.options import recorded_data_root_option, run_option
+from ensc.cli.options import code_options, recorded_data_root_option, run_option
 
 PROVIDERS = ("auto", "cpu", "cuda")  # = ensc.export.bench.PROVIDERS
 
@@ -88,14 +88,16 @@ Examples:
     help="Also draw images/s as a PNG (needs matplotlib).",
 )
 @click.option("--force", is_flag=True, help="Overwrite existing --json/--markdown/--plot files.")
+@code_options
 def bench_cmd(run, teacher, batch_sizes, warmup, repeats, threads, provider, test_samples, data_root,
-              json_path, md_path, plot_path, force) -> None:  # fmt: skip
+              json_path, md_path, plot_path, force, code_path, unsafe_load) -> None:  # fmt: skip
     """Latency, throughput, size and accuracy of the teacher, the BE student and the single network."""
     from ensc.cli.options import command_line
     from ensc.export.bench import BenchConfig, run_bench
     from ensc.export.pipeline import check_writable
     from ensc.export.render import bench_json, bench_markdown, bench_text, plot_bench
     from ensc.fileio import atomic_write_text, refuse_overwrite
+    from ensc.teachers.ensemble import user_code
 
     batch_sizes = parse_batch_sizes(batch_sizes)
     outputs = [p for p in (json_path, md_path, plot_path) if p is not None]
@@ -107,7 +109,8 @@ def bench_cmd(run, teacher, batch_sizes, warmup, repeats, threads, provider, tes
         test_samples=test_samples, data_root=data_root,
     )  # fmt: skip
     command = command_line(click.get_current_context())
-    result = run_bench(config, run=run, teacher=teacher, command=command)
+    with user_code(code_path, unsafe=unsafe_load):  # models of a user architecture
+        result = run_bench(config, run=run, teacher=teacher, command=command)
     click.echo(bench_text(result))
     if json_path is not None:
         atomic_write_text(json_path, bench_json(result))

@@ -177,9 +177,14 @@ Examples:
     help="Run folder. Default: runs/<arch>-<perturb>-<time>.",
 )
 @click.option(
-    "--resume", is_flag=True, help="Continue an interrupted run (--out, else runs/latest)."
+    "--resume",
+    is_flag=True,
+    help="Continue an interrupted run (--out, else the newest unfinished one in runs/) with the "
+    "flags it was started with.",
 )
-@click.option("--force", is_flag=True, help="Overwrite an existing run folder.")
+@click.option(
+    "--force", is_flag=True, help="Replace an existing run folder, all of it (ONNX files too)."
+)
 @teacher_options
 @click.option("--student-init", metavar="auto|scratch|member:K", default="auto", show_default=True,
               callback=check_member_ref,

@@ -51,10 +51,11 @@ def eval_cmd(teacher, students, dataset, data_root, test_subset, json_path, forc
              code_path, unsafe_load, device, amp, channels_last) -> None:  # fmt: skip
     """Evaluate teacher members, DE-1 ... DE-M and single networks on the test split."""
     from ensc.engine.runtime import resolve_runtime
+    from ensc.errors import plural
     from ensc.evaluation.evaluate import evaluate_saved
     from ensc.evaluation.table import markdown_table
     from ensc.fileio import atomic_write_text, refuse_overwrite
-    from ensc.teachers.ensemble import load_teacher
+    from ensc.teachers.ensemble import load_teacher, user_code
 
     if teacher is None and not students:
         raise click.UsageError("pass --teacher DIR, --student FILE, or both")
@@ -64,12 +65,14 @@ def eval_cmd(teacher, students, dataset, data_root, test_subset, json_path, forc
         teacher, arch=teacher_arch, arch_kwargs=json_object(teacher_arch_kwargs), code_path=code_path,
         unsafe_load=unsafe_load, dataset=dataset,
     ) if teacher is not None else None  # fmt: skip
-    result = evaluate_saved(
-        resolve_runtime(device, amp, channels_last), ens, students,
-        dataset=dataset, data_root=data_root, test_subset=test_subset,
-    )  # fmt: skip
+    with user_code(code_path, unsafe=unsafe_load):  # students of a user architecture
+        result = evaluate_saved(
+            resolve_runtime(device, amp, channels_last), ens, students,
+            dataset=dataset, data_root=data_root, test_subset=test_subset,
+        )  # fmt: skip
     click.echo(
-        f"{result['dataset']}: {result['n_test']} test images, T fitted on {result['n_val']} validation images"
+        f"{result['dataset']}: {plural(result['n_test'], 'test image')}, "
+        f"T fitted on {plural(result['n_val'], 'validation image')}"
     )
     columns = COLUMNS + (("agreement",) if ens and students else ())
     click.echo(

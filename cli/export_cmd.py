@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ensc.cli.options import recorded_data_root_option, run_option
+from ensc.cli.options import code_options, recorded_data_root_option, run_option
 
 # copies of ensc.export.sources.WHATS, ensc.export.quantize.PRECISIONS and
 # ensc.export.onnx.DEFAULT_OPSET: importing those modules would import torch for `ensc --help`
@@ -89,15 +89,17 @@ Examples:
 )
 @recorded_data_root_option
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@code_options
 def export_cmd(to_onnx, run, model, what, teacher, precision, opset, out, check_samples, calib_samples,
-               max_acc_drop, atol, data_root, force) -> None:  # fmt: skip
+               max_acc_drop, atol, data_root, force, code_path, unsafe_load) -> None:  # fmt: skip
     """Export a network to ONNX and verify it against PyTorch on real test images.
 
     A file that fails the check is kept as FILE.failed and the command exits with an error.
     """
-    from ensc.errors import ExportParityError
+    from ensc.errors import ExportParityError, plural
     from ensc.export.pipeline import ExportConfig, run_export
     from ensc.export.render import human_bytes, parity_table
+    from ensc.teachers.ensemble import user_code
 
     if not to_onnx:
         raise click.UsageError("choose the format: --onnx (the only one so far)")
@@ -107,13 +109,15 @@ def export_cmd(to_onnx, run, model, what, teacher, precision, opset, out, check_
         data_root=data_root, force=force,
     )  # fmt: skip
     try:
-        result = run_export(config)
+        with user_code(code_path, unsafe=unsafe_load):  # a model of a user architecture
+            result = run_export(config)
     except ExportParityError as err:
         if err.result is not None:
             click.echo(parity_table(err.result.parity))
         raise click.ClickException(str(err)) from None
     click.echo(
-        f"parity on {result.parity[0].n_images} {result.dataset} test images (onnxruntime vs PyTorch):"
+        f"parity on {plural(result.parity[0].n_images, f'{result.dataset} test image')} "
+        "(onnxruntime vs PyTorch):"
     )
     click.echo(parity_table(result.parity))
     click.echo(

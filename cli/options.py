@@ -147,17 +147,30 @@ def check_member_ref(ctx: click.Context, param: click.Parameter, value: str | No
     return None if value is None else value.strip()
 
 
+def code_options(f: Callable) -> Callable:
+    """--code-path, --unsafe-load: where user code may come from (architectures named
+    package.module:callable, classes of pickled teacher files)."""
+    opts = [
+        click.option("--code-path", type=click.Path(path_type=Path, exists=True, file_okay=False),
+                     help="Folder with your model code, put on the import path while models are built: "
+                          "the only place package.module:callable architectures may come from."),
+        click.option("--unsafe-load", is_flag=True,
+                     help="Build architectures from any importable module and allow teacher files that hold "
+                          "pickled Python objects (runs code from them: only what you trust)."),
+    ]  # fmt: skip
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
 def teacher_options(f: Callable) -> Callable:
-    """--teacher-arch, --teacher-arch-kwargs, --code-path, --unsafe-load (see `load_teacher`)."""
+    """--teacher-arch, --teacher-arch-kwargs, then :func:`code_options` (see `load_teacher`)."""
     opts = [
         click.option("--teacher-arch", help="Architecture of weight-only teacher files: registry name or package.module:callable."),
         click.option("--teacher-arch-kwargs", metavar="JSON", callback=_check_json_object,
                      help="""Arguments of that architecture, as JSON: '{"num_classes": 100}'."""),
-        click.option("--code-path", type=click.Path(path_type=Path, exists=True, file_okay=False),
-                     help="Folder with your model code, put on the import path."),
-        click.option("--unsafe-load", is_flag=True,
-                     help="Allow teacher files that hold pickled Python objects (runs code from them: only files you trust)."),
     ]  # fmt: skip
+    f = code_options(f)
     for opt in reversed(opts):
         f = opt(f)
     return f

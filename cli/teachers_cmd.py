@@ -33,6 +33,7 @@ def inspect_cmd(path, teacher_arch, teacher_arch_kwargs, code_path, unsafe_load,
                 device, amp, channels_last) -> None:  # fmt: skip
     """Per member: file, format, architecture, parameters, classes, input, normalization."""
     from ensc.engine.runtime import resolve_runtime
+    from ensc.errors import plural
     from ensc.evaluation.table import render_table
     from ensc.teachers.ensemble import load_teacher
     from ensc.teachers.inspect import member_rows, spot_check
@@ -50,7 +51,7 @@ def inspect_cmd(path, teacher_arch, teacher_arch_kwargs, code_path, unsafe_load,
     click.echo(render_table(header, [[r[h] for h in header] for r in rows], "l" * len(header)))
     recorded = teacher.spec.dataset
     click.echo(
-        f"{len(teacher)} members, {teacher.num_classes} classes; "
+        f"{plural(len(teacher), 'member')}, {plural(teacher.num_classes, 'class', 'classes')}; "
         + (f"trained on {recorded} (recorded)" if recorded
            else "no dataset recorded: pass --dataset to `ensc compress` / `ensc eval`")
     )  # fmt: skip

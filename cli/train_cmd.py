@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ensc.cli.options import data_config, data_options, runtime_options
+from ensc.cli.options import code_options, data_config, data_options, runtime_options
 
 
 @click.command(
@@ -54,13 +54,15 @@ Example:
 @click.option(
     "--resume", is_flag=True, help="Keep finished members and continue an interrupted one."
 )
+@code_options
 @runtime_options
 def train_cmd(dataset, data_root, val_size, train_subset, test_subset, data_seed, download, arch, members,
               epochs, batch_size, lr, weight_decay, warmup_epochs, max_steps, seed, out, force, resume,
-              device, amp, channels_last) -> None:  # fmt: skip
+              code_path, unsafe_load, device, amp, channels_last) -> None:  # fmt: skip
     """Train a deep-ensemble teacher of M independently seeded members."""
     from ensc.engine.loop import OptimConfig
     from ensc.engine.runtime import resolve_runtime
+    from ensc.errors import plural
     from ensc.teachers.train import TeacherTrainConfig, train_teacher
 
     config = TeacherTrainConfig(
@@ -73,8 +75,10 @@ def train_cmd(dataset, data_root, val_size, train_subset, test_subset, data_seed
         seed=seed,
         force=force,
         resume=resume,
+        code_path=code_path,
+        unsafe_load=unsafe_load,
     )  # fmt: skip
     runtime = resolve_runtime(device, amp, channels_last)
     paths = train_teacher(config, runtime)
     if runtime.is_main:
-        click.echo(f"teacher with {len(paths)} members in {out}")
+        click.echo(f"teacher with {plural(len(paths), 'member')} in {out}")

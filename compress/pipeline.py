@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ensc import rundir
+from ensc import faults, rundir
 from ensc.compress.average import (
     average,
     fast_weight_spread,
@@ -35,7 +35,7 @@ from ensc.compress.report import Predictions, build_report, gaps_closed, parity,
 from ensc.compress.warmstart import WARM_START_LR, init_from_member, matching_member
 from ensc.data.datasets import DataConfig, ImageDataset, iterate_batches, load_dataset
 from ensc.data.source import check_compatible, data_config_for
-from ensc.engine.loop import steady_seconds_per_step, train
+from ensc.engine.loop import BackwardFn, StepResult, steady_seconds_per_step, train
 from ensc.engine.predict import (
     eval_copy,
     eval_member_networks,
@@ -46,13 +46,14 @@ from ensc.engine.predict import (
 from ensc.engine.runtime import Runtime
 from ensc.engine.seeding import seeded
 from ensc.engine.timing import PhaseTimer
-from ensc.errors import CompressParityError
-from ensc.evaluation.logits_cache import cache_dir_for, cached_teacher_logits
+from ensc.errors import CheckpointError, CompressParityError, one_line, plural
+from ensc.evaluation.logits_cache import cache_dir_for, cached_teacher_logits, file_sha256
 from ensc.evaluation.metrics import nll
 from ensc.fileio import atomic_write_text, jsonable
 from ensc.models.batchensemble import BatchEnsemble, to_batchensemble
 from ensc.models.checkpoint import ModelSpec, save_checkpoint
 from ensc.teachers.ensemble import Teacher, load_teacher, sanity_check, user_code
+from ensc.teachers.manifest import member_entries
 
 log = logging.getLogger(__name__)
 
@@ -67,16 +68,22 @@ class CompressResult:
 def run_compress(config: CompressConfig, runtime: Runtime) -> CompressResult | None:
     """Distill, average, evaluate and write the run folder; raises CompressParityError after writing on failure.
 
-    Returns None on the non-main processes of a data-parallel run.
+    The folder stays unfinished (and locked) until every file is written, then is committed
+    (:mod:`ensc.rundir`). Returns None on the non-main processes of a data-parallel run.
     """
     started = time.perf_counter()
-    run_dir = runtime.broadcast(_prepare_run_dir(config) if runtime.is_main else None)
-    with rundir.run_log(run_dir if runtime.is_main else None):
-        run = _set_up(config, runtime, run_dir)
+    check_config(config)
+    identity = run_identity(config)
+    with contextlib.ExitStack() as stack:
+        writer = stack.enter_context(_open_run_dir(config, identity)) if runtime.is_main else None
+        run_dir = runtime.broadcast(writer.path if writer is not None else None)
+        stack.enter_context(rundir.run_log(run_dir if writer is not None else None))
+        run = _set_up(config, runtime, run_dir, identity)
+        faults.point("compress.after_config")
         config, teacher, student, data = run.config, run.teacher, run.student, run.data
-        history = _distill(config, runtime, student, teacher, data, run_dir)
+        history = _distill(config, runtime, student, teacher, data, run_dir, identity)
         student.eval()
-        if not runtime.is_main:  # rank 0 evaluates, reports and writes the run folder
+        if writer is None:  # rank 0 evaluates, reports and writes the run folder
             return None
         be_spec = replace(
             run.spec,
@@ -110,10 +117,11 @@ def run_compress(config: CompressConfig, runtime: Runtime) -> CompressResult | N
         report["wall_seconds"] = round(time.perf_counter() - started, 1)
         log.info("after training: %s", _timing_line(report["timing"], teacher_cache))
         md = _render_report(config, report, run_dir, teacher, data, run.members, history, runtime)
+        faults.point("compress.before_report")
         atomic_write_text(run_dir / rundir.REPORT_JSON, json.dumps(report, indent=2) + "\n")
         atomic_write_text(run_dir / rundir.REPORT_MD, md)
-        (run_dir / rundir.STATE).unlink(missing_ok=True)
-        rundir.point_latest(config.runs_dir, run_dir)
+        faults.point("compress.before_commit")
+        writer.commit(config.runs_dir)  # finished: the marker goes, runs/latest points here
         _enforce_gate(report["parity"], run_dir)
         return CompressResult(run_dir, report, md)
 
@@ -132,7 +140,9 @@ class _Run:
     init_member: int | None  # the teacher member the student starts from
 
 
-def _set_up(config: CompressConfig, runtime: Runtime, run_dir: Path) -> _Run:
+def _set_up(
+    config: CompressConfig, runtime: Runtime, run_dir: Path, identity: dict[str, Any]
+) -> _Run:
     """Load teacher and data, build the student, and record the settings in config.json."""
     teacher = load_teacher(
         config.teacher, arch=config.teacher_arch, arch_kwargs=config.teacher_arch_kwargs,
@@ -143,7 +153,7 @@ def _set_up(config: CompressConfig, runtime: Runtime, run_dir: Path) -> _Run:
     data = load_dataset(data_config)
     check_compatible(teacher.spec, data)
     members = 1 if config.method == "kd-single" else config.members or len(teacher)
-    with user_code(config.code_path):  # a student of the teacher's architecture uses its code
+    with user_code(config.code_path, unsafe=config.unsafe_load):  # the student may be user code
         student, spec, init_member = _build_student(config, teacher, data, members, runtime)
     config = with_warm_start_lr(config, init_member is not None)
     teacher.to(runtime.device)
@@ -151,6 +161,7 @@ def _set_up(config: CompressConfig, runtime: Runtime, run_dir: Path) -> _Run:
         # validation, not test: test labels stay unseen until the report
         sanity_check(teacher, data.val, runtime)
         record = _config_record(config, data_config, members)
+        record["teacher_files"] = identity["teacher_files"]  # what --resume checks, with the flags
         atomic_write_text(run_dir / rundir.CONFIG, json.dumps(record, indent=2) + "\n")
     return _Run(config, teacher, data_config, data, members, student, spec, init_member)
 
@@ -228,32 +239,41 @@ def _distill(
     teacher: Teacher,
     data: ImageDataset,
     run_dir: Path,
+    identity: dict[str, Any],
 ) -> dict[str, Any]:
     """Train the BatchEns student on the teachers (resumable from ``run_dir``); the loop's history."""
     gen = torch.Generator().manual_seed(config.seed + 10_000)
     wd = config.optim.weight_decay
     timer = PhaseTimer(synchronize=runtime.device.type == "cuda")  # phase shares in the log
     teachers = fast_teachers(teacher.members, runtime, probe_batch([data.val], runtime))
-    step = make_distill_step(
+    distill_step = make_distill_step(
         student, teachers, config.distill, gen, net=runtime.wrap(student), timer=timer
     )
-    return train(
-        student,
-        step,
-        data.train,
-        config.optim,
-        runtime,
-        param_groups=param_groups(student, config.distill.fast_weights, wd),
-        hflip=data.hflip,
-        seed=config.seed,
-        state_path=run_dir / rundir.STATE,
-        resume=config.resume,
-        desc=f"distill BE-{student.members}",
-        after_backward=fast_weight_hook(student, config.distill.fast_weights, wd),
-        identity={"teacher": [str(p) for p in teacher.paths], "arch": config.arch, "members": student.members,
-                  "distill": asdict(config.distill), "init": config.init, "n_train": len(data.train)},
-        timer=timer,
-    )  # fmt: skip
+
+    def step(images: torch.Tensor, labels: torch.Tensor, backward: BackwardFn) -> StepResult:
+        result = distill_step(images, labels, backward)
+        faults.point("compress.step")  # ENSC_FAULT=compress.step:N kills after the N-th step
+        return result
+
+    state_path = run_dir / rundir.STATE
+    try:
+        return train(
+            student, step, data.train, config.optim, runtime,
+            param_groups=param_groups(student, config.distill.fast_weights, wd), hflip=data.hflip,
+            seed=config.seed, state_path=state_path, resume=config.resume,
+            desc=f"distill BE-{student.members}",
+            after_backward=fast_weight_hook(student, config.distill.fast_weights, wd),
+            identity={"teacher": identity["teacher_files"], "arch": config.arch, "members": student.members,
+                      "distill": asdict(config.distill), "init": config.init, "n_train": len(data.train)},
+            timer=timer,
+        )  # fmt: skip
+    except CheckpointError as err:  # .state.pt does not load (the folder's check only sees a zip)
+        if not (config.resume and str(state_path) in str(err)):
+            raise
+        raise CheckpointError(
+            f"{state_path} is damaged ({one_line(err.__cause__ or err)}), so {run_dir} cannot be "
+            "resumed: pass --force to start it over"
+        ) from err
 
 
 def _average_student(
@@ -324,7 +344,7 @@ def _render_report(
         + f", perturbation {distill.perturb.kind} "
         f"(step {distill.perturb.step}/255), α={distill.alpha}, T={distill.temperature}",
         "data": f"{data.name}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test",
-        "training": f"{history['steps']} steps, {history['seconds']:.0f} s on {runtime.device}; run total {report['wall_seconds']:.0f} s",
+        "training": f"{plural(history['steps'], 'step')}, {history['seconds']:.0f} s on {runtime.device}; run total {report['wall_seconds']:.0f} s",
         "after training": _timing_line(report["timing"], report["teacher_logits_cache"]),
         "BatchNorm statistics of the single network": (
             f"{report['bn_statistics']} (kept: the lower validation NLL of the two)"
@@ -486,8 +506,27 @@ def _timing_line(timing: dict[str, float], teacher_cache: str) -> str:
     )
 
 
-def _prepare_run_dir(config: CompressConfig) -> Path:
-    check_config(config)
+def run_identity(config: CompressConfig) -> dict[str, Any]:
+    """What ``--resume`` must match: every flag that shapes the result, and the teacher's member
+    files (their sha256, and how each is read). Reads the files, loads nothing."""
+    flags = {k: v for k, v in jsonable(asdict(config)).items() if k not in _NOT_IN_IDENTITY}
+    entries = member_entries(
+        config.teacher, arch=config.teacher_arch, arch_kwargs=config.teacher_arch_kwargs
+    )
+    files = [
+        jsonable({**asdict(e), "path": e.path.name, "sha256": file_sha256(e.path)}) for e in entries
+    ]
+    return {**flags, "teacher_files": files}
+
+
+# where the run goes, how it is told and what it may touch: not what it computes
+_NOT_IN_IDENTITY = ("teacher", "out", "runs_dir", "resume", "force", "command", "cache_teacher_logits",
+                    "unsafe_load")  # fmt: skip
+
+
+def _open_run_dir(
+    config: CompressConfig, identity: dict[str, Any]
+) -> contextlib.AbstractContextManager[rundir.RunWriter]:
     if config.out is not None:
         run_dir = Path(config.out)
     elif config.resume:
@@ -497,7 +536,7 @@ def _prepare_run_dir(config: CompressConfig) -> Path:
         run_dir = rundir.default_run_dir(
             config.runs_dir, f"{kind}{config.arch}-{config.distill.perturb.kind}"
         )
-    return rundir.claim(run_dir, force=config.force, resume=config.resume)
+    return rundir.open_run(run_dir, identity, force=config.force, resume=config.resume)
 
 
 def _config_record(config: CompressConfig, data: DataConfig, members: int) -> dict[str, Any]:

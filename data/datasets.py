@@ -5,12 +5,19 @@ ensc decodes them a single time into a ``uint8 [N, C, H, W]`` tensor and augment
 the fly: no per-sample PIL work in the training loop. Pixels reach models in [0, 1]; the
 normalization lives inside the model (docs/method.md §1), so ``mean``/``std`` here are only
 *measured* on the training split and handed to the model builder.
+
+An image folder may hold images of several sizes; they are stacked at one size (H, W): the size
+the model takes when it is known (``DataConfig.image_size``, which ``data.source.data_config_for``
+sets from an ensc checkpoint), else the most common size among the training split's images. Every
+image of another size is resized to it (bilinear, antialiased, aspect ratio not kept), and the log
+says how many were, once per split.
 """
 
 from __future__ import annotations
 
 import gzip
 import logging
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from ensc.data.catalog import DATASETS
-from ensc.errors import DataError
+from ensc.errors import DataError, plural
+from ensc.fileio import not_a_folder
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +52,8 @@ class DataConfig:
     test_subset: int | None = None  # class-balanced test subset
     seed: int = 0  # seeds the validation split and the subsets (not training)
     download: bool = False  # allow torchvision to download fashion-mnist / cifar when missing
+    # imagefolder: (H, W) every image is resized to; None = the most common size in the training split
+    image_size: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -90,6 +100,11 @@ def load_dataset(config: DataConfig) -> ImageDataset:
     """Load, split and subset the dataset named in ``config``."""
     if config.name not in DATASETS:
         raise DataError(f"unknown dataset {config.name!r}: choose one of {', '.join(DATASETS)}")
+    if config.root is not None and Path(config.root).exists() and not Path(config.root).is_dir():
+        raise DataError(
+            f"--data-root {config.root} {not_a_folder(config.root)}: "
+            "point it at the folder that holds the dataset"
+        )
     gen = torch.Generator().manual_seed(config.seed)
     if config.name == "imagefolder":
         train, val, test, classes = _load_imagefolder(config, gen)
@@ -150,6 +165,14 @@ def split_indices(
     val_size = (
         config.val_size if config.val_size is not None else min(int(n * VAL_FRACTION), VAL_CAP)
     )
+    if n < 2 or (config.val_size is None and val_size < 1):  # 10 % of n is under one image
+        cut = config.train_subset is not None and config.train_subset < n_full
+        what = f"--train-subset {n}" if cut else f"the training set ({plural(n, 'image')})"
+        smallest = config.val_size + 1 if config.val_size else round(1 / VAL_FRACTION)
+        fix = f"use --train-subset {smallest} or more" if cut else "add images"
+        if n >= 2:
+            fix += f", or pass --val-size between 1 and {n - 1}"
+        raise DataError(f"{what} is too small to carve a validation split from: {fix}")
     if not 0 < val_size < n:
         raise DataError(
             f"--val-size must be between 1 and {n - 1} for {n} training images, got {val_size}"
@@ -282,7 +305,7 @@ def _load_imagefolder(
         folder = Path(config.root) / part
         if not folder.is_dir():
             raise DataError(
-                f"{folder} does not exist: --data-root must hold train/ and test/ subfolders"
+                f"{folder} {not_a_folder(folder)}: --data-root must hold train/ and test/ subfolders"
             )
         try:
             scans[part] = ImageFolder(str(folder), loader=lambda p: p)  # scan only; decode below
@@ -291,32 +314,51 @@ def _load_imagefolder(
     if scans["train"].classes != scans["test"].classes:
         raise DataError(f"train/ and test/ of {config.root} have different class folders")
 
-    def decode(part: str, index: torch.Tensor) -> Split:
+    def decode(
+        part: str, index: torch.Tensor, split: str, size: tuple[int, int] | None, why: str
+    ) -> Split:
         scan = scans[part]
         labels = torch.tensor(scan.targets, dtype=torch.int64)[index]
-        return Split(_decode_images([scan.samples[i][0] for i in index.tolist()]), labels)
+        paths = [scan.samples[i][0] for i in index.tolist()]
+        return Split(_decode_images(paths, size, split=split, why=why), labels)
 
     train_idx, val_idx = split_indices(torch.tensor(scans["train"].targets), config, gen)
     test_labels = torch.tensor(scans["test"].targets)
     test_idx = torch.arange(len(test_labels))
     if config.test_subset is not None and config.test_subset < len(test_labels):
         test_idx = balanced_indices(test_labels, config.test_subset, gen)
+    size = tuple(config.image_size) if config.image_size else None
+    why = "the size the model takes" if size else "the most common size in the training split"
+    train = decode("train", train_idx, "train", size, why)
+    size = int(train.images.shape[2]), int(train.images.shape[3])  # val and test follow train
     return (
-        decode("train", train_idx),
-        decode("train", val_idx),
-        decode("test", test_idx),
+        train,
+        decode("train", val_idx, "val", size, why),
+        decode("test", test_idx, "test", size, why),
         scans["train"].classes,
     )
 
 
-def _decode_images(paths: list[str]) -> torch.Tensor:
-    """Decode image files to one uint8 [N, 3, H, W] tensor; sizes that differ from the first are resized."""
+def _decode_images(
+    paths: list[str],
+    size: tuple[int, int] | None = None,
+    *,
+    split: str = "this split",
+    why: str = "the most common size among them",
+) -> torch.Tensor:
+    """Decode image files to one uint8 [N, 3, H, W] tensor, (H, W) = ``size``.
+
+    Images of another size are resized (bilinear, antialiased) to ``size``, or with ``size=None``
+    to the most common size among them (the first image's on a tie); a warning says how many of
+    the ``split`` images were, of which sizes, and ``why`` that size.
+    """
     from torchvision.datasets.folder import pil_loader
     from torchvision.transforms.v2.functional import pil_to_tensor, resize
     from tqdm import tqdm
 
-    size: list[int] | None = None
     out: torch.Tensor | None = None
+    sizes: Counter[tuple[int, int]] = Counter()  # (H, W) -> images of that size
+    odd: dict[int, torch.Tensor] = {}  # size=None: images of another size than out's, for later
     for i, path in enumerate(
         tqdm(
             paths,
@@ -330,15 +372,47 @@ def _decode_images(paths: list[str]) -> torch.Tensor:
             img = pil_to_tensor(pil_loader(path))  # RGB uint8 [3, H, W]
         except OSError as err:
             raise DataError(f"cannot decode image {path}: {err}") from err
+        hw = int(img.shape[1]), int(img.shape[2])
+        sizes[hw] += 1
         if out is None:
-            size = list(img.shape[1:])
-            out = torch.empty((len(paths), 3, *size), dtype=torch.uint8)
-        elif list(img.shape[1:]) != size:
-            img = resize(img, size, antialias=True)
-        out[i] = img
+            out = torch.empty((len(paths), 3, *(size or hw)), dtype=torch.uint8)
+        if hw == tuple(out.shape[2:]):
+            out[i] = img
+        elif size is not None:
+            out[i] = resize(img, list(size), antialias=True)
+        else:
+            odd[i] = img
     if out is None:
         raise DataError("no images to decode")
+    if size is None:
+        size = sizes.most_common(1)[0][0]  # ties: the size seen first
+        if size != tuple(out.shape[2:]):  # the first image had an unusual size: restack at `size`
+            rows = torch.tensor([i for i in range(len(paths)) if i not in odd], dtype=torch.long)
+            first, out = out, torch.empty((len(paths), 3, *size), dtype=torch.uint8)
+            out[rows] = resize(first[rows], list(size), antialias=True)
+            del first
+        for i, img in odd.items():
+            out[i] = (
+                img if tuple(img.shape[1:]) == size else resize(img, list(size), antialias=True)
+            )
+    _log_resized(sizes, tuple(size), split, why)
     return out
+
+
+def _log_resized(
+    sizes: Counter[tuple[int, int]], size: tuple[int, int], split: str, why: str
+) -> None:
+    """Warn that ``N of M images in <split> were W×H, resized to W×H``; nothing if none was."""
+    others = sorted(((n, hw) for hw, n in sizes.items() if hw != size), reverse=True)
+    if not others:
+        return
+    n_odd = sum(n for n, _ in others)
+    listing = ", ".join(f"{w}×{h}" + (f" ({n})" if len(others) > 1 else "") for n, (h, w) in others)
+    log.warning(
+        "%d of %d images in %s %s %s, resized to %d×%d (W×H; %s)",
+        n_odd, sum(sizes.values()), split, "was" if n_odd == 1 else "were", listing,
+        size[1], size[0], why,
+    )  # fmt: skip
 
 
 # --- batches ---------------------------------------------------------------------------------

@@ -23,8 +23,9 @@ from ensc.data.datasets import Split, iterate_batches, steps_per_epoch
 from ensc.engine.runtime import Runtime
 from ensc.engine.schedule import default_warmup_epochs, scaled_lr, warmup_cosine
 from ensc.engine.timing import NO_TIMER, PhaseTimer
-from ensc.errors import ConfigError, DivergenceError
+from ensc.errors import ConfigError, DivergenceError, plural
 from ensc.fileio import atomic_torch_save, torch_load
+from ensc.models.checkpoint import non_finite
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,7 @@ def train(
     after_backward: Callable[[], None] | None = None,
     identity: dict[str, Any] | None = None,
     timer: PhaseTimer = NO_TIMER,
+    after_epoch: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Run the loop; returns a history dict (per-epoch loss/acc, steps, seconds, and the seconds
     of this session's first step, which :func:`steady_seconds_per_step` leaves out).
@@ -121,13 +123,17 @@ def train(
     ``after_backward`` runs between backward and the optimizer step (e.g. gradient scaling of
     fast weights). ``identity`` is stored with the resumable state and must match on resume.
     ``timer`` collects seconds per phase (the step adds its own phases to the same timer).
+    ``after_epoch(epochs_done)`` runs once an epoch's state is saved.
+
+    Raises :class:`DivergenceError` when the loss, or at an epoch's end a parameter or buffer of
+    ``model`` (e.g. BatchNorm statistics), is NaN or infinite.
     """
     if len(data) == 0:
         raise ConfigError("the training split is empty")
     optimizer = make_optimizer(param_groups or [{"params": list(model.parameters())}], config)
     loop = _Loop(
         model, step, data, config, runtime, optimizer, hflip=hflip, seed=seed, desc=desc,
-        after_backward=after_backward, timer=timer,
+        after_backward=after_backward, timer=timer, after_epoch=after_epoch,
     )  # fmt: skip
     identity = {"config": asdict(config), **(identity or {})}
     if state_path is not None and resume and Path(state_path).exists():
@@ -143,6 +149,7 @@ class _Loop:
         self, model: nn.Module, step: StepFn, data: Split, config: OptimConfig, runtime: Runtime,
         optimizer: torch.optim.Optimizer, *, hflip: bool, seed: int, desc: str,
         after_backward: Callable[[], None] | None, timer: PhaseTimer,
+        after_epoch: Callable[[int], None] | None = None,
     ) -> None:  # fmt: skip
         self.model, self.step, self.data, self.config, self.runtime = (
             model,
@@ -152,7 +159,7 @@ class _Loop:
             runtime,
         )
         self.optimizer, self.hflip, self.desc, self.timer = optimizer, hflip, desc, timer
-        self.after_backward = after_backward
+        self.after_backward, self.after_epoch = after_backward, after_epoch
         self.total = config.total_steps(len(data))
         self.epochs = config.num_epochs(len(data))
         self.scheduler = warmup_cosine(optimizer, self.total, config.warmup_steps(len(data)))
@@ -179,10 +186,10 @@ class _Loop:
         self.start_epoch = state["epoch"]
         history["resumed_steps"], history["resumed_seconds"] = history["steps"], history["seconds"]
         log.info(
-            "%s: resuming after epoch %d (%d steps done)",
+            "%s: resuming after epoch %d (%s done)",
             self.desc,
             self.start_epoch,
-            history["steps"],
+            plural(history["steps"], "step"),
         )
 
     def _save(self, state_path: Path, identity: dict[str, Any], epochs_done: int) -> None:
@@ -204,6 +211,7 @@ class _Loop:
             if history["steps"] >= self.total:
                 break
             loss, acc = self._epoch(epoch)
+            self._check_finite(epoch)
             history["seconds"] = time.perf_counter() - t0
             history["epochs"].append({"epoch": epoch + 1, "loss": loss, "acc": acc})
             log.info("%s: epoch %d/%d loss %.4f acc %.2f%% (%.0fs)",
@@ -211,8 +219,21 @@ class _Loop:
             if state_path is not None and self.runtime.is_main:
                 self._save(state_path, identity, epoch + 1)
             self.runtime.barrier()  # others wait until rank 0's state file is complete
+            if self.after_epoch is not None:
+                self.after_epoch(epoch + 1)
         self.bar.close()
         return history
+
+    def _check_finite(self, epoch: int) -> None:
+        """A finite loss can still leave NaN/inf in the weights or BatchNorm statistics: refuse
+        to go on (or to save them)."""
+        bad = non_finite(self.model.state_dict())
+        if bad:
+            more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+            raise DivergenceError(
+                f"{self.desc}: {bad[0]}{more} became NaN or infinite in epoch {epoch + 1} "
+                f"(step {self.history['steps']}); lower --lr"
+            )
 
     def _backward(self, loss: torch.Tensor) -> None:
         with torch.autocast(self.runtime.device.type, enabled=False), self.timer("student"):

@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ensc import __version__, rundir
-from ensc.errors import ConfigError, ExportParityError
+from ensc.errors import ConfigError, ExportError, ExportParityError, one_line
+from ensc.export.onnx import read_metadata
 from ensc.export.sources import (
     CheckImages,
     Exportable,
@@ -47,7 +48,6 @@ log = logging.getLogger(__name__)
 
 PROVIDERS = ("auto", "cpu", "cuda")
 FAMILIES = ("teacher", "student-be", "student")  # row order of the tables
-ONNX_FILES = {"teacher": "teacher", "student-be": "student_be", "student": "student"}
 REDUCED = ("fp16", "int8")  # extra single-network files used when present
 
 
@@ -304,6 +304,7 @@ def run_bench(
         "student-be": load_exportable("student-be", run=run_dir),
         "teacher": load_exportable("teacher", run=run_dir, teacher=teacher),
     }
+    _check_onnx_files(exportables, run_dir)
     student = exportables["student"]
     images = load_check_images(
         student.spec,
@@ -395,7 +396,7 @@ def _candidates(
             name, family, "pytorch", "fp32", torch_predictor(exp.module, device),
             exp.params, macs, exp.source_bytes, sources,
         ))  # fmt: skip
-        fp32_path = run_dir / f"{ONNX_FILES[family]}.onnx"
+        fp32_path = rundir.onnx_file(run_dir, family)
         files = [("fp32", fp32_path)]
         if family == "student":
             files += [
@@ -412,9 +413,19 @@ def _candidates(
                 )
             # no spin-waiting: the idle thread pools of 5 sessions would steal the cores of
             # whichever candidate runs next in the round-robin
-            session = make_session(
-                model_bytes, threads=threads, providers=providers, spinning=False
-            )
+            try:
+                session = make_session(
+                    model_bytes, threads=threads, providers=providers, spinning=False
+                )
+            except ExportError as err:
+                if not path.is_file():
+                    raise
+                redo = f"ensc export --onnx --run {run_dir} --what {family}"
+                redo += f" --precision {precision}" if precision != "fp32" else ""
+                raise ExportError(
+                    f"{path} is not an ONNX graph onnxruntime can load "
+                    f"({one_line(err.__cause__ or err)}); re-export it with `{redo} --force`"
+                ) from err
             metadata = {e.key: e.value for e in onnx.load_from_string(model_bytes).metadata_props}
             if metadata.get("precision", precision) != precision:
                 notes.append(
@@ -425,6 +436,29 @@ def _candidates(
                 exp.params, macs, len(model_bytes), str(path) if path.is_file() else "(exported for this run)",
             ))  # fmt: skip
     return out
+
+
+def _check_onnx_files(exportables: dict[str, Exportable], run_dir: Path) -> None:
+    """Refuse, before any work, an ONNX file of the run that was not exported from the
+    checkpoints there now (a file onnxruntime cannot read is reported when it is loaded)."""
+    import onnx
+
+    for family, exp in exportables.items():
+        fp32_path = rundir.onnx_file(run_dir, family)
+        files = [("fp32", fp32_path)]
+        if family == "student":
+            files += [(p, onnx_path(fp32_path, p)) for p in REDUCED]
+        for precision, path in files:
+            try:
+                model = onnx.load(str(path), load_external_data=False)
+            except Exception:  # missing, or not ONNX: reported when _candidates loads it
+                continue
+            if not model.graph.node:  # not an ONNX graph either
+                continue
+            recorded = read_metadata(model).get("source_sha256")
+            redo = f"ensc export --onnx --run {run_dir} --what {family}"
+            redo += f" --precision {precision}" if precision != "fp32" else ""
+            rundir.check_derived(path, recorded, exp.sources, exp.source_sha256, f"{redo} --force")
 
 
 def _export_for_bench(exp: Exportable, images: CheckImages) -> bytes:

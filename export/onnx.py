@@ -3,7 +3,7 @@
 The graph takes ``images`` float32 ``[batch, C, H, W]`` with pixels in [0, 1] (normalization is
 inside, docs/method.md §1) and returns ``logits`` and ``probs`` ``[batch, K]``
 (see :mod:`ensc.export.wrappers`). Class names, the input contract, mean/std, the source
-checkpoints and the ensc version are stored in the model's ``metadata_props``.
+checkpoints (and their sha256) and the ensc version are stored in the model's ``metadata_props``.
 """
 
 from __future__ import annotations
@@ -106,8 +106,13 @@ def onnx_metadata(
     sources: list[str],
     archs: list[str],
     opset: int,
+    source_sha256: list[str] | None = None,
 ) -> dict[str, str]:
-    """The ``metadata_props`` ensc writes: enough to use the file without ensc."""
+    """The ``metadata_props`` ensc writes: enough to use the file without ensc.
+
+    ``source_sha256`` (of each source checkpoint) lets `ensc export` / `ensc bench` tell whether
+    a file in a run folder was exported from the run's current checkpoints.
+    """
     ensemble = members > 1
     return {
         "ensc_version": __version__,
@@ -129,6 +134,7 @@ def onnx_metadata(
             else "logits: the network's logits; probs: softmax(logits)"
         ),
         "source": json.dumps(sources),
+        **({"source_sha256": json.dumps(source_sha256)} if source_sha256 is not None else {}),
         "opset": str(opset),
     }
 

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ensc.errors import ConfigError, ExportParityError
+from ensc import rundir
+from ensc.errors import ConfigError, ExportError, ExportParityError
+from ensc.evaluation.logits_cache import file_sha256
 from ensc.export.onnx import (
     DEFAULT_OPSET,
     check_onnx,
@@ -103,6 +105,7 @@ def run_export(config: ExportConfig) -> ExportResult:
         teacher=config.teacher,
         runs_dir=config.runs_dir,
     )
+    recorded = exportable.source_sha256  # hashed now, as read; checked again before writing
     out = (
         Path(config.out)
         if config.out is not None
@@ -122,7 +125,16 @@ def run_export(config: ExportConfig) -> ExportResult:
     model, reports = build_onnx(exportable, images, config)
     passed = all(r.passed for r in reports)
     path = out if passed else failed
-    size = save_onnx(model, path)
+    with rundir.adding_to(path.parent):  # into a run: hold its lock; it must still be finished
+        changed = [
+            p for p, sha in zip(exportable.sources, recorded, strict=True) if file_sha256(p) != sha
+        ]
+        if changed:
+            raise ExportError(
+                f"{changed[0]} changed while it was being exported (was the run redone?): "
+                "export again"
+            )
+        size = save_onnx(model, path)
     result = ExportResult(
         path=path,
         what=exportable.what,
@@ -192,6 +204,7 @@ def _describe(model: onnx.ModelProto, exportable: Exportable, precision: str, op
             sources=[str(p) for p in exportable.sources],
             archs=list(exportable.archs),
             opset=opset,
+            source_sha256=exportable.source_sha256,
         ),
     )
 

@@ -7,6 +7,7 @@ ensc checkpoint can be exported on its own with ``model=FILE.pt``.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,7 +21,6 @@ if TYPE_CHECKING:
     from torch import nn
 
 WHATS = ("student", "student-be", "teacher")  # what --what can name in a run
-ONNX_NAMES = {"student": "student", "student-be": "student_be", "teacher": "teacher"}
 
 
 @dataclass
@@ -43,6 +43,13 @@ class Exportable:
     @property
     def source_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.sources)
+
+    @functools.cached_property
+    def source_sha256(self) -> list[str]:
+        """sha256 of each source file as it was read; an export records them (``source_sha256``)."""
+        from ensc.evaluation.logits_cache import file_sha256
+
+        return [file_sha256(p) for p in self.sources]
 
 
 def run_data_record(run_dir: Path) -> dict[str, Any] | None:
@@ -82,15 +89,17 @@ def load_exportable(
     what = what or "student"
     if what == "teacher":
         run_dir = rundir.resolve_run(run, runs_dir) if teacher is None or run is not None else None
+        if run_dir is not None:
+            rundir.check_finished(run_dir)
         folder = Path(teacher) if teacher is not None else rundir.teacher_dir(run_dir)
         recorded = run_data_record(run_dir) if run_dir is not None else None
-        out_dir = run_dir if run_dir is not None else folder
-        return load_teacher_exportable(folder, recorded, out_dir / "teacher.onnx")
+        out = rundir.onnx_file(run_dir, what) if run_dir is not None else folder / "teacher.onnx"
+        return load_teacher_exportable(folder, recorded, out)
     if teacher is not None:
         raise ConfigError("--teacher only applies to --what teacher")
     run_dir = rundir.resolve_run(run, runs_dir)
     ckpt = load_checkpoint(rundir.checkpoint_path(run_dir, what))
-    out = run_dir / f"{ONNX_NAMES[what]}.onnx"
+    out = rundir.onnx_file(run_dir, what)
     recorded = ckpt.info.get("data") or run_data_record(run_dir)  # student.pt: no second load
     return _from_checkpoint(ckpt, what, recorded, out)
 

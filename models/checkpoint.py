@@ -7,6 +7,7 @@ image size, the mean/std the model normalizes with) and where the model came fro
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ensc import __version__
-from ensc.errors import CheckpointError
-from ensc.fileio import atomic_torch_save, torch_load
+from ensc import __version__, faults
+from ensc.errors import CheckpointError, ConfigError
+from ensc.fileio import atomic_write, torch_load
 
 if TYPE_CHECKING:
     from ensc.data.datasets import ImageDataset
@@ -95,9 +96,15 @@ class Checkpoint:
             raise CheckpointError(
                 f"{self.path} holds a {self.spec.kind} model, not a plain network"
             )
-        model = self.spec.build()
+        model = self._build()
         model.load_state_dict(self.state_dict)
         return model.eval()
+
+    def _build(self) -> nn.Module:
+        try:
+            return self.spec.build()
+        except ConfigError as err:  # a user architecture that may not be built here
+            raise ConfigError(f"{self.path}: {err}") from err
 
     def build_batchensemble(self) -> BatchEnsemble:
         """The BatchEns student with these weights (``kind="batchensemble"``), in eval mode."""
@@ -107,7 +114,7 @@ class Checkpoint:
             raise CheckpointError(
                 f"{self.path} holds a {self.spec.kind} model, not a BatchEnsemble student"
             )
-        model = to_batchensemble(self.spec.build(), members=self.spec.members)
+        model = to_batchensemble(self._build(), members=self.spec.members)
         model.load_state_dict(self.state_dict)
         return model.eval()
 
@@ -119,8 +126,13 @@ def save_checkpoint(
     *,
     metrics: dict[str, Any] | None = None,
     info: dict[str, Any] | None = None,
+    fault_point: str | None = None,
 ) -> None:
-    """Write ``model``'s weights with ``spec`` atomically (temp file + rename)."""
+    """Write ``model``'s weights with ``spec`` atomically (temp file + rename).
+
+    ``fault_point``: an :mod:`ensc.faults` point reached once the temp file is written, before
+    the rename (for the fault-injection tests).
+    """
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -130,7 +142,13 @@ def save_checkpoint(
         "info": info or {},
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
-    atomic_torch_save(payload, path)
+
+    def write(f: Any) -> None:
+        torch.save(payload, f)
+        if fault_point is not None:
+            faults.point(fault_point)
+
+    atomic_write(path, write)
 
 
 def read_payload(path: Path) -> dict[str, Any]:
@@ -155,6 +173,7 @@ def checkpoint_from_payload(payload: Any, path: Path) -> Checkpoint:
         raise CheckpointError(
             f"{path} was written by a newer ensc ({payload.get('ensc_version')}); upgrade ensc to read it"
         )
+    check_finite(payload["state_dict"], path)
     return Checkpoint(
         spec=_spec_from_dict(payload["spec"]),
         state_dict=payload["state_dict"],
@@ -162,6 +181,26 @@ def checkpoint_from_payload(payload: Any, path: Path) -> Checkpoint:
         info={**payload.get("info", {}), "ensc_version": payload.get("ensc_version")},
         path=Path(path),
     )
+
+
+def non_finite(tensors: Mapping[str, Any]) -> list[str]:
+    """Names of the floating-point tensors in ``tensors`` that hold a NaN or an infinity."""
+    return [
+        name
+        for name, t in tensors.items()
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(t.isfinite().all())
+    ]
+
+
+def check_finite(tensors: Mapping[str, Any], path: Path) -> None:
+    """Refuse weights or buffers with NaN/inf (a diverged training), naming the file."""
+    bad = non_finite(tensors)
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise CheckpointError(
+            f"{path} holds non-finite values (NaN or inf) in {bad[0]}{more}: the training that wrote "
+            "it diverged; train it again with a lower --lr"
+        )
 
 
 def load_model(path: Path) -> tuple[nn.Module, ModelSpec]:

@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
+import importlib.machinery
 import inspect
 import logging
 import re
-from collections.abc import Callable, Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 from torch import nn
 
-from ensc.errors import one_line
+from ensc.errors import ConfigError, one_line
 
 from .normalize import Normalize, NormalizedModel
 from .resnet import resnet, resnet8, resnet14, resnet20, resnet32, resnet44, resnet56, resnet110
 from .wrn import wide_resnet
 
-__all__ = ["build_model", "list_models", "register_model"]
+__all__ = ["build_model", "list_models", "register_model", "trusted_code", "user_callable"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +79,7 @@ def build_model(
     Args:
         name: a registered name (see :func:`list_models`), ``resnet{D}`` with D = 6n+2,
             ``wrn{D}x{W}`` with D = 6n+4, or ``"package.module:callable"`` for your own
-            architecture. The callable is called with ``**kwargs``, plus ``num_classes``,
+            architecture (only inside :func:`trusted_code`). The callable is called with ``**kwargs``, plus ``num_classes``,
             ``in_channels``/``mean``/``std`` if its signature names them (one without
             ``num_classes`` must build ``num_classes`` outputs itself); if it does not name
             both ``mean`` and ``std`` but they are given, the model is wrapped in
@@ -109,7 +115,7 @@ def _build_user_model(
     std: Sequence[float] | None,
     **kwargs: Any,
 ) -> nn.Module:
-    fn = _user_callable(name)
+    fn = user_callable(name)
     params, var_keyword = _keyword_params(fn)
     # a builder that fixes its own number of classes (no num_classes argument) is checked below
     takes_classes = params is None or "num_classes" in params or var_keyword
@@ -143,16 +149,47 @@ def _build_user_model(
     return model
 
 
-def _user_callable(name: str) -> Callable[..., Any]:
-    """The callable ``package.module:attr`` names, imported; ValueError/TypeError say what failed."""
+@dataclass(frozen=True)
+class _Trust:
+    """Where user architectures may come from: modules under ``folder``, or anywhere if ``unsafe``."""
+
+    folder: Path | None = None
+    unsafe: bool = False
+
+
+_TRUST: ContextVar[_Trust | None] = ContextVar("ensc_trusted_code", default=None)
+
+
+@contextlib.contextmanager
+def trusted_code(folder: Path | None = None, *, unsafe: bool = False) -> Iterator[None]:
+    """Let ``package.module:callable`` names resolve while the block runs: to callables defined in
+    modules whose file is under ``folder`` (the user's ``--code-path``), or to anything importable
+    if ``unsafe`` (``--unsafe-load``). Outside such a block only ensc's own architectures build,
+    so a name read from a file (an ``ensemble.json``, a checkpoint) cannot run code from elsewhere.
+    """
+    resolved = Path(folder).expanduser().resolve() if folder is not None else None
+    token = _TRUST.set(_Trust(resolved, unsafe))
+    try:
+        yield
+    finally:
+        _TRUST.reset(token)
+
+
+def user_callable(name: str) -> Callable[..., Any]:
+    """The callable ``package.module:attr`` names, imported if :func:`trusted_code` allows it;
+    ValueError/TypeError say what failed, ConfigError that it is not allowed."""
     module_name, _, attr = name.partition(":")
     if not module_name or not attr:
         raise ValueError(f"Expected a model of the form 'package.module:callable'; got {name!r}")
+    trust = _TRUST.get() or _Trust()  # outside trusted_code: ensc's architectures only
+    if not trust.unsafe:
+        _check_source(name, module_name, trust.folder)
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # any error while importing user code, re-raised with context
         reason = one_line(exc, join=True)  # one line, even for multi-line messages
-        hint = "; is it installed or on PYTHONPATH?" if isinstance(exc, ImportError) else ""
+        missing = isinstance(exc, ImportError) and trust.unsafe
+        hint = "; is it installed or on PYTHONPATH?" if missing else ""
         raise ValueError(
             f"Cannot import module {module_name!r} for model {name!r}: "
             f"{type(exc).__name__}: {reason}{hint}"
@@ -165,7 +202,66 @@ def _user_callable(name: str) -> Callable[..., Any]:
         ) from exc
     if not callable(fn):
         raise TypeError(f"{name!r} is not callable; point to a model class or builder function")
+    if not trust.unsafe:  # the module imported from the folder, and what it names defined there
+        _check_defined_in(name, module, trust.folder)
+        owner = sys.modules.get(getattr(fn, "__module__", None) or "")
+        if owner is None or not _is_under(getattr(owner, "__file__", None), trust.folder):
+            where = f"{fn.__module__}.{getattr(fn, '__qualname__', attr)}" if owner else attr
+            raise ConfigError(
+                f"architecture {name!r} is {where}, defined outside the --code-path folder "
+                f"{trust.folder}; {_UNSAFE_HINT}"
+            )
     return fn
+
+
+_UNSAFE_HINT = "pass --unsafe-load to build it anyway (runs that code: only if you trust it)"
+
+
+def _check_source(name: str, module_name: str, folder: Path | None) -> None:
+    """Refuse, before importing anything, a module that would not come from ``folder``."""
+    if folder is None:
+        raise ConfigError(
+            f"architecture {name!r} is not one of ensc's: other code builds only from the folder "
+            "you pass with --code-path, or from anywhere with --unsafe-load (runs that code: only "
+            "if you trust it)"
+        )
+    module = sys.modules.get(module_name)
+    if module is not None:
+        _check_defined_in(name, module, folder)
+    elif not _is_under(_find_in(module_name, folder), folder):
+        raise ConfigError(
+            f"architecture {name!r}: module {module_name} is not in the --code-path folder {folder}; "
+            f"put it there, or {_UNSAFE_HINT}"
+        )
+
+
+def _check_defined_in(name: str, module: Any, folder: Path | None) -> None:
+    file = getattr(module, "__file__", None)
+    if not _is_under(file, folder):
+        raise ConfigError(
+            f"architecture {name!r}: module {module.__name__} is {file or 'built in'}, not in the "
+            f"--code-path folder {folder}; {_UNSAFE_HINT}"
+        )
+
+
+def _find_in(module_name: str, folder: Path) -> str | None:
+    """The file ``module_name`` would be imported from if searched for in ``folder`` only (None if
+    not there); runs none of its code (nor its packages' ``__init__``)."""
+    search = [str(folder)]
+    spec = None
+    for part in module_name.split("."):
+        if spec is not None:  # a package on the way: look inside it
+            if not spec.submodule_search_locations:
+                return None
+            search = list(spec.submodule_search_locations)
+        spec = importlib.machinery.PathFinder.find_spec(part, search)
+        if spec is None:
+            return None
+    return spec.origin
+
+
+def _is_under(file: str | None, folder: Path | None) -> bool:
+    return bool(file and folder) and Path(file).resolve().is_relative_to(folder)
 
 
 def _keyword_params(fn: Callable[..., Any]) -> tuple[set[str] | None, bool]:

@@ -26,6 +26,7 @@ from ensc.data.datasets import Split
 from ensc.engine.runtime import Runtime
 from ensc.errors import CheckpointError, ConfigError
 from ensc.models.checkpoint import ModelSpec
+from ensc.models.registry import trusted_code
 from ensc.teachers.manifest import find_member_files, member_entries
 from ensc.teachers.member import load_member
 
@@ -93,13 +94,14 @@ def load_teacher(
             without one in the manifest.
         arch_kwargs: arguments of that architecture's builder, e.g. ``{"num_classes": 100}``.
         code_path: a folder put first on ``sys.path`` while the members load (as PYTHONPATH
-            would be), so that user architectures and pickled classes import.
-        unsafe_load: allow full unpickling of files that hold Python objects. Runs code from the
-            file: only for files you trust.
+            would be), so that user architectures and pickled classes import; architectures
+            named ``package.module:callable`` must be defined in modules under it.
+        unsafe_load: allow full unpickling of files that hold Python objects, and architectures
+            from any importable module. Runs code from the file: only for files you trust.
         dataset: the dataset the teacher is used with, a hint for the input size of members
             that do not record it (``fashion-mnist`` 1×28×28, ``cifar10``/``cifar100`` 3×32×32).
     """
-    with user_code(code_path):
+    with user_code(code_path, unsafe=unsafe_load):
         entries = member_entries(source, arch=arch, arch_kwargs=arch_kwargs)
         hint = DATASET_INPUT.get(dataset or "")
         members, specs, infos = [], [], []
@@ -119,11 +121,15 @@ def load_teacher(
 
 
 @contextlib.contextmanager
-def user_code(code_path: Path | None) -> Iterator[None]:
+def user_code(code_path: Path | None, *, unsafe: bool = False) -> Iterator[None]:
     """``code_path`` first on ``sys.path`` while the block runs, so user code imports from it
-    (modules imported meanwhile stay imported); None: nothing to add."""
+    (modules imported meanwhile stay imported), and the only place ``package.module:callable``
+    architectures may come from (anywhere with ``unsafe``: see ``models.registry.trusted_code``).
+    None and not ``unsafe``: what an enclosing ``user_code`` allows (outside one, ensc's own
+    architectures only)."""
     if code_path is None:
-        yield
+        with trusted_code(None, unsafe=True) if unsafe else contextlib.nullcontext():
+            yield
         return
     folder = Path(code_path).expanduser().resolve()
     if not folder.is_dir():
@@ -133,7 +139,8 @@ def user_code(code_path: Path | None) -> Iterator[None]:
         sys.path.insert(0, str(folder))
     importlib.invalidate_caches()
     try:
-        yield
+        with trusted_code(folder, unsafe=unsafe):
+            yield
     finally:
         if added and str(folder) in sys.path:
             sys.path.remove(str(folder))

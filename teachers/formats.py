@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ensc.errors import CheckpointError, one_line
-from ensc.fileio import torch_load
+from ensc.fileio import not_a_file, torch_load
 from ensc.models.checkpoint import Checkpoint, checkpoint_from_payload, is_ensc_payload
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ def sniff(path: Path) -> str:
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"checkpoint {path} {not_a_file(path)}")
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(16)
@@ -235,7 +235,8 @@ def _torch_load(path: Path, unsafe_load: bool) -> Any:
     except CheckpointError as error:
         err = error.__cause__  # torch's own error; None when the file does not exist
         message = str(err)
-        if not unsafe_load and "Weights only load failed" in message:
+        garbage = "Unsupported operand" in message  # not pickled objects: not a checkpoint at all
+        if not unsafe_load and "Weights only load failed" in message and not garbage:
             found = _UNSUPPORTED_GLOBAL.search(message)
             what = f" ({found[1]})" if found else ""
             raise CheckpointError(

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ensc.errors import CheckpointError, ConfigError
+from ensc.fileio import not_a_file
 
 MANIFEST_NAME = "ensemble.json"
 MEMBER_FIELDS = ("path", "arch", "kwargs", "mean", "std", "prefix")
@@ -78,6 +79,11 @@ def find_member_files(folder: Path) -> list[Path]:
         )
     if folder.is_file():
         return [folder]
+    if not folder.is_dir():
+        raise CheckpointError(
+            f"teacher {folder} {not_a_file(folder)}: give a folder of member checkpoints, an "
+            f"{MANIFEST_NAME}, a checkpoint file or a quoted glob"
+        )
     files = [
         p
         for p in folder.iterdir()
@@ -106,10 +112,21 @@ def read_manifest(
         raise ConfigError(
             f'{path} needs a non-empty list "members": [{{"path": ..., "arch": ...}}, ...]'
         )
-    return [
+    entries = [
         _entry(item, f"{path}: member {i}", path.parent, arch, kwargs or {})
         for i, item in enumerate(members)
     ]
+    seen: dict[tuple[Any, ...], int] = {}
+    for i, e in enumerate(entries):  # one file twice is fine with another arch or normalization
+        key = (e.path.resolve(), e.arch, json.dumps(e.kwargs, sort_keys=True, default=str),
+               e.mean, e.std, e.prefix)  # fmt: skip
+        if key in seen:
+            raise ConfigError(
+                f"{path}: members {seen[key]} and {i} are the same ({e.path.name}, same settings); "
+                "list each member once"
+            )
+        seen[key] = i
+    return entries
 
 
 def _entry(
@@ -129,7 +146,7 @@ def _entry(
     file = Path(item["path"]).expanduser()
     file = file if file.is_absolute() else base / file
     if not file.is_file():
-        raise CheckpointError(f"{where}: {file} does not exist")
+        raise CheckpointError(f"{where}: {file} {not_a_file(file)}")
     for key, typ in (("arch", str), ("prefix", str), ("kwargs", dict)):
         if key in item and not isinstance(item[key], typ):
             raise ConfigError(f'{where}: "{key}" must be a {typ.__name__}; got {item[key]!r}')

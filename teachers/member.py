@@ -9,7 +9,6 @@ otherwise), and one small test batch tells its number of classes and checks it r
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import logging
 from typing import Any
@@ -18,7 +17,7 @@ import torch
 from torch import nn
 
 from ensc.errors import CheckpointError, ConfigError, one_line
-from ensc.models.checkpoint import ModelSpec
+from ensc.models.checkpoint import ModelSpec, check_finite
 from ensc.models.normalize import Normalize, NormalizedModel
 from ensc.teachers.formats import MemberFile, read_member_file
 from ensc.teachers.manifest import MemberEntry
@@ -36,6 +35,10 @@ def load_member(
     ``hint`` is (channels, height, width) of the data, for members that do not record their input.
     """
     file = read_member_file(entry.path, prefix=entry.prefix, unsafe_load=unsafe_load)
+    if file.checkpoint is None:  # ensc's own checkpoints are checked as they are read
+        check_finite(
+            file.state_dict if file.module is None else file.module.state_dict(), entry.path
+        )
     info: dict[str, Any] = {"format": file.format, "notes": list(file.notes)}
     where = f"member {entry.path}"
     if file.checkpoint is not None:  # ensc's own: it knows its architecture and normalization
@@ -148,22 +151,14 @@ def _build_arch(
 
 
 def _user_callable(arch: str, where: str) -> Any:
-    module_name, _, attr = arch.partition(":")
+    """``package.module:callable``, resolved as ``models.registry`` allows (``--code-path``,
+    ``--unsafe-load``: see :func:`~ensc.models.registry.trusted_code`)."""
+    from ensc.models.registry import user_callable
+
     try:
-        obj: Any = importlib.import_module(module_name)
-    except Exception as err:  # any error while importing user code
-        raise ConfigError(
-            f"{where}: cannot import {module_name!r} for architecture {arch!r}: "
-            f"{type(err).__name__}: {one_line(err, join=True)}; pass --code-path DIR with your code "
-            "(or install it)"
-        ) from err
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ConfigError(
-                f"{where}: module {module_name!r} has no {attr!r} (architecture {arch!r})"
-            )
-        obj = getattr(obj, part)
-    return obj
+        return user_callable(arch)
+    except (ConfigError, ValueError, TypeError) as err:  # not allowed, not importable, not callable
+        raise ConfigError(f"{where}: {one_line(err, join=True)}") from err
 
 
 def _keyword_names(fn: Any) -> tuple[set[str] | None, bool]:

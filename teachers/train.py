@@ -6,21 +6,25 @@ See docs/method.md §2 (the teacher) and §7 (the recipe).
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+import re
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from ensc import faults
 from ensc.data.datasets import DataConfig, ImageDataset, load_dataset
 from ensc.engine.loop import BackwardFn, OptimConfig, StepResult, train
 from ensc.engine.predict import predict_probs
 from ensc.engine.runtime import Runtime
 from ensc.engine.seeding import seeded
-from ensc.errors import ConfigError
+from ensc.errors import CheckpointError, ConfigError
 from ensc.evaluation.metrics import accuracy, nll
-from ensc.fileio import jsonable
-from ensc.models.checkpoint import ModelSpec, save_checkpoint
+from ensc.fileio import jsonable, torch_load
+from ensc.models.checkpoint import Checkpoint, ModelSpec, load_checkpoint, save_checkpoint
+from ensc.teachers.ensemble import user_code
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +39,10 @@ class TeacherTrainConfig:
     members: int = 4  # ensemble size M
     optim: OptimConfig = field(default_factory=OptimConfig)
     seed: int = 0  # member k trains with seed + k
-    force: bool = False  # overwrite finished members
-    resume: bool = False  # keep finished members, continue an interrupted one
+    force: bool = False  # remove every member and state file first, then train all
+    resume: bool = False  # keep finished members (refused unless of these settings), continue an interrupted one
+    code_path: Path | None = None  # folder of the code of an --arch package.module:callable
+    unsafe_load: bool = False  # allow an --arch callable from any importable module
 
 
 def member_path(out: Path, k: int) -> Path:
@@ -45,6 +51,21 @@ def member_path(out: Path, k: int) -> Path:
 
 def _state_path(out: Path, k: int) -> Path:
     return Path(out) / f".member{k}.state.pt"
+
+
+# member{k}.pt, .member{k}.state.pt, and the temp files of their unfinished writes (fileio.atomic_write)
+_OURS = re.compile(
+    r"(member(\d+)\.pt|\.member(\d+)\.state\.pt)|\.\.?member\d+(\.state)?\.pt\..+\.tmp"
+)
+# the flag that sets each recorded setting (those without one are named by their field)
+_FLAGS = {
+    "data": {"name": "--dataset", "root": "--data-root", "val_size": "--val-size",
+             "train_subset": "--train-subset", "test_subset": "--test-subset", "seed": "--data-seed"},
+    "optim": {"epochs": "--epochs", "batch_size": "--batch-size", "lr": "--lr",
+              "weight_decay": "--weight-decay", "warmup_epochs": "--warmup-epochs",
+              "max_steps": "--max-steps"},
+}  # fmt: skip
+_NOT_SETTINGS = {"download"}  # DataConfig fields that do not change the data
 
 
 def check_output_folder(config: TeacherTrainConfig) -> None:
@@ -67,10 +88,20 @@ def check_output_folder(config: TeacherTrainConfig) -> None:
 def train_teacher(
     config: TeacherTrainConfig, runtime: Runtime, data: ImageDataset | None = None
 ) -> list[Path]:
-    """Train (or resume) every member and write ``member{k}.pt`` files; returns their paths."""
+    """Train (or resume) every member and write ``member{k}.pt`` files; returns their paths.
+
+    ``--resume`` keeps a finished member only if it records the settings of ``config`` (and
+    refuses members beyond ``config.members``); ``--force`` removes the folder's members first.
+    """
     check_output_folder(config)
     data = data or load_dataset(config.data)
-    Path(config.out).mkdir(parents=True, exist_ok=True)
+    out = Path(config.out)
+    if config.resume and out.is_dir():
+        _check_resumable(config, data)  # before anything is trained or removed
+    if runtime.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        _clean(config)
+    runtime.barrier()
     paths = []
     for k in range(config.members):
         path = member_path(config.out, k)
@@ -82,10 +113,117 @@ def train_teacher(
     return paths
 
 
+def _clean(config: TeacherTrainConfig) -> None:
+    """Temp files of writes a crash cut short; with ``--force`` every member and state file too
+    (so an interrupted ``--force`` cannot leave old members a later ``--resume`` would keep); with
+    ``--resume`` the state file of a member that is finished."""
+    for path in Path(config.out).iterdir():
+        found = _OURS.fullmatch(path.name)
+        if found is None:
+            continue
+        if not found[1] or config.force:  # a temp file, or --force
+            path.unlink(missing_ok=True)
+        elif found[3] and member_path(config.out, int(found[3])).exists():
+            path.unlink(missing_ok=True)  # interrupted after the member was saved
+
+
+def _check_resumable(config: TeacherTrainConfig, data: ImageDataset) -> None:
+    """``--resume`` keeps members only if they were trained with the settings asked for now."""
+    out = Path(config.out)
+    for path in sorted(out.iterdir()):
+        found = _OURS.fullmatch(path.name)
+        k = int(found[2] or found[3]) if found and found[1] else None
+        if k is not None and k >= config.members:
+            raise ConfigError(
+                f"{out} holds {path.name}, beyond --members {config.members}: pass --members "
+                f"{k + 1} or more to keep it, or --force to retrain every member"
+            )
+    for k in range(config.members):
+        path, state = member_path(out, k), _state_path(out, k)
+        if path.exists():
+            difference = _difference(_recorded(load_checkpoint(path), k), _settings(config))
+            if difference:
+                raise ConfigError(
+                    f"{path.name} was trained with {difference[0]}, not {difference[1]}: pass the "
+                    "same settings with --resume, or --force to retrain every member"
+                )
+        elif state.exists() and torch_load(state).get("identity") != {
+            "config": asdict(config.optim),  # as engine.loop.train records it
+            **_identity(config, data, k),
+        }:
+            raise ConfigError(
+                f"{state.name} (member {k}, interrupted) was saved by a run with other settings: "
+                "pass the same settings with --resume, or --force to retrain every member"
+            )
+
+
+def _settings(config: TeacherTrainConfig) -> dict[str, Any]:
+    """The settings every member is trained with (``--seed``: member k's seed is seed + k)."""
+    return {
+        "arch": config.arch,
+        "seed": config.seed,
+        "data": jsonable(asdict(config.data)),
+        "optim": asdict(config.optim),
+    }
+
+
+def _recorded(ckpt: Checkpoint, k: int) -> dict[str, Any]:
+    """:func:`_settings` as member ``k`` recorded them (in its spec and ``info``)."""
+    info = ckpt.info
+    if not (
+        {"seed", "data", "optim"} <= set(info)
+        and isinstance(info["seed"], int)
+        and isinstance(info["data"], dict)
+        and isinstance(info["optim"], dict)
+    ):
+        raise CheckpointError(
+            f"{ckpt.path} was not written by `ensc train` (it records no training settings): "
+            "move it away, or pass --force to retrain every member"
+        )
+    return {
+        "arch": ckpt.spec.arch,
+        "seed": info["seed"] - k,
+        "data": info["data"],
+        "optim": info["optim"],
+    }
+
+
+def _difference(recorded: dict[str, Any], wanted: dict[str, Any]) -> tuple[str, str] | None:
+    """The first setting that differs, as ("--flag recorded", "--flag wanted"); None if none does."""
+    pairs: list[tuple[str, Any, Any]] = [("--arch", recorded["arch"], wanted["arch"]),
+                                        ("--seed", recorded["seed"], wanted["seed"])]  # fmt: skip
+    for group, cls in (("data", DataConfig), ("optim", OptimConfig)):
+        for f in fields(cls):
+            if f.name in _NOT_SETTINGS:
+                continue
+            default = jsonable(f.default_factory() if callable(f.default_factory) else f.default)
+            label = _FLAGS[group].get(f.name, f"{group} {f.name}")
+            pairs.append((label, recorded[group].get(f.name, default), wanted[group][f.name]))
+    for label, was, now in pairs:
+        if was != now:
+            return _show(label, was), _show(label, now)
+    return None
+
+
+def _show(label: str, value: Any) -> str:
+    return f"{label} unset" if value is None else f"{label} {value}"
+
+
+def _identity(config: TeacherTrainConfig, data: ImageDataset, k: int) -> dict[str, Any]:
+    """What member ``k``'s resumable state must match (``engine.loop.train`` adds the optim config)."""
+    return {
+        "arch": config.arch,
+        "dataset": data.name,
+        "n_train": len(data.train),
+        "seed": config.seed + k,
+    }
+
+
 def _train_member(config: TeacherTrainConfig, runtime: Runtime, data: ImageDataset, k: int) -> None:
     seed = config.seed + k
     spec = ModelSpec.for_data(config.arch, data, data_root=str(config.data.root or ""))
-    with seeded(seed):  # member k's weight init; data order has its own generator (seed)
+    # member k's weight init (data order has its own generator), user code only as allowed
+    with seeded(seed), user_code(config.code_path, unsafe=config.unsafe_load):
         model = runtime.prepare_model(spec.build())
     net = runtime.wrap(model)  # DistributedDataParallel under torchrun
 
@@ -109,12 +247,8 @@ def _train_member(config: TeacherTrainConfig, runtime: Runtime, data: ImageDatas
         state_path=state_path,
         resume=config.resume,
         desc=f"member {k + 1}/{config.members}",
-        identity={
-            "arch": config.arch,
-            "dataset": data.name,
-            "n_train": len(data.train),
-            "seed": seed,
-        },
+        identity=_identity(config, data, k),
+        after_epoch=lambda epochs: faults.point("train.epoch_saved"),
     )
     val_probs = predict_probs(model, data.val, runtime)
     metrics = {
@@ -126,7 +260,11 @@ def _train_member(config: TeacherTrainConfig, runtime: Runtime, data: ImageDatas
     }
     info = {"seed": seed, "data": jsonable(asdict(config.data)), "optim": asdict(config.optim)}
     if runtime.is_main:
-        save_checkpoint(member_path(config.out, k), model, spec, metrics=metrics, info=info)
+        save_checkpoint(
+            member_path(config.out, k), model, spec, metrics=metrics, info=info,
+            fault_point="train.member_write",  # the temp file written, not yet renamed
+        )  # fmt: skip
+        faults.point("train.member_saved")  # the member saved, its state file not yet removed
         state_path.unlink(missing_ok=True)
     runtime.barrier()
     log.info(

@@ -82,7 +82,7 @@ def test_torchrun_launch_of_ensc_train(tmp_path: Path):
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.count("teacher with 1 members") == 1  # only rank 0 reports
+    assert proc.stdout.count("teacher with 1 member in") == 1  # only rank 0 reports
     assert load_checkpoint(out / "member0.pt").info["optim"]["max_steps"] == 2
 
 

@@ -25,7 +25,7 @@ from ensc.export.wrappers import BatchEnsembleMean, EnsembleMean, SingleNetwork,
 from ensc.models import build_model, to_batchensemble
 from ensc.models.batchensemble import BatchEnsemble
 from ensc.models.checkpoint import load_checkpoint, save_checkpoint
-from tests.conftest import run_cli
+from tests.conftest import REPO, run_cli
 
 CHECK = ("--check-samples", "200")
 
@@ -230,7 +230,10 @@ def test_parity_gate_fails_and_keeps_the_file_as_failed(tiny_run: Path, tmp_path
     save_checkpoint(
         path, net, replace(ckpt.spec, arch="tests.test_export:drifting_resnet8"), info=ckpt.info
     )
-    result = run_cli("export", "--onnx", "--model", str(path), "--check-samples", "100")
+    # the architecture is this test module's: user code, trusted through --code-path
+    result = run_cli(
+        "export", "--onnx", "--model", str(path), "--check-samples", "100", "--code-path", str(REPO)
+    )
     assert result.exit_code == 1
     assert "FAILED" in result.output and "Error: parity check failed" in result.output
     assert "agreement" in result.output and "Traceback" not in result.output
@@ -256,7 +259,7 @@ def test_parity_gate_fails_and_keeps_the_file_as_failed(tiny_run: Path, tmp_path
             ("export", "--onnx", "--what", "teacher", "--run", "{run}", "--teacher", "{tmp}/none"),
             "does not exist",
         ),
-        (("export", "--onnx", "--model", "{file}"), "cannot load"),
+        (("export", "--onnx", "--model", "{file}"), "file is not a PyTorch checkpoint"),
     ],
 )
 def test_bad_input_is_one_line(args, message, tiny_run: Path, tmp_path: Path):

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from ensc.errors import ConfigError
 from ensc.models import (
     Normalize,
     NormalizedModel,
@@ -202,11 +203,13 @@ def not_a_model(num_classes):
 
 @pytest.fixture
 def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """A user architecture module ``ensc_test_user_arch`` importable from a temporary dir."""
+    """A user architecture module ``ensc_test_user_arch`` importable from a temporary dir, the
+    folder user architectures may come from while the test runs (as with --code-path)."""
     name = "ensc_test_user_arch"
     (tmp_path / f"{name}.py").write_text(textwrap.dedent(USER_ARCH))
     monkeypatch.syspath_prepend(str(tmp_path))
-    yield name
+    with registry.trusted_code(tmp_path):
+        yield name
     sys.modules.pop(name, None)
 
 
@@ -232,7 +235,12 @@ def test_user_callable_without_mean_std_is_wrapped(user_module: str) -> None:
 
 
 def test_user_callable_errors(user_module: str, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="Cannot import module 'ensc_no_such_module'") as info:
+    with pytest.raises(ConfigError, match="ensc_no_such_module is not in the --code-path folder"):
+        build_model("ensc_no_such_module:Net", num_classes=10)  # not looked for elsewhere
+    with (
+        registry.trusted_code(unsafe=True),
+        pytest.raises(ValueError, match="Cannot import module 'ensc_no_such_module'") as info,
+    ):
         build_model("ensc_no_such_module:Net", num_classes=10)
     assert "ModuleNotFoundError" in str(info.value) and "\n" not in str(info.value)
 

@@ -11,7 +11,10 @@ import pytest
 import torch
 from torch import nn
 
+from ensc.errors import ConfigError
 from ensc.models import build_model
+from ensc.models.checkpoint import ModelSpec, save_checkpoint
+from ensc.teachers.ensemble import user_code
 from tests.conftest import run_cli
 
 
@@ -49,6 +52,16 @@ def bad(tmp_path_factory) -> Path:
     (root / "gray.json").write_text(json.dumps({"members": [
         {"path": "g0.pth", "arch": "resnet8"}, {"path": "g1.pth", "arch": "resnet14"},
     ]}))  # fmt: skip
+    # a diverged training: NaN BatchNorm statistics, in ensc's format and as a bare state_dict
+    diverged = build_model("resnet8", num_classes=10, in_channels=1)
+    diverged.layer1[0].bn1.running_var.fill_(float("nan"))
+    spec = ModelSpec("resnet8", 10, 1, (28, 28), (0.5,), (0.25,), dataset="fashion-mnist")
+    save_checkpoint(root / "nan_ensc.pt", diverged, spec, info={"seed": 0})
+    torch.save(diverged.state_dict(), root / "nan.pth")
+    (root / "garbage.pt").write_bytes(b"\x80\x02garbage")  # a pickle header, then nothing valid
+    (root / "twice.json").write_text(json.dumps({"members": [
+        "resnet8.pth", {"path": "resnet8.pth", "mean": [0.5], "std": [0.2]}, "./resnet8.pth",
+    ], }))  # fmt: skip
     return root
 
 
@@ -66,7 +79,7 @@ CASES = [
     (("eval", "--teacher", "{bad}/resnet8_c100.pth", "--teacher-arch", "resnet8", "--dataset",
       "fashion-mnist"), "predicts 100 classes but fashion-mnist has 10"),
     ((*INSPECT, "{bad}/resnet8.pth", "--teacher-arch", "nosuchnet"), "unknown model 'nosuchnet'"),
-    ((*INSPECT, "{bad}/resnet8.pth", "--teacher-arch", "nosuchpkg.nets:Net"), "cannot import 'nosuchpkg.nets'"),
+    ((*INSPECT, "{bad}/resnet8.pth", "--teacher-arch", "nosuchpkg.nets:Net"), "'nosuchpkg.nets:Net' is not one of ensc's"),
     ((*INSPECT, "{bad}/resnet8.pth"), "--teacher-arch"),
     ((*INSPECT, "{bad}/resnet8.pth", "--teacher-arch", "resnet8", "--teacher-arch-kwargs",
       '{{"num_classes": 100}}'), "[100, 64]"),
@@ -74,6 +87,14 @@ CASES = [
     ((*INSPECT, "{bad}/typo.json"), "unknown field(s) std_dev"),
     ((*INSPECT, "{bad}/gone.json"), "missing.pth does not exist"),
     ((*INSPECT, "{bad}/broken.json"), "not valid JSON"),
+    ((*INSPECT, "{bad}/twice.json", "--teacher-arch", "resnet8"),
+     "twice.json: members 0 and 2 are the same (resnet8.pth, same settings); list each member once"),
+    ((*INSPECT, "/dev/zero"), "teacher /dev/zero is a device, pipe or socket, not a regular file"),
+    ((*INSPECT, "{bad}/nan_ensc.pt"), "nan_ensc.pt holds non-finite values (NaN or inf) in layer1.0.bn1.running_var"),
+    ((*INSPECT, "{bad}/nan.pth", "--teacher-arch", "resnet8"), "nan.pth holds non-finite values"),
+    (("eval", "--student", "{bad}/nan_ensc.pt"), "nan_ensc.pt holds non-finite values"),
+    (("eval", "--student", "{bad}/junk.pt"), "junk.pt is not a PyTorch checkpoint"),
+    ((*INSPECT, "{bad}/garbage.pt"), "garbage.pt is not a PyTorch checkpoint"),
     ((*INSPECT, "{bad}/resnet8.pth", "--teacher-arch-kwargs", "[1]"), "expected a JSON object"),
     (("compress", "--teacher", "{bad}/gray.json", "--arch", "resnet8", "--student-init", "member:one"),
      "expected member:K"),
@@ -107,3 +128,125 @@ def test_refusal_to_unpickle_in_a_real_process(bad: Path):
     )
     loaded = run_cli(*INSPECT, str(bad / "pickled.pt"), "--unsafe-load")
     assert loaded.exit_code == 0 and "pickled module" in loaded.output, loaded.output
+
+
+HUBCONF = """
+import pathlib
+pathlib.Path(__file__).with_name("RAN").write_text("hubconf.py ran")
+from torch import nn
+
+
+def net(num_classes=10):
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, num_classes))
+"""
+USER_NETS = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, num_classes=10, in_channels=3):
+        super().__init__()
+        self.fc = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(4 * in_channels, num_classes))
+
+    def forward(self, x):
+        return self.fc(x)
+"""
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory) -> Path:
+    """A torch.hub folder whose hubconf.py leaves a file RAN when it runs, a manifest naming
+    ``torch.hub:load`` on it, and a --code-path folder with a real architecture (and a json.py)."""
+    root = tmp_path_factory.mktemp("hub")
+    (root / "repo").mkdir()
+    (root / "repo" / "hubconf.py").write_text(HUBCONF)
+    torch.save(nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10)).state_dict(), root / "w.pt")
+    kwargs = {"repo_or_dir": str(root / "repo"), "model": "net", "source": "local"}
+    (root / "ensemble.json").write_text(json.dumps({"members": [
+        {"path": "w.pt", "arch": "torch.hub:load", "kwargs": kwargs}]}))  # fmt: skip
+    code = root / "code"
+    (code / "ensc_test_trust").mkdir(parents=True)
+    (code / "ensc_test_trust" / "__init__.py").write_text("")
+    (code / "ensc_test_trust" / "nets.py").write_text(USER_NETS)
+    (code / "ensc_test_trust" / "fresh.py").write_text(USER_NETS)  # imported by one test only
+    (code / "json.py").write_text("raise SystemExit('the json.py of --code-path was imported')\n")
+    (root / "via_user_module.json").write_text(json.dumps({"members": [
+        {"path": "w.pt", "arch": "ensc_test_trust.nets:torch.hub.load", "kwargs": kwargs}]}))  # fmt: skip
+    return root
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ((), "architecture 'torch.hub:load' is not one of ensc's: other code builds only from the "
+             "folder you pass with --code-path, or from anywhere with --unsafe-load"),
+        (("--code-path", "{hub}/repo"), "module torch.hub is"),
+        (("--code-path", "{hub}/code"), "not in the --code-path folder"),
+    ],
+)  # fmt: skip
+def test_manifest_cannot_run_hub_code_without_unsafe_load(extra, message, hub: Path):
+    result = run_cli(*INSPECT, str(hub / "ensemble.json"), *(a.format(hub=hub) for a in extra))
+    errors = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert result.exit_code == 1 and len(errors) == 1 and message in errors[0], result.output
+    assert "--unsafe-load" in errors[0]
+    assert not (hub / "repo" / "RAN").exists()  # hubconf.py never ran
+
+
+def test_callable_reached_through_a_trusted_module_is_refused(hub: Path):
+    result = run_cli(*INSPECT, str(hub / "via_user_module.json"), "--code-path", str(hub / "code"))
+    assert result.exit_code == 1, result.output
+    assert "is torch.hub.load, defined outside the --code-path folder" in result.output
+    assert not (hub / "repo" / "RAN").exists()
+
+
+def test_unsafe_load_builds_any_callable_as_before(hub: Path):
+    result = run_cli(*INSPECT, str(hub / "ensemble.json"), "--unsafe-load")
+    assert result.exit_code == 0, result.output
+    assert "torch.hub:load" in result.output and (hub / "repo" / "RAN").exists()
+    (hub / "repo" / "RAN").unlink()
+
+
+def test_architectures_come_only_from_the_code_path_folder(hub: Path):
+    code = hub / "code"
+    name = "ensc_test_trust.fresh:Net"
+    with pytest.raises(ConfigError, match="is not one of ensc's"):
+        build_model(name, num_classes=3)  # outside any --code-path, nothing is imported
+    assert "ensc_test_trust.fresh" not in sys.modules
+    with user_code(code):
+        net = build_model(name, num_classes=3, in_channels=1)  # a package under the folder
+        assert net(torch.rand(2, 1, 8, 8)).shape == (2, 3)
+        elsewhere = r"module json is .*json/__init__.py, not in the --code-path"
+        with pytest.raises(ConfigError, match=elsewhere):  # not the folder's json.py
+            build_model("json:loads", num_classes=3)
+        with pytest.raises(ConfigError, match="is torch.nn.modules.linear.Linear, defined outside"):
+            build_model("ensc_test_trust.nets:nn.Linear", num_classes=3)
+        assert isinstance(build_model("resnet8", num_classes=3), nn.Module)  # the registry, always
+    with pytest.raises(ConfigError, match="is not one of ensc's"):
+        build_model(name, num_classes=3)  # imported meanwhile, still not trusted outside the block
+    with user_code(None, unsafe=True):
+        assert isinstance(build_model(name, num_classes=3), nn.Module)
+
+
+def test_user_architecture_needs_its_code_path_to_train_and_load(hub: Path, tmp_path: Path):
+    """`ensc train --arch module:callable` and the checkpoints it writes, which name the callable."""
+    args = ("train", "--dataset", "fashion-mnist", "--arch", "ensc_test_trust.nets:Net", "--members",
+            "1", "--epochs", "1", "--train-subset", "200", "--batch-size", "32", "--max-steps", "2",
+            "--out", str(tmp_path / "t"))  # fmt: skip
+    refused = run_cli(*args)
+    assert refused.exit_code == 1 and "is not one of ensc's" in refused.output, refused.output
+    assert run_cli(*args, "--code-path", str(hub / "code")).exit_code == 0
+    member = ("--teacher", str(tmp_path / "t"), "--test-subset", "50")
+    assert "is not one of ensc's" in run_cli("eval", *member).output  # the file names user code
+    loaded = run_cli("eval", *member, "--code-path", str(hub / "code"))
+    assert loaded.exit_code == 0 and "| member 0" in loaded.output, loaded.output
+
+
+def test_student_arch_follows_the_same_rule(tiny_teacher: Path, tmp_path: Path):
+    result = run_cli(
+        "compress", "--teacher", str(tiny_teacher), "--arch", "torch.hub:load", "--train-subset",
+        "100", "--test-subset", "50", "--out", str(tmp_path / "run"), cwd=tmp_path,
+    )  # fmt: skip
+    errors = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert result.exit_code == 1 and len(errors) == 1, result.output
+    assert "'torch.hub:load' is not one of ensc's" in errors[0]
