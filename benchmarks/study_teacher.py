@@ -98,6 +98,8 @@ PLANS: dict[str, list[dict[str, Any]]] = {
         baseline(1000),
         product(1000, seed=1),
         baseline(1000, seed=1),
+        product(1000, seed=2),
+        baseline(1000, seed=2),
         product(100),
         baseline(100),
         product(300),
