@@ -409,6 +409,17 @@ def render(plan: str) -> str:
     return table + ("\nOver seeds (mean ± half the range):\n\n" + seeds if seeds else "")
 
 
+def write_docs(plan: str, table: str) -> None:
+    """Replace the plan's table in docs/results.md (between its markers) by ``table``."""
+    path = REPO / "docs" / "results.md"
+    text = path.read_text()
+    start, end = f"<!-- {plan} table -->\n", "<!-- end -->"
+    if start not in text:
+        sys.exit(f"{path} has no '{start.strip()}' marker")
+    head, rest = text.split(start, 1)
+    path.write_text(head + start + "\n" + table + "\n" + end + rest.split(end, 1)[1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--plan", choices=sorted(PLANS), required=True)
@@ -417,6 +428,9 @@ def main() -> None:
     parser.add_argument("--only", help="comma-separated row names to run (default: the whole plan)")
     parser.add_argument("--commit", action="store_true", help="git-commit each finished row")
     parser.add_argument("--render-only", action="store_true", help="print the plan's table")
+    parser.add_argument("--write-docs", action="store_true",
+                        help="put the plan's table into docs/results.md, between "
+                             "'<!-- PLAN table -->' and '<!-- end -->'")  # fmt: skip
     parser.add_argument("--member-bn", action="store_true",
                         help="measure the reference row: the member with BN re-estimated")  # fmt: skip
     args = parser.parse_args()
@@ -424,8 +438,10 @@ def main() -> None:
     if args.member_bn:
         log.info("%s", member_with_bn_reestimated(args.work, args.plan))
         return
-    if args.render_only:
+    if args.render_only or args.write_docs:
         print(render(args.plan), end="")
+        if args.write_docs:
+            write_docs(args.plan, render(args.plan))
         return
     if args.plan != "fmnist" and not TEACHER_DIR.exists():
         sys.exit(f"no teacher at {TEACHER_DIR}: this study needs the shared CIFAR-10 DE-4")
