@@ -37,6 +37,10 @@ class WriteError(EnscError, OSError):
     """A file could not be written (disk full, ...); an OSError too, so ``except OSError`` still catches it."""
 
 
+class MissingExtraError(EnscError):
+    """An optional dependency (a pip extra such as ``ensc[plot]``) is not installed."""
+
+
 class CompressParityError(EnscError):
     """The averaged network lost more than allowed against its BatchEnsemble, or the fold was not exact."""
 

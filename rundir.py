@@ -2,8 +2,9 @@
 
 A run folder holds ``student.pt`` (the single plain network in ensc's checkpoint format),
 ``student_be.pt`` (the BatchEns student), ``config.json``, ``log.txt``, ``report.json`` and
-``report.md``; ``.state.pt`` while training can still be resumed; `ensc export` adds ``*.onnx``
-files. ``runs/latest`` points at the newest finished run, so `ensc export` / `ensc bench` find it
+``report.md`` (with ``reliability.png`` and ``dee.png`` when matplotlib is installed);
+``.state.pt`` while training can still be resumed; `ensc export` adds ``*.onnx`` files.
+``runs/latest`` points at the newest finished run, so `ensc export` / `ensc bench` find it
 without options. This module is the only place that spells those names and the rules below out:
 `compress` writes a run through :func:`open_run`, `export` and `bench` read it through
 :func:`resolve_run`, :func:`check_finished`, :func:`checkpoint_path` and :func:`check_derived`.
@@ -71,6 +72,8 @@ CONFIG = "config.json"
 LOG = "log.txt"
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
+RELIABILITY_PNG = "reliability.png"  # pictures linked from report.md (with matplotlib)
+DEE_PNG = "dee.png"
 STATE = ".state.pt"  # resumable training state; removed when the run finishes
 MARKER = ".incomplete"  # written first, removed last: the folder holds an unfinished run
 LOCK = ".lock"  # held by the one process that writes the folder
@@ -78,7 +81,8 @@ LATEST = "latest"
 CHECKPOINTS = {"student": STUDENT, "student-be": STUDENT_BE}  # what --what names -> file
 # what --what names -> the stem of its ONNX file in the run, <stem>.onnx
 ONNX_STEMS = {"student": "student", "student-be": "student_be", "teacher": "teacher"}
-RUN_FILES = (STUDENT, STUDENT_BE, CONFIG, LOG, REPORT_JSON, REPORT_MD, STATE, MARKER)
+RUN_FILES = (STUDENT, STUDENT_BE, CONFIG, LOG, REPORT_JSON, REPORT_MD, RELIABILITY_PNG, DEE_PNG,
+             STATE, MARKER)  # fmt: skip
 STALE_UNREADABLE_LOCK_SECONDS = 10.0  # a lock still unreadable after this long was left by a crash
 
 

@@ -46,9 +46,9 @@ from ensc.engine.predict import (
 from ensc.engine.runtime import Runtime
 from ensc.engine.seeding import seeded
 from ensc.engine.timing import PhaseTimer
-from ensc.errors import CheckpointError, CompressParityError, one_line, plural
+from ensc.errors import CheckpointError, CompressParityError, MissingExtraError, one_line, plural
 from ensc.evaluation.logits_cache import cache_dir_for, cached_teacher_logits, file_sha256
-from ensc.evaluation.metrics import nll
+from ensc.evaluation.metrics import nll, reliability_bins
 from ensc.fileio import atomic_write_text, jsonable
 from ensc.models.batchensemble import BatchEnsemble, to_batchensemble
 from ensc.models.checkpoint import ModelSpec, save_checkpoint
@@ -118,6 +118,7 @@ def run_compress(config: CompressConfig, runtime: Runtime) -> CompressResult | N
         log.info("after training: %s", _timing_line(report["timing"], teacher_cache))
         md = _render_report(config, report, run_dir, teacher, data, run.members, history, runtime)
         faults.point("compress.before_report")
+        md += _draw_pictures(run_dir, preds, data.test.labels, report)
         atomic_write_text(run_dir / rundir.REPORT_JSON, json.dumps(report, indent=2) + "\n")
         atomic_write_text(run_dir / rundir.REPORT_MD, md)
         faults.point("compress.before_commit")
@@ -354,6 +355,29 @@ def _render_report(
     }
     return render_markdown(
         report, title=f"ensc compress: {run_dir.name}", command=config.command, details=details
+    )
+
+
+def _draw_pictures(
+    run_dir: Path, preds: Predictions, labels: torch.Tensor, report: dict[str, Any]
+) -> str:
+    """A reliability diagram (DE-M, BE-M, the single network) and the DEE curve into the run
+    folder; returns report.md's section linking them, or one line saying why there are none."""
+    from ensc.evaluation import plots
+
+    try:
+        plots.require_matplotlib()
+    except MissingExtraError as err:
+        return f"\n## Pictures\n\nNo pictures: {err}\n"
+    probs = {"teacher": preds.teacher_test.mean(0), "student_be": preds.student_test.mean(0),
+             "student_avg": preds.avg_test}  # fmt: skip
+    bins = {report[k]["name"]: reliability_bins(p, labels) for k, p in probs.items()}
+    points = {report[k]["name"]: report[k]["cnll"] for k in ("student_be", "student_avg")}
+    plots.reliability_diagram(bins, run_dir / rundir.RELIABILITY_PNG, force=True)
+    plots.dee_curve(report["de_cnll_curve"], points, run_dir / rundir.DEE_PNG, force=True)
+    return (
+        f"\n## Pictures\n\n![reliability diagram]({rundir.RELIABILITY_PNG})\n\n"
+        f"![DEE curve]({rundir.DEE_PNG})\n"
     )
 
 

@@ -10,7 +10,9 @@ An image folder may hold images of several sizes; they are stacked at one size (
 the model takes when it is known (``DataConfig.image_size``, which ``data.source.data_config_for``
 sets from an ensc checkpoint), else the most common size among the training split's images. Every
 image of another size is resized to it (bilinear, antialiased, aspect ratio not kept), and the log
-says how many were, once per split.
+says how many were, once per split. Images of another distribution (`ensc eval --ood-data`) are
+brought to the model's size the same way and to its channels as well: a grayscale image is
+repeated into 3 channels, an RGB image becomes its luminance (:func:`to_input_shape`).
 """
 
 from __future__ import annotations
@@ -255,6 +257,11 @@ def _default_download_root() -> Path:
     return Path.home() / ".cache" / "ensc" / "data"
 
 
+def default_data_root() -> Path:
+    """Where cifar10 / cifar100 (and downloads) are looked for without --data-root."""
+    return _default_download_root()
+
+
 def _download_fashion_mnist(root: Path) -> tuple[Split, Split]:
     from torchvision.datasets import FashionMNIST
 
@@ -413,6 +420,73 @@ def _log_resized(
         n_odd, sum(sizes.values()), split, "was" if n_odd == 1 else "were", listing,
         size[1], size[0], why,
     )  # fmt: skip
+
+
+# --- images of another distribution (`ensc eval --ood-data`) -------------------------------
+
+
+def load_test_split(config: DataConfig) -> Split:
+    """Only the test split of a named dataset (``test_subset`` applied, class-balanced and seeded):
+    no validation split is carved and no statistics are measured."""
+    if config.name == "fashion-mnist":
+        _, test = _load_fashion_mnist(config)
+    elif config.name in ("cifar10", "cifar100"):
+        _, test, _ = _load_cifar(config)
+    else:
+        raise DataError(
+            f"load_test_split reads fashion-mnist, cifar10 or cifar100, not {config.name!r}"
+        )
+    gen = torch.Generator().manual_seed(config.seed)
+    return _take_subset(test, config.test_subset, gen, "--test-subset")
+
+
+def load_image_files(
+    root: Path, size: tuple[int, int], *, subset: int | None = None, seed: int = 0
+) -> Split:
+    """Every image file under ``root``, at any depth (an ImageFolder's class folders or a flat
+    folder), decoded as RGB and resized to ``size`` (bilinear, antialiased, aspect ratio not
+    kept); with ``subset``, a seeded random choice of that many files. Labels are -1 (none)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root} {not_a_folder(root)}: pass a folder of images")
+    paths = sorted(
+        str(p) for p in root.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file()
+    )
+    if not paths:
+        raise DataError(f"no images found in {root} ({', '.join(IMG_EXTENSIONS)})")
+    if subset is not None and subset < len(paths):
+        pick = torch.randperm(len(paths), generator=torch.Generator().manual_seed(seed))[:subset]
+        paths = [paths[i] for i in pick.sort().values.tolist()]
+    images = _decode_images(paths, size, split=str(root), why="the size the model takes")
+    return Split(images, torch.full((len(paths),), -1, dtype=torch.int64))
+
+
+def to_input_shape(images: torch.Tensor, channels: int, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 [N, C, H, W] images as a model taking ``channels`` × ``size`` images gets them.
+
+    Grayscale to RGB repeats the channel; RGB to grayscale takes the luminance
+    0.299 R + 0.587 G + 0.114 B (ITU-R 601, PIL's "L" mode), rounded; another size is resized
+    (bilinear, antialiased, aspect ratio not kept), as image folders are.
+    """
+    c = int(images.shape[1])
+    if c != channels:
+        if c == 1:
+            images = images.repeat(1, channels, 1, 1)
+        elif c == 3 and channels == 1:
+            weights = torch.tensor([0.299, 0.587, 0.114], dtype=torch.float32).view(1, 3, 1, 1)
+            gray = (images.float() * weights).sum(1, keepdim=True)
+            images = gray.round_().clamp_(0, 255).to(torch.uint8)
+        else:
+            raise DataError(
+                f"cannot turn {c}-channel images into the {channels} channels the model takes"
+            )
+    if tuple(images.shape[2:]) != tuple(size):
+        from torchvision.transforms.v2.functional import resize
+
+        images = resize(images, list(size), antialias=True)
+    return images.contiguous()
 
 
 # --- batches ---------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Which data a saved model is evaluated on: the split it was trained with, unless overridden."""
+"""Which data a saved model is evaluated on: the split it was trained with, unless overridden,
+and the out-of-distribution images of `ensc eval --ood-data`."""
 
 from __future__ import annotations
 
@@ -6,8 +7,19 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
-from ensc.data.datasets import DataConfig, ImageDataset
+from ensc.data.catalog import DATASETS
+from ensc.data.datasets import (
+    FASHION_MNIST_SYSTEM_DIR,
+    DataConfig,
+    ImageDataset,
+    Split,
+    default_data_root,
+    load_image_files,
+    load_test_split,
+    to_input_shape,
+)
 from ensc.errors import ConfigError, DataError
+from ensc.fileio import not_a_folder
 from ensc.models.checkpoint import ModelSpec
 
 
@@ -51,3 +63,44 @@ def check_compatible(spec: ModelSpec, data: ImageDataset) -> None:
         raise DataError(
             f"the model takes {spec.in_channels}-channel images but {data.name} has {data.channels}"
         )
+
+
+def ood_split(
+    source: str,
+    in_channels: int,
+    image_size: tuple[int, int],
+    *,
+    subset: int | None = None,
+    seed: int = 0,
+) -> Split:
+    """The images of `ensc eval --ood-data`, shaped as the model takes them; labels are ignored.
+
+    ``source`` is a dataset name (fashion-mnist, cifar10, cifar100: its test split, from the
+    default location) or a folder of images (an ImageFolder's class folders or a flat folder;
+    write ``./cifar10`` for a folder that has a dataset's name). Images are brought to
+    ``in_channels`` × ``image_size`` by :func:`~ensc.data.datasets.to_input_shape` (grayscale to
+    RGB repeats the channel, RGB to grayscale takes the luminance, other sizes are resized);
+    ``subset`` keeps that many images (seeded; class-balanced for a dataset).
+    """
+    if source in DATASETS and source != "imagefolder":
+        try:
+            split = load_test_split(DataConfig(name=source, test_subset=subset, seed=seed))
+        except DataError as err:
+            if "not found" not in str(err):  # there, but damaged: say so as the loader does
+                raise DataError(f"--ood-data {source}: {err}") from err
+            where = FASHION_MNIST_SYSTEM_DIR if source == "fashion-mnist" else default_data_root()
+            raise DataError(
+                f"--ood-data {source}: not found in {where}, where ensc looks for it; "
+                "pass a folder of its images instead"
+            ) from err
+    elif source == "imagefolder":
+        raise DataError("--ood-data takes the image folder itself (e.g. --ood-data photos/test)")
+    else:
+        folder = Path(source)
+        if not folder.is_dir():
+            names = ", ".join(d for d in DATASETS if d != "imagefolder")
+            raise DataError(
+                f"--ood-data {source} {not_a_folder(folder)}: pass a folder of images or one of {names}"
+            )
+        split = load_image_files(folder, tuple(image_size), subset=subset, seed=seed)
+    return Split(to_input_shape(split.images, in_channels, tuple(image_size)), split.labels)

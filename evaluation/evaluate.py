@@ -6,6 +6,8 @@ their temperature-scaled versions, DEE and diversity).
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,14 +15,34 @@ from typing import Any
 import torch
 from torch import nn
 
-from ensc.data.datasets import ImageDataset, Split, load_dataset
-from ensc.data.source import check_compatible, data_config_for
+from ensc.data.datasets import ImageDataset, Split, balanced_indices, load_dataset
+from ensc.data.source import check_compatible, data_config_for, ood_split
 from ensc.engine.predict import eval_copy, predict_logits_many, probe_batch
 from ensc.engine.runtime import Runtime
 from ensc.errors import ConfigError
+from ensc.evaluation.corruptions import (
+    CORRUPTIONS,
+    METRIC_UNITS,
+    METRICS,
+    SEVERITIES,
+    corrupted_split,
+    summarize,
+)
+from ensc.evaluation.metrics import (
+    EPS,
+    accuracy,
+    apply_temperature,
+    ece,
+    fit_temperature,
+    nll,
+    reliability_bins,
+)
+from ensc.evaluation.ood import ood_section, paired_scores
 from ensc.evaluation.scores import Scorer
 from ensc.models.checkpoint import load_checkpoint
 from ensc.teachers.ensemble import Teacher
+
+log = logging.getLogger(__name__)
 
 
 def member_logits(
@@ -38,24 +60,24 @@ def member_logits(
     return {name: torch.stack([per_model[name] for per_model in logits]) for name in splits}
 
 
-def member_probs(
-    teacher: Teacher, data: ImageDataset, runtime: Runtime
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each member's probabilities on the validation and test splits: two [M, N, K] tensors."""
-    logits = member_logits(teacher, {"val": data.val, "test": data.test}, runtime)
-    return logits["val"].softmax(-1), logits["test"].softmax(-1)
-
-
 def evaluate(
     data: ImageDataset,
     runtime: Runtime,
     teacher: Teacher | None = None,
     students: dict[str, nn.Module] | None = None,
+    *,
+    ood: Split | None = None,
+    ood_name: str = "ood",
+    details: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Metrics of each teacher member, of DE-m for m = 1..M, and of each single network in ``students``.
 
     With a teacher, DEE is read off the teacher's own calibrated curve and each student row gets
-    its top-1 agreement with DE-M (percent).
+    its top-1 agreement with DE-M (percent). With ``ood`` images (shaped as the models take them,
+    :func:`~ensc.data.source.ood_split`), ``result["ood"]`` holds each member's, DE-M's and each
+    student's OOD detection (:func:`~ensc.evaluation.ood.ood_section`; ``ood_name`` names the
+    data there). A ``details`` dict is filled with what pictures need and JSON does not hold
+    (:func:`_details`).
     """
     result: dict[str, Any] = {
         "dataset": data.name,
@@ -66,7 +88,14 @@ def evaluate(
         "ensembles": [],
         "students": [],
     }
-    val, test = member_probs(teacher, data, runtime) if teacher is not None else (None, None)
+    splits = {"val": data.val, "test": data.test, **({} if ood is None else {"ood": ood})}
+    t_probs = (
+        {k: v.softmax(-1) for k, v in member_logits(teacher, splits, runtime).items()}
+        if teacher is not None
+        else {}
+    )
+    val, test = t_probs.get("val"), t_probs.get("test")
+    s_probs: dict[str, dict[str, torch.Tensor]] = {}
     scorer = Scorer(data.val.labels, data.test.labels, val, test)
     if teacher is not None:
         result["de_cnll_curve"] = scorer.curve
@@ -83,11 +112,149 @@ def evaluate(
         model = runtime.prepare_model(model)
         if probe is not None:
             model = eval_copy(model, runtime, probe)
-        (logits,) = predict_logits_many([model], {"test": data.test, "val": data.val}, runtime)
-        result["students"].append(
-            scorer.row(name, logits["test"].softmax(-1), logits["val"].softmax(-1))
-        )
+        (logits,) = predict_logits_many([model], splits, runtime)
+        s_probs[name] = {k: v.softmax(-1) for k, v in logits.items()}
+        result["students"].append(scorer.row(name, s_probs[name]["test"], s_probs[name]["val"]))
+    if ood is not None or details is not None:
+        _details(result, data, t_probs, s_probs, ood_name, {} if details is None else details)
     return result
+
+
+def _details(
+    result: dict[str, Any],
+    data: ImageDataset,
+    teacher: dict[str, torch.Tensor],
+    students: dict[str, dict[str, torch.Tensor]],
+    ood_name: str,
+    details: dict[str, Any],
+) -> None:
+    """``result["ood"]`` when there are OOD predictions, and ``details`` for pictures:
+    ``"reliability"``: {model: (count, Σ confidence, Σ correct)} of each member, DE-M and student
+    on test (:func:`~ensc.evaluation.metrics.reliability_bins`); with OOD data, ``"ood_scores"``:
+    {model: {score: (in-distribution [N], OOD [N'])}}."""
+    models: dict[str, dict[str, torch.Tensor]] = {}  # name -> {"test", "ood"[, "members_*"]}
+    if teacher:
+        for k in range(len(teacher["test"])):
+            models[f"member {k}"] = {split: probs[k] for split, probs in teacher.items()}
+        models[f"DE-{len(teacher['test'])}"] = {
+            **{split: probs.mean(0) for split, probs in teacher.items()},
+            **{f"members_{split}": probs for split, probs in teacher.items()},
+        }
+    models.update(students)
+    details["reliability"] = {
+        name: reliability_bins(p["test"], data.test.labels) for name, p in models.items()
+    }
+    if models and all("ood" in p for p in models.values()):
+        details["ood_scores"] = {
+            name: paired_scores(p["test"], p["ood"], p.get("members_test"), p.get("members_ood"))
+            for name, p in models.items()
+        }
+        result["ood"] = ood_section(details["ood_scores"], data=ood_name)
+
+
+def evaluate_corruptions(
+    data: ImageDataset,
+    runtime: Runtime,
+    teacher: Teacher | None = None,
+    students: Mapping[str, nn.Module] | None = None,
+    *,
+    subset: int | None = None,
+    temperatures: Mapping[str, float] | None = None,
+    corruptions: Sequence[str] = CORRUPTIONS,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Each teacher member, DE-M and each student under corruption: `ensc eval --corruptions`.
+
+    The test split (a class-balanced subset of ``subset`` images drawn with ``seed``, when given)
+    under each of ``corruptions`` at severities 1–5 (:mod:`ensc.evaluation.corruptions`, noise
+    seeded with ``seed``, rounded to uint8 as CIFAR-10-C is stored). Every network runs once per
+    corruption and severity (:func:`~ensc.engine.predict.predict_logits_many`, members as their
+    fast copies); DE-M averages the members' probabilities. cNLL uses each model's temperature
+    fitted on the clean validation split: ``temperatures`` by row name (``"member k"``,
+    ``"DE-M"``, the students' names), as :func:`evaluate` reports them, else fitted here (one
+    more pass over the validation split per network).
+
+    Returns (JSON-ready; severities are the strings "1".."5"; units in ``metric_units``)::
+
+        {"benchmark": ..., "corruptions": [names], "severities": [1, ..., 5], "n_test": N,
+         "seed": seed, "metrics": ["acc", "nll", "cnll", "ece"], "metric_units": ...,
+         "models": [{"name": "member 0" | "DE-M" | student, "temperature": T,
+                     "by_severity": {"1": {"acc", "nll", "cnll", "ece"}, ...},  # mean over corruptions
+                     "mean": {...},  # over corruptions and severities (mCE-style, unnormalized)
+                     "per_corruption": {"gaussian_noise": {"1": {...}, ...}, ...}}, ...]}
+    """
+    unknown = [c for c in corruptions if c not in CORRUPTIONS]
+    if unknown or not corruptions:
+        raise ConfigError(f"unknown corruptions {unknown}: choose from {', '.join(CORRUPTIONS)}")
+    test = data.test
+    if subset is not None and subset < len(test):
+        gen = torch.Generator().manual_seed(seed)
+        test = test.subset(balanced_indices(test.labels, subset, gen))
+    probe = probe_batch([test], runtime)
+    nets: dict[str, nn.Module] = {}
+    if teacher is not None:
+        teacher.to(runtime.device)
+        for k, member in enumerate(teacher.members):
+            nets[f"member {k}"] = eval_copy(member, runtime, probe) if probe is not None else member
+    for name, model in (students or {}).items():
+        model = runtime.prepare_model(model)
+        nets[name] = eval_copy(model, runtime, probe) if probe is not None else model
+    if not nets:
+        raise ConfigError("nothing to evaluate under corruption: pass a teacher or a student")
+    members = list(nets)[: len(teacher) if teacher is not None else 0]
+
+    def with_ensemble(probs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``probs`` with DE-M's after the members'."""
+        if not members:
+            return probs
+        de = {f"DE-{len(members)}": torch.stack([probs[n] for n in members]).mean(0)}
+        return {**{n: probs[n] for n in members}, **de, **probs}
+
+    def run(splits: dict[str, Split]) -> dict[str, dict[str, torch.Tensor]]:
+        logits = predict_logits_many(list(nets.values()), splits, runtime)
+        return {
+            split: with_ensemble(
+                {n: out[split].softmax(-1) for n, out in zip(nets, logits, strict=True)}
+            )
+            for split in splits
+        }
+
+    if temperatures is None:
+        val = run({"val": data.val})["val"]
+        temperatures = {
+            n: fit_temperature(p.clamp_min(EPS).log(), data.val.labels) for n, p in val.items()
+        }
+    per: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
+    for corruption in corruptions:
+        start = time.perf_counter()
+        splits = {str(s): corrupted_split(test, corruption, s, seed=seed) for s in SEVERITIES}
+        for severity, probs in run(splits).items():
+            for n, p in probs.items():
+                scaled = apply_temperature(p.clamp_min(EPS).log(), temperatures[n])
+                per.setdefault(n, {}).setdefault(corruption, {})[severity] = {
+                    "acc": accuracy(p, test.labels), "nll": nll(p, test.labels),
+                    "cnll": nll(scaled, test.labels), "ece": ece(p, test.labels),
+                }  # fmt: skip
+        log.info("corruption %s: %d images x 5 severities in %.1f s", corruption, len(test),
+                 time.perf_counter() - start)  # fmt: skip
+    return {
+        "benchmark": "CIFAR-10-C corruptions (Hendrycks & Dietterich, ICLR 2019) made on the fly",
+        "corruptions": list(corruptions),
+        "severities": list(SEVERITIES),
+        "n_test": len(test),
+        "seed": seed,
+        "metrics": list(METRICS),
+        "metric_units": METRIC_UNITS,
+        "models": [
+            {
+                "name": n,
+                "temperature": temperatures[n],
+                **summarize(by_corruption),
+                "per_corruption": by_corruption,
+            }
+            for n, by_corruption in per.items()
+        ],
+    }
 
 
 def evaluate_saved(
@@ -98,9 +265,21 @@ def evaluate_saved(
     dataset: str | None = None,
     data_root: Path | None = None,
     test_subset: int | None = None,
+    ood_data: str | None = None,
+    details: dict[str, Any] | None = None,
+    corruptions: bool = False,
+    corruption_subset: int | None = None,
 ) -> dict[str, Any]:
     """`ensc eval`: :func:`evaluate` on the data the models were trained on (recorded in the
-    teacher, else the first student) unless ``dataset`` / ``data_root`` say otherwise."""
+    teacher, else the first student) unless ``dataset`` / ``data_root`` say otherwise.
+
+    ``ood_data`` (`--ood-data`, a dataset name or a folder of images) adds ``result["ood"]``:
+    its images at the models' channels and size (:func:`~ensc.data.source.ood_split`), as many
+    as ``test_subset`` when given.
+
+    ``corruptions`` (`--corruptions`) adds ``result["corruptions"]``
+    (:func:`evaluate_corruptions` on ``corruption_subset`` test images, all when None).
+    """
     ckpts = {str(path): load_checkpoint(path) for path in student_paths}
     first = next(iter(ckpts.values()), None)
     if teacher is None and first is None:
@@ -116,4 +295,17 @@ def evaluate_saved(
     ]:
         check_compatible(model_spec, data)
     models = {name: ckpt.build_model() for name, ckpt in ckpts.items()}
-    return evaluate(data, runtime, teacher=teacher, students=models)
+    ood = None
+    if ood_data is not None:
+        ood = ood_split(
+            ood_data, data.channels, data.image_size, subset=test_subset, seed=config.seed
+        )
+    result = evaluate(data, runtime, teacher=teacher, students=models, ood=ood,
+                      ood_name=ood_data or "ood", details=details)  # fmt: skip
+    if corruptions:
+        rows = [*result["members"], *result["ensembles"][-1:], *result["students"]]
+        result["corruptions"] = evaluate_corruptions(
+            data, runtime, teacher, models, subset=corruption_subset,
+            temperatures={row["name"]: row["temperature"] for row in rows},
+        )  # fmt: skip
+    return result

@@ -9,6 +9,7 @@ and `export` / `bench` must never use what another run (or half of one) left the
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -34,8 +35,9 @@ from tests.conftest import run_cli
 # 200 images, 40 of them validation: 5 steps of 32 per epoch, 10 in all
 FLAGS = ("--arch", "resnet8", "--epochs", "2", "--batch-size", "32", "--train-subset", "200",
          "--test-subset", "100", "--bn-recal-batches", "2", "--max-acc-drop", "100")  # fmt: skip
+PICTURES = ["dee.png", "reliability.png"] if importlib.util.find_spec("matplotlib") else []
 RUN_FILES = sorted(
-    ["config.json", "log.txt", "report.json", "report.md", "student.pt", "student_be.pt"]
+    ["config.json", "log.txt", "report.json", "report.md", "student.pt", "student_be.pt", *PICTURES]
 )
 EXPORT = ("export", "--onnx", "--check-samples", "16")
 
