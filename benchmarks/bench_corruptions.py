@@ -21,12 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import hardware  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("ENSC_SHARED", ROOT.parent / "shared"))
@@ -86,23 +88,6 @@ def measure(n_images: int) -> dict[str, Any]:
         "generate_s": total_gen,
         "forward_s": total_fwd,
         "ratio": total_gen / total_fwd,
-    }
-
-
-def hardware() -> dict[str, Any]:
-    import torch
-
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-         if line.startswith("model name")),
-        platform.processor(),
-    )  # fmt: skip
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "python": platform.python_version(),
     }
 
 

@@ -20,13 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import hardware  # noqa: E402
 
 TEACHERS = ("resnet20", "resnet32", "resnet44", "resnet56")
 STUDENT = "resnet32"
@@ -375,24 +377,6 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 # --- orchestration ---------------------------------------------------------------------------
-
-
-def hardware() -> dict[str, Any]:
-    import torch
-
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-         if line.startswith("model name")),
-        platform.processor(),
-    )  # fmt: skip
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "mkldnn_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
-        "python": platform.python_version(),
-    }
 
 
 def run_one(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -16,6 +16,9 @@ needs_cifar_jpeg = pytest.mark.skipif(
     not (CIFAR_JPEG / "train").is_dir(),
     reason=f"CIFAR-10 JPEG folder not found at {CIFAR_JPEG} (only in the team workspace; set ENSC_SHARED)",
 )
+# `ensc compress` flags of the tiny run: resnet8 student, 2 steps on 400 training images
+TINY_COMPRESS = ("--arch", "resnet8", "--epochs", "1", "--batch-size", "32", "--train-subset", "400",
+                 "--test-subset", "200", "--max-steps", "2", "--perturb", "none", "--max-acc-drop", "100")  # fmt: skip
 
 
 def run_cli(*args: str, cwd: Path | None = None):
@@ -54,9 +57,7 @@ def tiny_run(tiny_teacher: Path, tmp_path_factory) -> Path:
     cwd = tmp_path_factory.mktemp("tiny_run")
     run = cwd / "runs" / "tiny"
     result = run_cli(
-        "compress", "--teacher", str(tiny_teacher), "--arch", "resnet8", "--epochs", "1",
-        "--batch-size", "32", "--train-subset", "400", "--test-subset", "200", "--max-steps", "2",
-        "--perturb", "none", "--max-acc-drop", "100", "--out", str(run), cwd=cwd,
-    )  # fmt: skip
+        "compress", "--teacher", str(tiny_teacher), *TINY_COMPRESS, "--out", str(run), cwd=cwd
+    )
     assert result.exit_code == 0, result.output
     return run

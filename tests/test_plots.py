@@ -23,7 +23,7 @@ from ensc.evaluation.metrics import (
     reliability_bins,
 )
 from ensc.evaluation.ood import paired_scores
-from tests.conftest import run_cli
+from tests.conftest import TINY_COMPRESS, run_cli
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MISSING = "the pictures need matplotlib: pip install 'ensc[plot]'"
@@ -177,10 +177,8 @@ def test_compress_without_matplotlib_says_so_and_succeeds(
         monkeypatch.setitem(sys.modules, name, None)
     run = tmp_path / "runs" / "nompl"
     result = run_cli(
-        "compress", "--teacher", str(tiny_teacher), "--arch", "resnet8", "--epochs", "1",
-        "--batch-size", "32", "--train-subset", "400", "--test-subset", "200", "--max-steps", "2",
-        "--perturb", "none", "--max-acc-drop", "100", "--out", str(run), cwd=tmp_path,
-    )  # fmt: skip
+        "compress", "--teacher", str(tiny_teacher), *TINY_COMPRESS, "--out", str(run), cwd=tmp_path
+    )
     assert result.exit_code == 0, result.output
     assert not list(run.glob("*.png"))
     lines = [line for line in (run / "report.md").read_text().splitlines() if "matplotlib" in line]
