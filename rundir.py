@@ -2,7 +2,8 @@
 
 A run folder holds ``student.pt`` (the single plain network in ensc's checkpoint format),
 ``student_be.pt`` (the BatchEns student), ``config.json``, ``log.txt``, ``report.json`` and
-``report.md`` (with ``reliability.png`` and ``dee.png`` when matplotlib is installed);
+``report.md`` (with ``reliability.png`` and ``dee.png`` when matplotlib is installed, and
+``ood_scores.png`` / ``corruptions.png`` with ``--ood-data`` / ``--corruptions``);
 ``.state.pt`` while training can still be resumed; `ensc export` adds ``*.onnx`` files.
 ``runs/latest`` points at the newest finished run, so `ensc export` / `ensc bench` find it
 without options. This module is the only place that spells those names and the rules below out:
@@ -74,6 +75,8 @@ REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 RELIABILITY_PNG = "reliability.png"  # pictures linked from report.md (with matplotlib)
 DEE_PNG = "dee.png"
+OOD_PNG = "ood_scores.png"  # with --ood-data
+CORRUPTIONS_PNG = "corruptions.png"  # with --corruptions
 STATE = ".state.pt"  # resumable training state; removed when the run finishes
 MARKER = ".incomplete"  # written first, removed last: the folder holds an unfinished run
 LOCK = ".lock"  # held by the one process that writes the folder
@@ -82,7 +85,7 @@ CHECKPOINTS = {"student": STUDENT, "student-be": STUDENT_BE}  # what --what name
 # what --what names -> the stem of its ONNX file in the run, <stem>.onnx
 ONNX_STEMS = {"student": "student", "student-be": "student_be", "teacher": "teacher"}
 RUN_FILES = (STUDENT, STUDENT_BE, CONFIG, LOG, REPORT_JSON, REPORT_MD, RELIABILITY_PNG, DEE_PNG,
-             STATE, MARKER)  # fmt: skip
+             OOD_PNG, CORRUPTIONS_PNG, STATE, MARKER)  # fmt: skip
 STALE_UNREADABLE_LOCK_SECONDS = 10.0  # a lock still unreadable after this long was left by a crash
 
 

@@ -27,6 +27,7 @@ Examples:
   ensc compress --teacher ckpts/ --arch resnet8 --epochs 1 --train-subset 2000 --test-subset 1000
   ensc compress --teacher ckpts/ --arch resnet20 --perturb ods --step 2 --alpha 0.9 --temperature 1 --init normal
   ensc compress --teacher zoo/ensemble.json --code-path src/ --dataset cifar10 --arch resnet20 --student-init member:0
+  ensc compress --teacher ckpts/ --arch resnet20 --corruptions --corruption-subset 2000 --ood-data cifar100
 """,
 )
 @click.option(
@@ -170,6 +171,14 @@ Examples:
     show_default=True,
     help="Fail if the averaged network is this many points below the BE student.",
 )
+@click.option("--corruptions", is_flag=True,
+              help="Also evaluate every model under the CIFAR-10-C corruptions (10 kinds, severities 1-5, "
+                   "as ensc eval --corruptions): report.json/report.md and corruptions.png. Costs 50 passes per network.")  # fmt: skip
+@click.option("--corruption-subset", type=click.IntRange(min=1),
+              help="With --corruptions: a class-balanced subset of N test images for them.")  # fmt: skip
+@click.option("--ood-data", metavar="DIR_OR_NAME",
+              help="Also measure out-of-distribution detection (as ensc eval --ood-data) against a folder of "
+                   "images or a dataset name (its test split): report.json/report.md and ood_scores.png.")  # fmt: skip
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
     "--out",

@@ -53,6 +53,10 @@ class CompressConfig:
     # the ensemble's mean prediction into one network of --arch, everything else the same (the
     # baseline a user would otherwise deploy)
     method: str = "batchensemble"
+    # extra evaluations of the finished networks, as `ensc eval` makes them (they cost time):
+    corruptions: bool = False  # under the CIFAR-10-C corruptions: report["corruptions"]
+    corruption_subset: int | None = None  # ... of a class-balanced subset of N test images
+    ood_data: str | None = None  # OOD images, a folder or a dataset name: report["ood"]
 
 
 def compress_config(
@@ -126,6 +130,10 @@ def check_config(config: CompressConfig) -> None:
             "--method kd-single trains one network, and tdiv-sdiv needs at least 2 student "
             "members: use --perturb ods, confods, gaussian or none"
         )
+    if config.corruption_subset is not None and not config.corruptions:
+        raise ConfigError("--corruption-subset needs --corruptions")
+    if config.corruption_subset is not None and config.corruption_subset < 1:
+        raise ConfigError(f"--corruption-subset must be at least 1; got {config.corruption_subset}")
     if config.bn_recal_batches is not None and config.bn_recal_batches < 1:
         raise ConfigError(
             f"bn_recal_batches must be at least 1 (or None for the whole training split); got {config.bn_recal_batches}"

@@ -31,10 +31,19 @@ from ensc.compress.distill import (
     make_distill_step,
     param_groups,
 )
-from ensc.compress.report import Predictions, build_report, gaps_closed, parity, render_markdown
+from ensc.compress.report import (
+    REPORT_UNITS,
+    Predictions,
+    all_rows,
+    build_report,
+    gaps_closed,
+    parity,
+    render_markdown,
+)
+from ensc.compress.robustness import OodScores, corruption_report, ood_report
 from ensc.compress.warmstart import WARM_START_LR, init_from_member, matching_member
-from ensc.data.datasets import DataConfig, ImageDataset, iterate_batches, load_dataset
-from ensc.data.source import check_compatible, data_config_for
+from ensc.data.datasets import DataConfig, ImageDataset, Split, iterate_batches, load_dataset
+from ensc.data.source import check_compatible, data_config_for, ood_split
 from ensc.engine.loop import BackwardFn, StepResult, steady_seconds_per_step, train
 from ensc.engine.predict import (
     eval_copy,
@@ -47,6 +56,7 @@ from ensc.engine.runtime import Runtime
 from ensc.engine.seeding import seeded
 from ensc.engine.timing import PhaseTimer
 from ensc.errors import CheckpointError, CompressParityError, MissingExtraError, one_line, plural
+from ensc.evaluation.evaluate import member_logits
 from ensc.evaluation.logits_cache import cache_dir_for, cached_teacher_logits, file_sha256
 from ensc.evaluation.metrics import nll, reliability_bins
 from ensc.fileio import atomic_write_text, jsonable
@@ -98,27 +108,38 @@ def run_compress(config: CompressConfig, runtime: Runtime) -> CompressResult | N
             info={"seed": config.seed, "init": config.init},
         )
         clock = _Clock()
-        averaged, fold_diff, preds, bn_statistics, teacher_cache = _single_network(
-            config, teacher, student, data, runtime, clock
-        )
+        single = _single_network(config, teacher, student, data, runtime, clock, run.ood)
+        averaged, preds = single.averaged, single.preds
         clock.start("report_seconds")
         report = build_report(preds, data.val.labels, data.test.labels)
-        report["bn_statistics"] = bn_statistics  # of the kept network (student.pt)
-        _add_run_facts(report, run, averaged, fold_diff, history)
-        report["teacher_logits_cache"] = teacher_cache
+        report["bn_statistics"] = single.bn_statistics  # of the kept network (student.pt)
+        _add_run_facts(report, run, averaged, single.fold_diff, history)
+        report["teacher_logits_cache"] = single.teacher_cache
+        report["settings"] = _settings(run, runtime)
+        report["units"] = dict(REPORT_UNITS)
+        ood_scores = None
+        if run.ood is not None:
+            report["ood"], ood_scores = ood_report(report, preds, data=str(config.ood_data))
+        if config.corruptions:
+            with clock("corruptions_seconds"):
+                report["corruptions"] = corruption_report(
+                    report, data, runtime, teacher=teacher, student=student, averaged=averaged,
+                    other=single.other, subset=config.corruption_subset,
+                )  # fmt: skip
+            clock.start("report_seconds")
         save_checkpoint(
             run_dir / rundir.STUDENT, averaged, run.spec,
             metrics={k: report["student_avg"][k] for k in ("acc", "nll", "bs", "ece")},
             info={"seed": config.seed, "data": jsonable(asdict(run.data_config)), "source": "ensc compress",
-                  "teacher": str(config.teacher), "recalibrated_bn": bn_statistics == "re-estimated"},
+                  "teacher": str(config.teacher), "recalibrated_bn": single.bn_statistics == "re-estimated"},
         )  # fmt: skip
         clock.stop()
         report["timing"] = {"train_seconds": round(history["seconds"], 1), **clock.rounded()}
         report["wall_seconds"] = round(time.perf_counter() - started, 1)
-        log.info("after training: %s", _timing_line(report["timing"], teacher_cache))
-        md = _render_report(config, report, run_dir, teacher, data, run.members, history, runtime)
+        log.info("after training: %s", _timing_line(report["timing"], single.teacher_cache))
+        md = _render_report(report, run_dir)
         faults.point("compress.before_report")
-        md += _draw_pictures(run_dir, preds, data.test.labels, report)
+        md += _draw_pictures(run_dir, preds, data.test.labels, report, ood_scores)
         atomic_write_text(run_dir / rundir.REPORT_JSON, json.dumps(report, indent=2) + "\n")
         atomic_write_text(run_dir / rundir.REPORT_MD, md)
         faults.point("compress.before_commit")
@@ -139,6 +160,7 @@ class _Run:
     student: BatchEnsemble
     spec: ModelSpec  # of one student network
     init_member: int | None  # the teacher member the student starts from
+    ood: Split | None = None  # the --ood-data images, shaped as the models take them
 
 
 def _set_up(
@@ -158,13 +180,18 @@ def _set_up(
         student, spec, init_member = _build_student(config, teacher, data, members, runtime)
     config = with_warm_start_lr(config, init_member is not None)
     teacher.to(runtime.device)
+    ood = None
+    if runtime.is_main and config.ood_data is not None:  # before training: a wrong path fails now
+        ood = ood_split(config.ood_data, data.channels, data.image_size,
+                        subset=data_config.test_subset, seed=data_config.seed)  # fmt: skip
+        log.info("--ood-data %s: %d images", config.ood_data, len(ood))
     if runtime.is_main:
         # validation, not test: test labels stay unseen until the report
         sanity_check(teacher, data.val, runtime)
         record = _config_record(config, data_config, members)
         record["teacher_files"] = identity["teacher_files"]  # what --resume checks, with the flags
         atomic_write_text(run_dir / rundir.CONFIG, json.dumps(record, indent=2) + "\n")
-    return _Run(config, teacher, data_config, data, members, student, spec, init_member)
+    return _Run(config, teacher, data_config, data, members, student, spec, init_member, ood)
 
 
 def _add_run_facts(
@@ -188,7 +215,38 @@ def _add_run_facts(
     report["train"] = {"steps": history["steps"], "seconds": round(history["seconds"], 1),
                        "s_per_step": None if steady is None else round(steady, 3)}  # fmt: skip
     report["dataset"] = run.data.name
+    report["n_train"] = len(run.data.train)
     report["method"] = config.method
+
+
+def _settings(run: _Run, runtime: Runtime) -> dict[str, Any]:
+    """report["settings"]: what report.md's header says was run (all of it: config.json)."""
+    config, distill = run.config, run.config.distill
+    return {
+        "command": config.command,
+        "teacher": str(config.teacher),
+        "teacher_arch": run.teacher.arch_summary,
+        "student_arch": config.arch,
+        "members": run.members,
+        "init": config.init,
+        "perturbation": distill.perturb.kind,
+        "perturbation_step": distill.perturb.step,
+        "alpha": distill.alpha,
+        "temperature": distill.temperature,
+        "device": str(runtime.device),
+    }
+
+
+@dataclass(frozen=True)
+class _Single:
+    """The averaged network and every model's predictions (:func:`_single_network`)."""
+
+    averaged: torch.nn.Module  # kept: student.pt
+    other: torch.nn.Module | None  # with the other BN statistics (reported beside it), if any
+    fold_diff: float  # the fold's max |Δlogit| against the BE student
+    preds: Predictions
+    bn_statistics: str  # which the kept network has: "re-estimated" or "as trained"
+    teacher_cache: str  # whether the teacher's logits came from the cache
 
 
 def _single_network(
@@ -198,13 +256,13 @@ def _single_network(
     data: ImageDataset,
     runtime: Runtime,
     clock: _Clock,
-) -> tuple[torch.nn.Module, float, Predictions, str, str]:
-    """Average the student into one network and evaluate every model on validation and test.
+    ood: Split | None = None,
+) -> _Single:
+    """Average the student into one network and evaluate every model on validation and test
+    (and on ``ood``, the --ood-data images, when given).
 
     Of the averaged network's BN statistics as trained and re-estimated (``--recalibrate-bn``),
-    the one with the lower validation NLL is kept; the other is reported beside it. Returns the
-    kept network, the fold's max |Δlogit|, the predictions, which BN statistics were kept, and
-    whether the teacher's logits came from the cache.
+    the one with the lower validation NLL is kept; the other is reported beside it.
     """
     with clock("average_seconds"):
         averaged, fold_diff = _average_student(student, data, runtime)
@@ -213,14 +271,16 @@ def _single_network(
         if config.recalibrate_bn:
             _recalibrate_bn(config, averaged, data, runtime)
     with clock("eval_seconds"):
-        preds, teacher_cache = _predict_all(config, teacher, student, averaged, data, runtime, raw)
+        preds, teacher_cache = _predict_all(
+            config, teacher, student, averaged, data, runtime, raw, ood
+        )
     bn_statistics = "re-estimated" if config.recalibrate_bn else "as trained"
     if raw is not None and _keeps_trained_bn(preds, data.val.labels):
-        averaged, bn_statistics = raw, "as trained"
-        preds = replace(preds, avg_val=preds.alt_val, avg_test=preds.alt_test,
-                        alt_val=preds.avg_val, alt_test=preds.avg_test,
+        averaged, raw, bn_statistics = raw, averaged, "as trained"
+        preds = replace(preds, avg_val=preds.alt_val, avg_test=preds.alt_test, avg_ood=preds.alt_ood,
+                        alt_val=preds.avg_val, alt_test=preds.avg_test, alt_ood=preds.avg_ood,
                         alt_name="averaged, BN re-estimated (not kept)")  # fmt: skip
-    return averaged, fold_diff, preds, bn_statistics, teacher_cache
+    return _Single(averaged, raw, fold_diff, preds, bn_statistics, teacher_cache)
 
 
 def with_warm_start_lr(config: CompressConfig, warm: bool) -> CompressConfig:
@@ -323,29 +383,21 @@ def _recalibrate_bn(
     )  # fmt: skip
 
 
-def _render_report(
-    config: CompressConfig,
-    report: dict[str, Any],
-    run_dir: Path,
-    teacher: Teacher,
-    data: ImageDataset,
-    members: int,
-    history: dict[str, Any],
-    runtime: Runtime,
-) -> str:
-    """report.md: the metrics table with what was run, on what, and how long it took."""
-    distill = config.distill
+def _render_report(report: dict[str, Any], run_dir: Path) -> str:
+    """report.md: the metrics table with what was run, on what, and how long it took; every
+    number in it read from ``report`` (report.json)."""
+    settings, train = report["settings"], report["train"]
     details = {
-        "teacher": f"{teacher.arch_summary} from {config.teacher}",
+        "teacher": f"{settings['teacher_arch']} from {settings['teacher']}",
         "student": (
-            f"KD into one {config.arch} (baseline: ensemble-mean targets)"
-            if config.method == "kd-single"
-            else f"BE-{members} {config.arch} (init {config.init})"
+            f"KD into one {settings['student_arch']} (baseline: ensemble-mean targets)"
+            if report["method"] == "kd-single"
+            else f"BE-{settings['members']} {settings['student_arch']} (init {settings['init']})"
         )
-        + f", perturbation {distill.perturb.kind} "
-        f"(step {distill.perturb.step}/255), α={distill.alpha}, T={distill.temperature}",
-        "data": f"{data.name}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test",
-        "training": f"{plural(history['steps'], 'step')}, {history['seconds']:.0f} s on {runtime.device}; run total {report['wall_seconds']:.0f} s",
+        + f", perturbation {settings['perturbation']} "
+        f"(step {settings['perturbation_step']}/255), α={settings['alpha']}, T={settings['temperature']}",
+        "data": f"{report['dataset']}: {report['n_train']} train / {report['n_val']} val / {report['n_test']} test",
+        "training": f"{plural(train['steps'], 'step')}, {train['seconds']:.0f} s on {settings['device']}; run total {report['wall_seconds']:.0f} s",
         "after training": _timing_line(report["timing"], report["teacher_logits_cache"]),
         "BatchNorm statistics of the single network": (
             f"{report['bn_statistics']} (kept: the lower validation NLL of the two)"
@@ -354,15 +406,18 @@ def _render_report(
         ),
     }
     return render_markdown(
-        report, title=f"ensc compress: {run_dir.name}", command=config.command, details=details
+        report, title=f"ensc compress: {run_dir.name}", command=settings["command"], details=details
     )
 
 
 def _draw_pictures(
-    run_dir: Path, preds: Predictions, labels: torch.Tensor, report: dict[str, Any]
-) -> str:
-    """A reliability diagram (DE-M, BE-M, the single network) and the DEE curve into the run
-    folder; returns report.md's section linking them, or one line saying why there are none."""
+    run_dir: Path, preds: Predictions, labels: torch.Tensor, report: dict[str, Any],
+    ood_scores: OodScores | None = None,
+) -> str:  # fmt: skip
+    """A reliability diagram (DE-M, BE-M, the single network), the DEE curve and, with
+    ``--ood-data`` / ``--corruptions``, the OOD score histograms and the accuracy and cNLL against
+    corruption severity into the run folder; returns report.md's section linking them, or one line
+    saying why there are none."""
     from ensc.evaluation import plots
 
     try:
@@ -375,10 +430,19 @@ def _draw_pictures(
     points = {report[k]["name"]: report[k]["cnll"] for k in ("student_be", "student_avg")}
     plots.reliability_diagram(bins, run_dir / rundir.RELIABILITY_PNG, force=True)
     plots.dee_curve(report["de_cnll_curve"], points, run_dir / rundir.DEE_PNG, force=True)
-    return (
-        f"\n## Pictures\n\n![reliability diagram]({rundir.RELIABILITY_PNG})\n\n"
-        f"![DEE curve]({rundir.DEE_PNG})\n"
-    )
+    links = [("reliability diagram", rundir.RELIABILITY_PNG), ("DEE curve", rundir.DEE_PNG)]
+    if ood_scores is not None:
+        plots.ood_histograms(ood_scores, run_dir / rundir.OOD_PNG, out_name=report["ood"]["data"],
+                             force=True)  # fmt: skip
+        links.append(("OOD scores", rundir.OOD_PNG))
+    if "corruptions" in report:
+        section = report["corruptions"]
+        # severity 0 (clean) only when the corrupted images are the whole test split, as in eval
+        whole = section["n_test"] == report["n_test"]
+        clean = {r["name"]: r for r in all_rows(report)} if whole else None
+        plots.corruption_curves(section, run_dir / rundir.CORRUPTIONS_PNG, clean=clean, force=True)
+        links.append(("accuracy and cNLL under corruption", rundir.CORRUPTIONS_PNG))
+    return "\n## Pictures\n\n" + "\n\n".join(f"![{alt}]({name})" for alt, name in links) + "\n"
 
 
 def _keeps_trained_bn(preds: Predictions, val_labels: torch.Tensor) -> bool:
@@ -450,8 +514,10 @@ def _predict_all(
     data: ImageDataset,
     runtime: Runtime,
     raw: torch.nn.Module | None = None,
+    ood: Split | None = None,
 ) -> tuple[Predictions, str]:
-    """Every model's probabilities on validation and test, each from one pass per split.
+    """Every model's probabilities on validation and test (and ``ood``, when given), each from
+    one pass per split.
 
     ``raw`` is the averaged network before BN recalibration, evaluated too when given.
 
@@ -466,6 +532,9 @@ def _predict_all(
     t_logits, cache = cached_teacher_logits(teacher, splits, runtime, cache_dir)
     probe = probe_batch(splits.values(), runtime)
     assert probe is not None  # the data loader refuses empty splits
+    if ood is not None:  # not cached: the OOD images are the user's choice of the day
+        t_logits["ood"] = member_logits(teacher, {"ood": ood}, runtime)["ood"]
+        splits = {**splits, "ood": ood}
     nets = eval_member_networks(student, runtime, probe)
     singles = [eval_copy(averaged, runtime, probe)]
     if raw is not None:
@@ -479,6 +548,10 @@ def _predict_all(
         else predict_member_logits(student, split, runtime)  # one BE forward per batch
         for name, split in splits.items()
     }
+
+    def probs(logits: dict[str, torch.Tensor] | None, split: str) -> torch.Tensor | None:
+        return None if logits is None or split not in logits else logits[split].softmax(-1)
+
     return Predictions(
         teacher_val=t_logits["val"].softmax(-1),
         teacher_test=t_logits["test"].softmax(-1),
@@ -486,9 +559,13 @@ def _predict_all(
         student_test=s_logits["test"].softmax(-1),
         avg_val=a_logits["val"].softmax(-1),
         avg_test=a_logits["test"].softmax(-1),
-        alt_val=None if r_logits is None else r_logits["val"].softmax(-1),
-        alt_test=None if r_logits is None else r_logits["test"].softmax(-1),
+        alt_val=probs(r_logits, "val"),
+        alt_test=probs(r_logits, "test"),
         alt_name="averaged, BN as trained (not kept)",
+        teacher_ood=probs(t_logits, "ood"),
+        student_ood=probs(s_logits, "ood"),
+        avg_ood=probs(a_logits, "ood"),
+        alt_ood=probs(r_logits, "ood"),
     ), cache
 
 
@@ -522,11 +599,17 @@ class _Clock:
 
 
 def _timing_line(timing: dict[str, float], teacher_cache: str) -> str:
-    """E.g. ``average 0.3 s, BN recalibration 2.3 s, evaluation 25.0 s (teacher logits cache: hit), report 0.1 s``."""
+    """E.g. ``average 0.3 s, BN recalibration 2.3 s, evaluation 25.0 s (teacher logits cache: hit), report 0.1 s``
+    (and ``corruptions 80.2 s`` with --corruptions)."""
+    corruptions = (
+        f", corruptions {timing['corruptions_seconds']:.1f} s"
+        if "corruptions_seconds" in timing
+        else ""
+    )
     return (
         f"average {timing.get('average_seconds', 0):.1f} s, BN recalibration "
         f"{timing.get('bn_recal_seconds', 0):.1f} s, evaluation {timing.get('eval_seconds', 0):.1f} s "
-        f"(teacher logits cache: {teacher_cache}), report {timing.get('report_seconds', 0):.1f} s"
+        f"(teacher logits cache: {teacher_cache}){corruptions}, report {timing.get('report_seconds', 0):.1f} s"
     )
 
 
@@ -544,8 +627,9 @@ def run_identity(config: CompressConfig) -> dict[str, Any]:
 
 
 # where the run goes, how it is told and what it may touch: not what it computes
+# nor the extra evaluations of the finished networks: a resumed run may add or drop them
 _NOT_IN_IDENTITY = ("teacher", "out", "runs_dir", "resume", "force", "command", "cache_teacher_logits",
-                    "unsafe_load")  # fmt: skip
+                    "unsafe_load", "corruptions", "corruption_subset", "ood_data")  # fmt: skip
 
 
 def _open_run_dir(

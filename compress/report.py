@@ -7,7 +7,9 @@ from typing import Any
 
 import torch
 
-from ensc.evaluation.metrics import evaluate_predictions
+from ensc.evaluation.corruptions import corruption_table
+from ensc.evaluation.metrics import UNITS, evaluate_predictions
+from ensc.evaluation.ood import TABLE_COLUMNS as OOD_COLUMNS
 from ensc.evaluation.scores import Scorer
 from ensc.evaluation.table import markdown_table
 
@@ -23,6 +25,23 @@ REPORT_COLUMNS = (
     "disagreement",
     "agreement",
 )
+
+# report["units"]: the unit of every number in report.json, by key (docs/report-json.md)
+REPORT_UNITS = {
+    **UNITS,
+    "seconds": "seconds (timing.*_seconds, train.seconds, wall_seconds)",
+    "s_per_step": "seconds per optimizer step (train.s_per_step)",
+    "acc_drop_vs_student_be": "accuracy points (parity: also max_acc_drop and vs_teacher.acc; "
+    "vs_teacher.nll and .ece in the units of nll and ece)",
+    "fold_max_abs_diff": "logits (parity: the max |Δlogit|; also fold_tolerance)",
+    "gap_closed": "percent of the member → DE-M gap (gap_closed.<model>.acc and .cnll)",
+    "fast_weights": "none (r and s multiply the weights; 1 changes nothing)",
+    "params": "count of parameters",
+    "perturbation_step": "1/255 of the pixel range (settings.perturbation_step)",
+    "n_train": "images (also n_val, n_test, ood.n_in, ood.n_out, corruptions.n_test)",
+    "corruptions": "each severity's metrics as corruptions.metric_units says (acc percent, nll and "
+    "cnll nats per image, ece a fraction)",
+}
 
 
 @dataclass(frozen=True)
@@ -40,6 +59,11 @@ class Predictions:
     alt_val: torch.Tensor | None = None  # [Nv, K]
     alt_test: torch.Tensor | None = None  # [N, K]
     alt_name: str = ""
+    # on the out-of-distribution images of --ood-data [N' images], when given
+    teacher_ood: torch.Tensor | None = None  # [Mt, N', K]
+    student_ood: torch.Tensor | None = None  # [Ms, N', K]
+    avg_ood: torch.Tensor | None = None  # [N', K]
+    alt_ood: torch.Tensor | None = None  # [N', K]
 
 
 def build_report(
@@ -196,4 +220,31 @@ def render_markdown(
             f"- fast weights: max |r − 1| {fw['max_abs_from_one']:.2f}, max spread across members "
             f"{fw['max_member_spread']:.2f} (the farther apart the members, the more averaging loses)"
         )
+    lines += _ood_lines(report.get("ood")) + _corruption_lines(report.get("corruptions"))
     return "\n".join([*lines, ""])
+
+
+def _ood_lines(ood: dict[str, Any] | None) -> list[str]:
+    """report.md's OOD section (`--ood-data`), as `ensc eval --ood-data` prints it."""
+    if ood is None:
+        return []
+    return [
+        "", "## Out-of-distribution detection", "",
+        f"{ood['n_in']} test images (positive) against {ood['n_out']} images of {ood['data']}; "
+        "AUROC and FPR@95 (fractions) of max probability (maxP), entropy (H) and, for the "
+        "ensembles, the members' mutual information (MI).",
+        "", markdown_table(ood["models"], OOD_COLUMNS),
+    ]  # fmt: skip
+
+
+def _corruption_lines(section: dict[str, Any] | None) -> list[str]:
+    """report.md's corruption section (`--corruptions`), as `ensc eval --corruptions` prints it."""
+    if section is None:
+        return []
+    return [
+        "", "## Under corruption", "",
+        f"{len(section['corruptions'])} corruptions of CIFAR-10-C at severities 1-5 on "
+        f"{section['n_test']} test images: each severity's mean over the corruptions, and the "
+        "mean over all (ACC %, NLL, cNLL with each model's clean-validation temperature, ECE).",
+        "", corruption_table(section),
+    ]  # fmt: skip

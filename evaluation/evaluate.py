@@ -30,6 +30,7 @@ from ensc.evaluation.corruptions import (
 )
 from ensc.evaluation.metrics import (
     EPS,
+    UNITS,
     accuracy,
     apply_temperature,
     ece,
@@ -84,6 +85,7 @@ def evaluate(
         "n_val": len(data.val),
         "n_test": len(data.test),
         "metric_units": "acc and agreement in percent; nll, bs, ece (fraction) and the calibrated c* metrics raw",
+        "units": dict(UNITS),
         "members": [],
         "ensembles": [],
         "students": [],
@@ -145,11 +147,22 @@ def _details(
         name: reliability_bins(p["test"], data.test.labels) for name, p in models.items()
     }
     if models and all("ood" in p for p in models.values()):
-        details["ood_scores"] = {
-            name: paired_scores(p["test"], p["ood"], p.get("members_test"), p.get("members_ood"))
-            for name, p in models.items()
-        }
-        result["ood"] = ood_section(details["ood_scores"], data=ood_name)
+        result["ood"], details["ood_scores"] = ood_detection(models, data=ood_name)
+
+
+def ood_detection(
+    models: Mapping[str, Mapping[str, torch.Tensor]], *, data: str
+) -> tuple[dict[str, Any], dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]]:
+    """`--ood-data` of `ensc eval` and `ensc compress`: ``result["ood"]``
+    (:func:`~ensc.evaluation.ood.ood_section`) and each model's ``{score: (in, out)}`` for
+    :func:`~ensc.evaluation.plots.ood_histograms`, from each model's probabilities
+    ``{name: {"test": [N, K], "ood": [N', K]}}``; an ensemble also gives its members'
+    ``"members_test"`` [M, N, K] and ``"members_ood"`` [M, N', K] (mutual information)."""
+    scores = {
+        name: paired_scores(p["test"], p["ood"], p.get("members_test"), p.get("members_ood"))
+        for name, p in models.items()
+    }
+    return ood_section(scores, data=data), scores
 
 
 def evaluate_corruptions(
@@ -158,30 +171,36 @@ def evaluate_corruptions(
     teacher: Teacher | None = None,
     students: Mapping[str, nn.Module] | None = None,
     *,
+    ensembles: Mapping[str, Sequence[nn.Module]] | None = None,
     subset: int | None = None,
     temperatures: Mapping[str, float] | None = None,
     corruptions: Sequence[str] = CORRUPTIONS,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Each teacher member, DE-M and each student under corruption: `ensc eval --corruptions`.
+    """Each teacher member, DE-M and each student under corruption: `ensc eval --corruptions`
+    (and `ensc compress --corruptions`).
 
     The test split (a class-balanced subset of ``subset`` images drawn with ``seed``, when given)
     under each of ``corruptions`` at severities 1–5 (:mod:`ensc.evaluation.corruptions`, noise
     seeded with ``seed``, rounded to uint8 as CIFAR-10-C is stored). Every network runs once per
     corruption and severity (:func:`~ensc.engine.predict.predict_logits_many`, members as their
-    fast copies); DE-M averages the members' probabilities. cNLL uses each model's temperature
-    fitted on the clean validation split: ``temperatures`` by row name (``"member k"``,
-    ``"DE-M"``, the students' names), as :func:`evaluate` reports them, else fitted here (one
-    more pass over the validation split per network).
+    fast copies); DE-M averages the members' probabilities, and so does each of ``ensembles``
+    (``{row name: its member networks}``, e.g. a BatchEnsemble's members as plain networks: one
+    row, the mean of its members, none per member). cNLL uses each model's temperature fitted on
+    the clean validation split: ``temperatures`` by row name (``"member k"``, ``"DE-M"``, the
+    ensembles' and students' names), as :func:`evaluate` reports them, else fitted here (one more
+    pass over the validation split per network).
 
     Returns (JSON-ready; severities are the strings "1".."5"; units in ``metric_units``)::
 
         {"benchmark": ..., "corruptions": [names], "severities": [1, ..., 5], "n_test": N,
          "seed": seed, "metrics": ["acc", "nll", "cnll", "ece"], "metric_units": ...,
-         "models": [{"name": "member 0" | "DE-M" | student, "temperature": T,
+         "models": [{"name": "member 0" | "DE-M" | ensemble | student, "temperature": T,
                      "by_severity": {"1": {"acc", "nll", "cnll", "ece"}, ...},  # mean over corruptions
                      "mean": {...},  # over corruptions and severities (mCE-style, unnormalized)
                      "per_corruption": {"gaussian_noise": {"1": {...}, ...}, ...}}, ...]}
+
+    in the order teacher members, DE-M, ``ensembles``, ``students``.
     """
     unknown = [c for c in corruptions if c not in CORRUPTIONS]
     if unknown or not corruptions:
@@ -191,31 +210,39 @@ def evaluate_corruptions(
         gen = torch.Generator().manual_seed(seed)
         test = test.subset(balanced_indices(test.labels, subset, gen))
     probe = probe_batch([test], runtime)
-    nets: dict[str, nn.Module] = {}
+
+    def fast(model: nn.Module) -> nn.Module:
+        return eval_copy(model, runtime, probe) if probe is not None else model
+
+    nets: dict[Any, nn.Module] = {}  # every network run, by row name or (ensemble, k)
+    members: list[str] = []  # the teacher's
     if teacher is not None:
         teacher.to(runtime.device)
-        for k, member in enumerate(teacher.members):
-            nets[f"member {k}"] = eval_copy(member, runtime, probe) if probe is not None else member
+        members = [f"member {k}" for k in range(len(teacher))]
+        nets.update((n, fast(m)) for n, m in zip(members, teacher.members, strict=True))
+    groups: dict[str, list[tuple[str, int]]] = {}  # ensemble row -> its members' keys in nets
+    for name, parts in (ensembles or {}).items():
+        groups[name] = [(name, k) for k in range(len(parts))]
+        nets.update(((name, k), fast(runtime.prepare_model(m))) for k, m in enumerate(parts))
     for name, model in (students or {}).items():
-        model = runtime.prepare_model(model)
-        nets[name] = eval_copy(model, runtime, probe) if probe is not None else model
+        nets[name] = fast(runtime.prepare_model(model))
     if not nets:
         raise ConfigError("nothing to evaluate under corruption: pass a teacher or a student")
-    members = list(nets)[: len(teacher) if teacher is not None else 0]
 
-    def with_ensemble(probs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``probs`` with DE-M's after the members'."""
-        if not members:
-            return probs
-        de = {f"DE-{len(members)}": torch.stack([probs[n] for n in members]).mean(0)}
-        return {**{n: probs[n] for n in members}, **de, **probs}
+    def rows(probs: dict[Any, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each reported model's probabilities: the teacher's members, DE-M (their mean), each
+        ensemble (the mean of its members), each student."""
+        out = {n: probs[n] for n in members}
+        if members:
+            out[f"DE-{len(members)}"] = torch.stack([probs[n] for n in members]).mean(0)
+        for name, keys in groups.items():
+            out[name] = torch.stack([probs[k] for k in keys]).mean(0)
+        return {**out, **{n: probs[n] for n in students or {}}}
 
     def run(splits: dict[str, Split]) -> dict[str, dict[str, torch.Tensor]]:
         logits = predict_logits_many(list(nets.values()), splits, runtime)
         return {
-            split: with_ensemble(
-                {n: out[split].softmax(-1) for n, out in zip(nets, logits, strict=True)}
-            )
+            split: rows({n: out[split].softmax(-1) for n, out in zip(nets, logits, strict=True)})
             for split in splits
         }
 

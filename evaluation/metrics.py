@@ -29,6 +29,25 @@ logger = logging.getLogger(__name__)
 EPS = 1e-12  # floor applied to probabilities before taking a log
 T_MIN, T_MAX = 0.05, 20.0  # range of fitted temperatures
 _SUM_TOL = 1e-3  # how far a row of `probs` may sum from 1 before we suspect logits were passed
+# The unit of each metric in a row (Metrics.to_dict, scores.Scorer.row) and in an OOD row
+# (<score>_auroc, <score>_fpr95): `ensc eval --json` and report.json state them under "units".
+UNITS = {
+    "acc": "percent",
+    "agreement": "percent (top-1 agreement with the teacher's DE-M)",
+    "nll": "nats per image",
+    "cnll": "nats per image",
+    "bs": "squared error summed over classes, per image, in [0, 2]",
+    "cbs": "squared error summed over classes, per image, in [0, 2]",
+    "ece": "fraction in [0, 1] (15 bins)",
+    "cece": "fraction in [0, 1] (15 bins)",
+    "temperature": "none (log-probabilities are divided by it)",
+    "dee": "teacher members (a number in [1, M], else the string '<1' or '>M')",
+    "dee_members": "count (M of the curve the DEE is read from)",
+    "kl_div": "nats (mean pairwise KL between the members)",
+    "disagreement": "fraction in [0, 1] (mean pairwise argmax disagreement)",
+    "auroc": "fraction in [0, 1] (every <score>_auroc of an OOD row; 0.5 is chance)",
+    "fpr95": "fraction in [0, 1] (every <score>_fpr95 of an OOD row; 0 is perfect)",
+}
 
 
 # --------------------------------------------------------------------------- input checks

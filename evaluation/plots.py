@@ -8,7 +8,8 @@ switch). Without it every function here raises :class:`~ensc.errors.MissingExtra
 and an existing file is refused unless ``force``.
 
 `ensc eval --plot DIR` writes :data:`EVAL_PICTURES` there (:func:`eval_pictures`); `ensc compress`
-puts a reliability diagram and the DEE curve in the run folder, linked from report.md.
+puts a reliability diagram and the DEE curve in the run folder, linked from report.md, and the OOD
+histograms and corruption curves with ``--ood-data`` / ``--corruptions``.
 """
 
 from __future__ import annotations

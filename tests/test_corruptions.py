@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ensc.data.datasets import DataConfig, Split, iterate_batches, load_dataset
+from ensc.data.datasets import DataConfig, Split, balanced_indices, iterate_batches, load_dataset
 from ensc.engine.predict import predict_logits
 from ensc.engine.runtime import resolve_runtime
 from ensc.engine.seeding import seeded
@@ -33,7 +33,7 @@ from ensc.evaluation.corruptions import (
     summarize,
 )
 from ensc.evaluation.evaluate import evaluate_corruptions
-from ensc.evaluation.metrics import accuracy, fit_temperature
+from ensc.evaluation.metrics import accuracy, apply_temperature, fit_temperature, nll
 from tests.conftest import run_cli
 
 RANDOM = ("gaussian_noise", "shot_noise", "impulse_noise")
@@ -315,6 +315,38 @@ def test_accuracy_degrades_with_severity(fmnist, tiny_cnn):
     sub = evaluate_corruptions(fmnist, runtime, students={"cnn": tiny_cnn}, subset=100,
                                corruptions=["contrast"])  # fmt: skip
     assert sub["n_test"] == 100 and sub["corruptions"] == ["contrast"]
+
+
+def test_an_ensemble_row_is_the_mean_of_its_members(fmnist):
+    """``ensembles`` (the BE student's members in `ensc compress --corruptions`): one row per
+    ensemble, from its members' mean probability, none per member, before the students."""
+    runtime = resolve_runtime("cpu")
+    with seeded(1):
+        nets = [
+            nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 26 * 26, 10)).eval()
+            for _ in range(2)
+        ]  # fmt: skip
+    result = evaluate_corruptions(
+        fmnist, runtime, students={"one": nets[0]}, ensembles={"pair": nets}, subset=50,
+        corruptions=["contrast"], temperatures={"one": 1.5, "pair": 2.0},
+    )  # fmt: skip
+    assert [m["name"] for m in result["models"]] == ["pair", "one"]
+    pair, one = result["models"]
+    assert (pair["temperature"], one["temperature"]) == (2.0, 1.5)
+    gen = torch.Generator().manual_seed(0)  # the subset evaluate_corruptions draws
+    sub = fmnist.test.subset(balanced_indices(fmnist.test.labels, 50, gen))
+    split = corrupted_split(sub, "contrast", 3)
+    probs = [predict_logits(n, split, runtime).softmax(-1) for n in nets]
+    for row, p, t in ((pair, torch.stack(probs).mean(0), 2.0), (one, probs[0], 1.5)):
+        cell = row["per_corruption"]["contrast"]["3"]
+        assert cell["acc"] == pytest.approx(accuracy(p, split.labels))
+        assert cell["nll"] == pytest.approx(nll(p, split.labels), rel=1e-5)
+        scaled = apply_temperature(p.clamp_min(1e-12).log(), t)
+        assert cell["cnll"] == pytest.approx(nll(scaled, split.labels), rel=1e-5)
+    assert pair["per_corruption"]["contrast"]["3"]["nll"] != pytest.approx(
+        one["per_corruption"]["contrast"]["3"]["nll"], rel=1e-5
+    )  # the mean is not the first member
 
 
 # --------------------------------------------------------------------------- the CLI
