@@ -95,18 +95,7 @@ def run_compress(config: CompressConfig, runtime: Runtime) -> CompressResult | N
         student.eval()
         if writer is None:  # rank 0 evaluates, reports and writes the run folder
             return None
-        be_spec = replace(
-            run.spec,
-            kind="batchensemble",
-            members=run.members,
-            arch_kwargs={**run.spec.arch_kwargs},
-        )
-        save_checkpoint(
-            run_dir / rundir.STUDENT_BE,
-            student,
-            be_spec,
-            info={"seed": config.seed, "init": config.init},
-        )
+        _save_student_be(run, run_dir)
         clock = _Clock()
         single = _single_network(config, teacher, student, data, runtime, clock, run.ood)
         averaged, preds = single.averaged, single.preds
@@ -117,16 +106,7 @@ def run_compress(config: CompressConfig, runtime: Runtime) -> CompressResult | N
         report["teacher_logits_cache"] = single.teacher_cache
         report["settings"] = _settings(run, runtime)
         report["units"] = dict(REPORT_UNITS)
-        ood_scores = None
-        if run.ood is not None:
-            report["ood"], ood_scores = ood_report(report, preds, data=str(config.ood_data))
-        if config.corruptions:
-            with clock("corruptions_seconds"):
-                report["corruptions"] = corruption_report(
-                    report, data, runtime, teacher=teacher, student=student, averaged=averaged,
-                    other=single.other, subset=config.corruption_subset,
-                )  # fmt: skip
-            clock.start("report_seconds")
+        ood_scores = _robustness(report, run, single, runtime, clock)
         save_checkpoint(
             run_dir / rundir.STUDENT, averaged, run.spec,
             metrics={k: report["student_avg"][k] for k in ("acc", "nll", "bs", "ece")},
@@ -146,6 +126,32 @@ def run_compress(config: CompressConfig, runtime: Runtime) -> CompressResult | N
         writer.commit(config.runs_dir)  # finished: the marker goes, runs/latest points here
         _enforce_gate(report["parity"], run_dir)
         return CompressResult(run_dir, report, md)
+
+
+def _save_student_be(run: _Run, run_dir: Path) -> None:
+    """``student_be.pt``: the BatchEns student as trained."""
+    be_spec = replace(
+        run.spec, kind="batchensemble", members=run.members, arch_kwargs={**run.spec.arch_kwargs}
+    )
+    info = {"seed": run.config.seed, "init": run.config.init}
+    save_checkpoint(run_dir / rundir.STUDENT_BE, run.student, be_spec, info=info)
+
+
+def _robustness(
+    report: dict[str, Any], run: _Run, single: _Single, runtime: Runtime, clock: _Clock
+) -> dict[str, Any] | None:
+    """``--ood-data`` and ``--corruptions`` into ``report``; returns the OOD scores (pictures)."""
+    config, ood_scores = run.config, None
+    if run.ood is not None:
+        report["ood"], ood_scores = ood_report(report, single.preds, data=str(config.ood_data))
+    if config.corruptions:
+        with clock("corruptions_seconds"):
+            report["corruptions"] = corruption_report(
+                report, run.data, runtime, teacher=run.teacher, student=run.student,
+                averaged=single.averaged, other=single.other, subset=config.corruption_subset,
+            )  # fmt: skip
+        clock.start("report_seconds")
+    return ood_scores
 
 
 @dataclass(frozen=True)

@@ -209,45 +209,9 @@ def evaluate_corruptions(
     if subset is not None and subset < len(test):
         gen = torch.Generator().manual_seed(seed)
         test = test.subset(balanced_indices(test.labels, subset, gen))
-    probe = probe_batch([test], runtime)
-
-    def fast(model: nn.Module) -> nn.Module:
-        return eval_copy(model, runtime, probe) if probe is not None else model
-
-    nets: dict[Any, nn.Module] = {}  # every network run, by row name or (ensemble, k)
-    members: list[str] = []  # the teacher's
-    if teacher is not None:
-        teacher.to(runtime.device)
-        members = [f"member {k}" for k in range(len(teacher))]
-        nets.update((n, fast(m)) for n, m in zip(members, teacher.members, strict=True))
-    groups: dict[str, list[tuple[str, int]]] = {}  # ensemble row -> its members' keys in nets
-    for name, parts in (ensembles or {}).items():
-        groups[name] = [(name, k) for k in range(len(parts))]
-        nets.update(((name, k), fast(runtime.prepare_model(m))) for k, m in enumerate(parts))
-    for name, model in (students or {}).items():
-        nets[name] = fast(runtime.prepare_model(model))
-    if not nets:
-        raise ConfigError("nothing to evaluate under corruption: pass a teacher or a student")
-
-    def rows(probs: dict[Any, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Each reported model's probabilities: the teacher's members, DE-M (their mean), each
-        ensemble (the mean of its members), each student."""
-        out = {n: probs[n] for n in members}
-        if members:
-            out[f"DE-{len(members)}"] = torch.stack([probs[n] for n in members]).mean(0)
-        for name, keys in groups.items():
-            out[name] = torch.stack([probs[k] for k in keys]).mean(0)
-        return {**out, **{n: probs[n] for n in students or {}}}
-
-    def run(splits: dict[str, Split]) -> dict[str, dict[str, torch.Tensor]]:
-        logits = predict_logits_many(list(nets.values()), splits, runtime)
-        return {
-            split: rows({n: out[split].softmax(-1) for n, out in zip(nets, logits, strict=True)})
-            for split in splits
-        }
-
+    models = _ModelsUnderTest(runtime, probe_batch([test], runtime), teacher, students, ensembles)
     if temperatures is None:
-        val = run({"val": data.val})["val"]
+        val = models.probs({"val": data.val})["val"]
         temperatures = {
             n: fit_temperature(p.clamp_min(EPS).log(), data.val.labels) for n, p in val.items()
         }
@@ -255,20 +219,26 @@ def evaluate_corruptions(
     for corruption in corruptions:
         start = time.perf_counter()
         splits = {str(s): corrupted_split(test, corruption, s, seed=seed) for s in SEVERITIES}
-        for severity, probs in run(splits).items():
+        for severity, probs in models.probs(splits).items():
             for n, p in probs.items():
-                scaled = apply_temperature(p.clamp_min(EPS).log(), temperatures[n])
-                per.setdefault(n, {}).setdefault(corruption, {})[severity] = {
-                    "acc": accuracy(p, test.labels), "nll": nll(p, test.labels),
-                    "cnll": nll(scaled, test.labels), "ece": ece(p, test.labels),
-                }  # fmt: skip
+                per.setdefault(n, {}).setdefault(corruption, {})[severity] = _corrupted_metrics(
+                    p, test.labels, temperatures[n]
+                )
         log.info("corruption %s: %d images x 5 severities in %.1f s", corruption, len(test),
                  time.perf_counter() - start)  # fmt: skip
+    return _corruption_result(per, temperatures, corruptions, len(test), seed)
+
+
+def _corruption_result(
+    per: dict[str, Any], temperatures: Mapping[str, float], corruptions: Sequence[str], n_test: int,
+    seed: int,
+) -> dict[str, Any]:  # fmt: skip
+    """The JSON layout :func:`evaluate_corruptions` documents, from the per-model numbers."""
     return {
         "benchmark": "CIFAR-10-C corruptions (Hendrycks & Dietterich, ICLR 2019) made on the fly",
         "corruptions": list(corruptions),
         "severities": list(SEVERITIES),
-        "n_test": len(test),
+        "n_test": n_test,
         "seed": seed,
         "metrics": list(METRICS),
         "metric_units": METRIC_UNITS,
@@ -282,6 +252,67 @@ def evaluate_corruptions(
             for n, by_corruption in per.items()
         ],
     }
+
+
+class _ModelsUnderTest:
+    """The networks :func:`evaluate_corruptions` runs (fast copies) and the rows it reports: the
+    teacher's members, DE-M (their mean), each ensemble (the mean of its members), each student."""
+
+    def __init__(
+        self, runtime: Runtime, probe: torch.Tensor | None, teacher: Teacher | None,
+        students: Mapping[str, nn.Module] | None, ensembles: Mapping[str, Sequence[nn.Module]] | None,
+    ) -> None:  # fmt: skip
+        self.runtime = runtime
+
+        def fast(model: nn.Module) -> nn.Module:
+            return eval_copy(model, runtime, probe) if probe is not None else model
+
+        self.nets: dict[Any, nn.Module] = {}  # every network run, by row name or (ensemble, k)
+        self.members: list[str] = []  # the teacher's
+        if teacher is not None:
+            teacher.to(runtime.device)
+            self.members = [f"member {k}" for k in range(len(teacher))]
+            self.nets.update(
+                (n, fast(m)) for n, m in zip(self.members, teacher.members, strict=True)
+            )
+        self.groups: dict[str, list[tuple[str, int]]] = {}  # ensemble row -> its members' keys
+        for name, parts in (ensembles or {}).items():
+            self.groups[name] = [(name, k) for k in range(len(parts))]
+            self.nets.update(
+                ((name, k), fast(runtime.prepare_model(m))) for k, m in enumerate(parts)
+            )
+        self.students = list(students or {})
+        for name, model in (students or {}).items():
+            self.nets[name] = fast(runtime.prepare_model(model))
+        if not self.nets:
+            raise ConfigError("nothing to evaluate under corruption: pass a teacher or a student")
+
+    def probs(self, splits: dict[str, Split]) -> dict[str, dict[str, torch.Tensor]]:
+        """``{split: {row name: probabilities}}``: one pass of every network over every split."""
+        logits = predict_logits_many(list(self.nets.values()), splits, self.runtime)
+        return {
+            split: self._rows(
+                {n: out[split].softmax(-1) for n, out in zip(self.nets, logits, strict=True)}
+            )
+            for split in splits
+        }
+
+    def _rows(self, probs: dict[Any, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {n: probs[n] for n in self.members}
+        if self.members:
+            out[f"DE-{len(self.members)}"] = torch.stack([probs[n] for n in self.members]).mean(0)
+        for name, keys in self.groups.items():
+            out[name] = torch.stack([probs[k] for k in keys]).mean(0)
+        return {**out, **{n: probs[n] for n in self.students}}
+
+
+def _corrupted_metrics(
+    probs: torch.Tensor, labels: torch.Tensor, temperature: float
+) -> dict[str, float]:
+    """ACC, NLL, cNLL (at the clean validation split's temperature) and ECE of one model."""
+    scaled = apply_temperature(probs.clamp_min(EPS).log(), temperature)
+    return {"acc": accuracy(probs, labels), "nll": nll(probs, labels),
+            "cnll": nll(scaled, labels), "ece": ece(probs, labels)}  # fmt: skip
 
 
 def evaluate_saved(
