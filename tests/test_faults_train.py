@@ -26,6 +26,16 @@ TRAIN = ("train", "--dataset", "fashion-mnist", "--arch", "resnet8", "--members"
          "--train-subset", "300", "--batch-size", "64")  # fmt: skip
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Every run here on one thread, in this process as in the subprocesses (OMP_NUM_THREADS=1),
+    so an interrupted run and its uninterrupted reference do the same arithmetic."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _train(out: Path, *extra: str):
     return run_cli("-q", *TRAIN, "--out", str(out), *extra)
 
