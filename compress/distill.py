@@ -43,7 +43,7 @@ class DistillConfig:
     [DM]'s loss (α 0.9, T 1), which beat [WA]'s α 1, T 4 side by side (README, Compress); and the
     recipe that made the averaged network best on the validation split of the CIFAR-10 study
     (docs/results.md): every member distills the ensemble's mean prediction, on its own 1/M of
-    the batch, without input perturbation (each perturbation cost accuracy there).
+    the batch, without input perturbation (ODS cost accuracy there).
     """
 
     alpha: float = 0.9  # weight of the KD term ([WA] 1.0; [DM] 0.9)
