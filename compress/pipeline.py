@@ -57,9 +57,9 @@ from ensc.engine.seeding import seeded
 from ensc.engine.timing import PhaseTimer
 from ensc.errors import CheckpointError, CompressParityError, MissingExtraError, one_line, plural
 from ensc.evaluation.evaluate import member_logits
-from ensc.evaluation.logits_cache import cache_dir_for, cached_teacher_logits, file_sha256
+from ensc.evaluation.logits_cache import cache_dir_for, cached_teacher_logits
 from ensc.evaluation.metrics import nll, reliability_bins
-from ensc.fileio import atomic_write_text, jsonable
+from ensc.fileio import atomic_write_text, file_sha256, jsonable
 from ensc.models.batchensemble import BatchEnsemble, to_batchensemble
 from ensc.models.checkpoint import ModelSpec, save_checkpoint
 from ensc.teachers.ensemble import Teacher, load_teacher, sanity_check, user_code

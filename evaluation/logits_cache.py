@@ -33,33 +33,18 @@ from ensc.data.datasets import Split
 from ensc.engine.runtime import Runtime
 from ensc.errors import CheckpointError
 from ensc.evaluation.evaluate import member_logits
-from ensc.fileio import atomic_torch_save, torch_load
+from ensc.fileio import atomic_torch_save, file_sha256, torch_load
 from ensc.teachers.ensemble import Teacher
 
 log = logging.getLogger(__name__)
 
 LOGITS_FORMAT = 1  # bump when what is stored, or how teacher logits are computed, changes
 CACHE_SUBDIR = Path(".cache") / "teacher-logits"
-_CHUNK = 1 << 20
 
 
 def cache_dir_for(runs_dir: Path) -> Path:
     """Where the teacher-logits cache of the runs in ``runs_dir`` lives."""
     return Path(runs_dir) / CACHE_SUBDIR
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's contents, read in 1 MiB chunks (of every file, sorted, for a folder)."""
-    path = Path(path)
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        if path.is_dir():
-            digest.update(str(file.relative_to(path)).encode())
-        with open(file, "rb") as f:
-            while chunk := f.read(_CHUNK):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 def tensor_sha256(tensor: torch.Tensor, digest: Any | None = None) -> Any:

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 
 from ensc import rundir
 from ensc.errors import ConfigError, ExportError, ExportParityError
-from ensc.evaluation.logits_cache import file_sha256
 from ensc.export.onnx import (
     DEFAULT_OPSET,
     check_onnx,
@@ -41,7 +40,7 @@ from ensc.export.validate import (
     tolerance_for,
     validate_onnx,
 )
-from ensc.fileio import refuse_overwrite
+from ensc.fileio import file_sha256, refuse_overwrite
 
 if TYPE_CHECKING:
     import onnx

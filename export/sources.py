@@ -47,7 +47,7 @@ class Exportable:
     @functools.cached_property
     def source_sha256(self) -> list[str]:
         """sha256 of each source file as it was read; an export records them (``source_sha256``)."""
-        from ensc.evaluation.logits_cache import file_sha256
+        from ensc.fileio import file_sha256
 
         return [file_sha256(p) for p in self.sources]
 

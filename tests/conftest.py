@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,3 +62,13 @@ def tiny_run(tiny_teacher: Path, tmp_path_factory) -> Path:
     )
     assert result.exit_code == 0, result.output
     return run
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a test module (``pytestmark = pytest.mark.usefixtures("one_thread")``),
+    the caller's thread count restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

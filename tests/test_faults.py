@@ -27,10 +27,14 @@ import torch
 
 from ensc import rundir
 from ensc.errors import ConfigError
-from ensc.evaluation.logits_cache import file_sha256
 from ensc.export.onnx import read_metadata, save_onnx, set_metadata
+from ensc.fileio import file_sha256
 from ensc.models.checkpoint import load_checkpoint
 from tests.conftest import run_cli
+
+# every run here on one thread, in this process as in the subprocesses (OMP_NUM_THREADS=1), so
+# an interrupted run and its uninterrupted reference do the same arithmetic
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # 200 images, 40 of them validation: 5 steps of 32 per epoch, 10 in all
 FLAGS = ("--arch", "resnet8", "--epochs", "2", "--batch-size", "32", "--train-subset", "200",
@@ -40,16 +44,6 @@ RUN_FILES = sorted(
     ["config.json", "log.txt", "report.json", "report.md", "student.pt", "student_be.pt", *PICTURES]
 )
 EXPORT = ("export", "--onnx", "--check-samples", "16")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Every run here on one thread, in this process as in the subprocesses (OMP_NUM_THREADS=1),
-    so an interrupted run and its uninterrupted reference do the same arithmetic."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def compress(teacher: Path, *extra: str) -> tuple[str, ...]:

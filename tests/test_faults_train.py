@@ -21,19 +21,13 @@ from ensc.models.checkpoint import load_checkpoint
 from ensc.teachers.ensemble import load_teacher
 from tests.conftest import run_cli
 
+# every run here on one thread, in this process as in the subprocesses (OMP_NUM_THREADS=1), so
+# an interrupted run and its uninterrupted reference do the same arithmetic
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # 270 training images after validation: 4 steps an epoch, 8 steps a member
 TRAIN = ("train", "--dataset", "fashion-mnist", "--arch", "resnet8", "--members", "2", "--epochs", "2",
          "--train-subset", "300", "--batch-size", "64")  # fmt: skip
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Every run here on one thread, in this process as in the subprocesses (OMP_NUM_THREADS=1),
-    so an interrupted run and its uninterrupted reference do the same arithmetic."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _train(out: Path, *extra: str):
