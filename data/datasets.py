@@ -521,16 +521,24 @@ def iterate_batches(
     shuffle: bool = False,
     augment_hflip: bool | None = None,
     drop_last: bool = False,
+    start: int = 0,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(images float32 [B, C, H, W] in [0, 1], labels int64 [B])``.
 
     ``augment_hflip=None`` means no augmentation; True/False augments with/without flips.
+    ``start`` skips the first ``start`` batches, leaving ``gen`` exactly as if they had been
+    drawn (a run resumed mid-epoch sees the batches an uninterrupted run would).
     """
     n = len(split)
     order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
     stop = n - n % batch_size if drop_last and n >= batch_size else n
-    for start in range(0, stop, batch_size):
-        idx = order[start : start + batch_size]
+    for k, first in enumerate(range(0, stop, batch_size)):
+        idx = order[first : first + batch_size]
+        if k < start:  # skipped: draw its augmentation, so later batches get the same draws
+            if augment_hflip is not None:
+                augment(split.images[idx[:0]].new_empty((len(idx), 1, 1, 1)), gen,
+                        hflip=augment_hflip)  # fmt: skip
+            continue
         images = split.images[idx]
         if augment_hflip is not None:
             images = augment(images, gen, hflip=augment_hflip)
