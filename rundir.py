@@ -18,7 +18,7 @@ A folder is always in one of three states, never a mix:
   contents are cleared yet. `compress` writes the marker before anything else and removes it
   last, so a run killed at any point is unfinished. Its files may be partial: `export` and
   `bench` refuse it, plain `compress` refuses it, ``compress --resume`` continues it only with
-  the same identity (from ``.state.pt`` when an epoch had finished, else from the start), and
+  the same identity (from ``.state.pt``, saved at epoch ends and every ``--save-every`` steps, else from the start), and
   ``compress --force`` replaces it;
 - **finished**: no marker, no ``.state.pt``; ``student.pt`` and ``report.json`` there, every
   file written by one run. ``--resume`` refuses it ("already finished"), ``--force`` replaces it.
@@ -141,13 +141,14 @@ class RunWriter:
         self._fresh = False  # started from an empty folder in this process
         self._committed = False
 
-    def commit(self, runs_dir: Path) -> None:
+    def commit(self, runs_dir: Path | None) -> None:
         """Unfinished → finished, once every file is written: ``.state.pt`` goes, then the
-        marker; then ``runs_dir/latest`` points here."""
+        marker; then ``runs_dir/latest`` points here (unless ``runs_dir`` is None)."""
         (self.path / STATE).unlink(missing_ok=True)
         (self.path / MARKER).unlink()
         self._committed = True
-        point_latest(runs_dir, self.path)
+        if runs_dir is not None:
+            point_latest(runs_dir, self.path)
 
     def _start(self, *, force: bool, resume: bool) -> None:
         """Refuse (writing nothing), resume, or start from an empty folder."""

@@ -8,11 +8,14 @@ from typing import Any
 import click
 
 from ensc.cli.options import (
+    arch_kwargs_option,
     check_member_ref,
     command_line,
+    data_mode_options,
     json_object,
     member_index,
     runtime_options,
+    save_every_option,
     teacher_options,
 )
 from ensc.compress.names import COMPRESS_METHODS, PERTURBATIONS
@@ -37,8 +40,11 @@ Examples:
     help="Teacher members: a folder (with or without ensemble.json), a manifest, a file or a quoted glob.",
 )
 @click.option(
-    "--arch", required=True, help="Student architecture (registry name or package.module:callable)."
+    "--arch",
+    required=True,
+    help="Student architecture: registry name, torchvision:NAME, timm:NAME or package.module:callable.",
 )
+@arch_kwargs_option
 @click.option(
     "--members",
     type=click.IntRange(min=2),
@@ -56,6 +62,7 @@ Examples:
 @click.option(
     "--test-subset", type=click.IntRange(min=1), help="Class-balanced subset of N test images."
 )
+@data_mode_options
 @click.option("--epochs", type=click.IntRange(min=1), default=200, show_default=True)
 @click.option(
     "--batch-size",
@@ -195,6 +202,7 @@ Examples:
 @click.option(
     "--force", is_flag=True, help="Replace an existing run folder, all of it (ONNX files too)."
 )
+@save_every_option
 @teacher_options
 @click.option("--student-init", metavar="auto|scratch|member:K", default="auto", show_default=True,
               callback=check_member_ref,
@@ -203,19 +211,17 @@ Examples:
 @runtime_options
 @click.pass_context
 def compress_cmd(ctx: click.Context, device: str, amp: bool | None, channels_last: bool | None,
-                 teacher_arch_kwargs: str | None, student_init: str, **flags: Any) -> None:  # fmt: skip
+                 arch_kwargs: str | None, teacher_arch_kwargs: str | None, student_init: str,
+                 **flags: Any) -> None:  # fmt: skip
     """Distill a teacher ensemble into a BatchEns student and average it into one network."""
-    from ensc.compress.config import compress_config
-    from ensc.compress.pipeline import run_compress
-    from ensc.engine.runtime import resolve_runtime
+    from ensc.api import compress_ensemble
 
-    config = compress_config(
-        **flags,
+    result = compress_ensemble(
+        flags.pop("teacher"), flags.pop("arch"), out=flags.pop("out"), save=True,
+        device=device, amp=amp, channels_last=channels_last, arch_kwargs=json_object(arch_kwargs),
         teacher_arch_kwargs=json_object(teacher_arch_kwargs),
-        student_init=member_index(student_init),
-        command=command_line(ctx),
-    )
-    result = run_compress(config, resolve_runtime(device, amp, channels_last))
+        student_init=member_index(student_init), command=command_line(ctx), **flags,
+    )  # fmt: skip
     if result is None:  # a non-main process of a torchrun launch: rank 0 reports
         return
     click.echo(result.report_md)

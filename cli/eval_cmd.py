@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ensc.cli.options import json_object, runtime_options, teacher_options
+from ensc.cli.options import data_mode_options, json_object, runtime_options, teacher_options
 from ensc.data.catalog import DATASETS
 
 COLUMNS = ("acc", "nll", "bs", "ece", "cnll", "cece", "dee", "kl_div", "disagreement")
@@ -40,6 +40,7 @@ Examples:
     type=click.IntRange(min=1),
     help="Evaluate on a class-balanced subset of N test images.",
 )
+@data_mode_options
 @click.option("--corruptions", is_flag=True,
               help="Also evaluate under the CIFAR-10-C corruptions (10 kinds, severities 1-5), made from the test split.")  # fmt: skip
 @click.option("--corruption-subset", type=click.IntRange(min=1),
@@ -58,7 +59,8 @@ Examples:
 @teacher_options
 @runtime_options
 def eval_cmd(teacher, students, dataset, data_root, test_subset, json_path, ood_data, plot_dir, force, teacher_arch, teacher_arch_kwargs,
-             code_path, unsafe_load, device, amp, channels_last, corruptions, corruption_subset) -> None:  # fmt: skip
+             code_path, unsafe_load, device, amp, channels_last, corruptions, corruption_subset,
+             data_mode, workers, image_size) -> None:  # fmt: skip
     """Evaluate teacher members, DE-1 ... DE-M and single networks on the test split."""
     from ensc.engine.runtime import resolve_runtime
     from ensc.errors import plural
@@ -92,6 +94,7 @@ def eval_cmd(teacher, students, dataset, data_root, test_subset, json_path, ood_
             dataset=dataset, data_root=data_root, test_subset=test_subset,
             ood_data=ood_data, details=details,
             corruptions=corruptions, corruption_subset=corruption_subset,
+            data_mode=data_mode, workers=workers, image_size=image_size,
         )  # fmt: skip
     click.echo(
         f"{result['dataset']}: {plural(result['n_test'], 'test image')}, "

@@ -40,7 +40,8 @@ def data_options(required: bool) -> Callable:
 
 
 def data_config(dataset: str, data_root: Path | None, val_size: int | None, train_subset: int | None,
-                test_subset: int | None, data_seed: int, download: bool) -> DataConfig:  # fmt: skip
+                test_subset: int | None, data_seed: int, download: bool, data_mode: str | None = None,
+                workers: int | None = None, image_size: tuple[int, int] | None = None) -> DataConfig:  # fmt: skip
     from ensc.data.datasets import DataConfig
 
     return DataConfig(
@@ -51,7 +52,42 @@ def data_config(dataset: str, data_root: Path | None, val_size: int | None, trai
         test_subset=test_subset,
         seed=data_seed,
         download=download,
+        image_size=image_size,
+        mode=data_mode or "auto",
+        workers=workers,
     )
+
+
+def data_mode_options(f: Callable) -> Callable:
+    """--data-mode, --workers, --image-size: how image-folder data reaches the model."""
+    opts = [
+        click.option("--data-mode", type=click.Choice(("auto", "memory", "stream")),
+                     help="imagefolder: decode every image into memory, or stream them from disk in reader "
+                          "processes (for data larger than memory, e.g. ImageNet). Default: auto (stream when "
+                          "the decoded images would take over 25 % of the available memory; saved models: as recorded)."),
+        click.option("--workers", type=click.IntRange(min=0), metavar="N",
+                     help="--data-mode stream: reader processes (0: read in the main process). Default: one per core, at most 8."),
+        click.option("--image-size", metavar="N|HxW", callback=parse_image_size,
+                     help="imagefolder: the size images are brought to (e.g. 224 or 224x160). Default: the "
+                          "size a saved model takes, else the most common size in the training split."),
+    ]  # fmt: skip
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def parse_image_size(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> tuple[int, int] | None:
+    """Callback for ``--image-size``: ``N`` (square) or ``HxW`` as (H, W)."""
+    if value is None:
+        return None
+    parts = re.fullmatch(r"\s*(\d+)\s*(?:[x×]\s*(\d+)\s*)?", value)
+    if parts is None or int(parts[1]) < 1 or int(parts[2] or parts[1]) < 1:
+        raise click.BadParameter(
+            f"expected N or HxW in pixels (e.g. 224 or 224x160); got {value!r}"
+        )
+    return int(parts[1]), int(parts[2] or parts[1])
 
 
 def runtime_options(f: Callable) -> Callable:
@@ -82,6 +118,17 @@ def run_option(f: Callable) -> Callable:
         "--run",
         type=click.Path(path_type=Path),
         help="Run folder of `ensc compress`. Default: runs/latest.",
+    )(f)
+
+
+def save_every_option(f: Callable) -> Callable:
+    """--save-every: how often a long run saves its resumable state inside an epoch."""
+    return click.option(
+        "--save-every",
+        type=click.IntRange(min=0),
+        metavar="STEPS",
+        help="Also save the resumable state every N optimizer steps (0: at epoch ends only). "
+        "Default: about every 10 minutes of training, and at every epoch end.",
     )(f)
 
 
@@ -166,7 +213,7 @@ def code_options(f: Callable) -> Callable:
 def teacher_options(f: Callable) -> Callable:
     """--teacher-arch, --teacher-arch-kwargs, then :func:`code_options` (see `load_teacher`)."""
     opts = [
-        click.option("--teacher-arch", help="Architecture of weight-only teacher files: registry name or package.module:callable."),
+        click.option("--teacher-arch", help="Architecture of weight-only teacher files: registry name, torchvision:NAME, timm:NAME or package.module:callable."),
         click.option("--teacher-arch-kwargs", metavar="JSON", callback=_check_json_object,
                      help="""Arguments of that architecture, as JSON: '{"num_classes": 100}'."""),
     ]  # fmt: skip
@@ -174,3 +221,9 @@ def teacher_options(f: Callable) -> Callable:
     for opt in reversed(opts):
         f = opt(f)
     return f
+
+
+def arch_kwargs_option(f: Callable) -> Callable:
+    """--arch-kwargs: the student architecture's arguments, like --teacher-arch-kwargs."""
+    return click.option("--arch-kwargs", metavar="JSON", callback=_check_json_object,
+                        help="""Arguments of the student architecture, as JSON: '{"width": 32}'.""")(f)  # fmt: skip

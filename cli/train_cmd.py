@@ -6,7 +6,14 @@ from pathlib import Path
 
 import click
 
-from ensc.cli.options import code_options, data_config, data_options, runtime_options
+from ensc.cli.options import (
+    code_options,
+    data_config,
+    data_mode_options,
+    data_options,
+    runtime_options,
+    save_every_option,
+)
 
 
 @click.command(
@@ -17,6 +24,7 @@ Example:
 """,
 )
 @data_options(required=True)
+@data_mode_options
 @click.option(
     "--arch",
     required=True,
@@ -54,11 +62,13 @@ Example:
 @click.option(
     "--resume", is_flag=True, help="Keep finished members and continue an interrupted one."
 )
+@save_every_option
 @code_options
 @runtime_options
-def train_cmd(dataset, data_root, val_size, train_subset, test_subset, data_seed, download, arch, members,
+def train_cmd(dataset, data_root, val_size, train_subset, test_subset, data_seed, download, data_mode, workers,
+              image_size, arch, members,
               epochs, batch_size, lr, weight_decay, warmup_epochs, max_steps, seed, out, force, resume,
-              code_path, unsafe_load, device, amp, channels_last) -> None:  # fmt: skip
+              save_every, code_path, unsafe_load, device, amp, channels_last) -> None:  # fmt: skip
     """Train a deep-ensemble teacher of M independently seeded members."""
     from ensc.engine.loop import OptimConfig
     from ensc.engine.runtime import resolve_runtime
@@ -67,7 +77,8 @@ def train_cmd(dataset, data_root, val_size, train_subset, test_subset, data_seed
 
     config = TeacherTrainConfig(
         arch=arch,
-        data=data_config(dataset, data_root, val_size, train_subset, test_subset, data_seed, download),
+        data=data_config(dataset, data_root, val_size, train_subset, test_subset, data_seed, download,
+                         data_mode, workers, image_size),
         out=out,
         members=members,
         optim=OptimConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
@@ -77,6 +88,7 @@ def train_cmd(dataset, data_root, val_size, train_subset, test_subset, data_seed
         resume=resume,
         code_path=code_path,
         unsafe_load=unsafe_load,
+        save_every=save_every,
     )  # fmt: skip
     runtime = resolve_runtime(device, amp, channels_last)
     paths = train_teacher(config, runtime)

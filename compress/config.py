@@ -24,8 +24,11 @@ BN_RECAL_BATCHES = 20  # training batches for BN recalibration (measured: as goo
 class CompressConfig:
     """Everything `ensc compress` does; defaults: docs/method.md §10."""
 
-    teacher: Path  # teacher members: folder, ensemble.json, file or glob
+    teacher: (
+        Path | None
+    )  # teacher members: folder, ensemble.json, file or glob; None = handed over from Python
     arch: str  # student architecture
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)  # its arguments (--arch-kwargs)
     members: int | None = None  # BatchEns size; None = number of teachers
     data_overrides: dict[str, Any] = field(default_factory=dict)  # DataConfig fields to change
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=200))
@@ -41,6 +44,7 @@ class CompressConfig:
     seed: int = 0
     resume: bool = False
     force: bool = False
+    save_every: int | None = None  # mid-epoch saves: every N steps, 0 never, None ~10 min
     command: str = ""  # the command line, for the report
     teacher_arch: str | None = None  # architecture of weight-only teacher files (--teacher-arch)
     teacher_arch_kwargs: dict[str, Any] = field(default_factory=dict)  # its builder's arguments
@@ -61,7 +65,7 @@ class CompressConfig:
 
 def compress_config(
     *,
-    teacher: Path,
+    teacher: Path | None,
     arch: str,
     dataset: str | None = None,
     data_root: Path | None = None,
@@ -83,6 +87,9 @@ def compress_config(
     targets: str = DistillConfig.targets,
     bn_recal_batches: int | None = BN_RECAL_BATCHES,
     teacher_cache: bool = True,
+    data_mode: str | None = None,
+    workers: int | None = None,
+    image_size: tuple[int, int] | None = None,
     **rest: Any,
 ) -> CompressConfig:
     """A :class:`CompressConfig` from flat options (the CLI's flags), with the method's rules applied.
@@ -99,6 +106,10 @@ def compress_config(
         "train_subset": train_subset,
         "test_subset": test_subset,
     }
+    # --data-mode / --workers / --image-size (DataConfig's mode, workers, image_size): only when
+    # given, so that runs without them keep their identity
+    streaming = {"mode": data_mode, "workers": workers, "image_size": image_size}
+    data.update({k: v for k, v in streaming.items() if v is not None})
     config = CompressConfig(
         teacher=teacher,
         arch=arch,
@@ -121,6 +132,11 @@ def check_config(config: CompressConfig) -> None:
     """Refuse, with one line, the combinations that contradict each other."""
     if config.force and config.resume:
         raise ConfigError("--force and --resume contradict each other; pass one")
+    fixed = sorted({"num_classes", "in_channels", "mean", "std"} & set(config.arch_kwargs))
+    if fixed:
+        raise ConfigError(
+            f"--arch-kwargs sets {', '.join(fixed)}, which ensc takes from the data; drop it"
+        )
     if config.method not in COMPRESS_METHODS:
         raise ConfigError(
             f"unknown --method {config.method!r}: choose one of {', '.join(COMPRESS_METHODS)}"

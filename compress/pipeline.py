@@ -10,7 +10,7 @@ import copy
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -57,7 +57,7 @@ from ensc.engine.seeding import seeded
 from ensc.engine.timing import PhaseTimer
 from ensc.errors import CheckpointError, CompressParityError, MissingExtraError, one_line, plural
 from ensc.evaluation.evaluate import member_logits
-from ensc.evaluation.logits_cache import cache_dir_for, cached_teacher_logits
+from ensc.evaluation.logits_cache import cache_dir_for, cached_teacher_logits, weights_sha256
 from ensc.evaluation.metrics import nll, reliability_bins
 from ensc.fileio import atomic_write_text, file_sha256, jsonable
 from ensc.models.batchensemble import BatchEnsemble, to_batchensemble
@@ -69,72 +69,150 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class Sources:
+    """What the Python API hands over in place of paths (:func:`ensc.compress_ensemble`): teacher
+    networks already loaded, data already made, and a student builder; None = from the config."""
+
+    teacher: Teacher | None = None
+    data: ImageDataset | None = None
+    data_config: DataConfig | None = None  # what ``data`` records itself as
+    build_student: Callable[[ModelSpec], torch.nn.Module] | None = None  # instead of spec.build()
+
+
+@dataclass
 class CompressResult:
-    run_dir: Path
+    """A finished compression: the averaged network, the BE student, the report (report.json's
+    dict), and what :meth:`save` needs to write the run folder `ensc compress` writes."""
+
+    network: torch.nn.Module  # the averaged single network (student.pt), eval mode
+    student: BatchEnsemble  # the BatchEns student as trained (student_be.pt)
     report: dict[str, Any]
     report_md: str
+    run_dir: Path | None  # where it was written; None until saved
+    _files: _RunFiles
+
+    def save(self, path: Path | str, *, force: bool = False) -> Path:
+        """Write the run folder `ensc compress` writes (student.pt, student_be.pt, report.json,
+        report.md, config.json, pictures) into ``path``; an existing run needs ``force``."""
+        files = self._files
+        with rundir.open_run(Path(path), files.identity, force=force, resume=False) as writer:
+            atomic_write_text(
+                writer.path / rundir.CONFIG, json.dumps(files.record, indent=2) + "\n"
+            )
+            self.report_md = _write_results(self, writer.path)
+            writer.commit(None)
+        self.run_dir = writer.path
+        return writer.path
+
+    def check(self) -> None:
+        """Raise CompressParityError when the parity gate failed (the averaged network lost the
+        BE student's accuracy, or the fold is not exact)."""
+        _enforce_gate(self.report["parity"], self.run_dir)
 
 
-def run_compress(config: CompressConfig, runtime: Runtime) -> CompressResult | None:
-    """Distill, average, evaluate and write the run folder; raises CompressParityError after writing on failure.
+@dataclass(frozen=True)
+class _RunFiles:
+    """What a run folder holds besides the networks and the report."""
 
-    The folder stays unfinished (and locked) until every file is written, then is committed
-    (:mod:`ensc.rundir`). Returns None on the non-main processes of a data-parallel run.
+    spec: ModelSpec  # of one student network
+    be_spec: ModelSpec
+    info: dict[str, Any]  # provenance written into student.pt
+    be_info: dict[str, Any]
+    record: dict[str, Any]  # config.json
+    identity: dict[str, Any]  # the run's identity (rundir marker)
+    preds: Predictions  # for the pictures
+    test_split: Split  # the report's test images (pictures, export checks)
+    ood_scores: OodScores | None
+
+
+def run_compress(
+    config: CompressConfig, runtime: Runtime, sources: Sources | None = None, *, write: bool = True
+) -> CompressResult | None:
+    """Distill, average and evaluate; with ``write``, into the run folder ``config`` names, which
+    stays unfinished (and locked) until every file is written, then is committed
+    (:mod:`ensc.rundir`). The parity gate is the caller's: :meth:`CompressResult.check`.
+
+    Without ``write`` nothing touches the disk (no resumable state either): the result holds
+    everything, and :meth:`CompressResult.save` writes the same folder. Returns None on the
+    non-main processes of a data-parallel run.
     """
     started = time.perf_counter()
     check_config(config)
-    identity = run_identity(config)
+    sources = sources or Sources()
+    identity = run_identity(config, sources.teacher)
     with contextlib.ExitStack() as stack:
-        writer = stack.enter_context(_open_run_dir(config, identity)) if runtime.is_main else None
-        run_dir = runtime.broadcast(writer.path if writer is not None else None)
-        stack.enter_context(rundir.run_log(run_dir if writer is not None else None))
-        run = _set_up(config, runtime, run_dir, identity)
+        writer = None
+        if write and runtime.is_main:
+            writer = stack.enter_context(_open_run_dir(config, identity))
+        run_dir = runtime.broadcast(writer.path if writer is not None else None) if write else None
+        stack.enter_context(rundir.run_log(writer.path if writer is not None else None))
+        run = _set_up(config, runtime, sources)
+        if writer is not None:
+            record = _config_record(run, identity)
+            atomic_write_text(writer.path / rundir.CONFIG, json.dumps(record, indent=2) + "\n")
         faults.point("compress.after_config")
-        config, teacher, student, data = run.config, run.teacher, run.student, run.data
-        history = _distill(config, runtime, student, teacher, data, run_dir, identity)
-        student.eval()
-        if writer is None:  # rank 0 evaluates, reports and writes the run folder
+        history = _distill(
+            run.config, runtime, run.student, run.teacher, run.data, run_dir, identity
+        )
+        run.student.eval()
+        if not runtime.is_main:  # rank 0 evaluates, reports and writes the run folder
             return None
-        _save_student_be(run, run_dir)
-        clock = _Clock()
-        single = _single_network(config, teacher, student, data, runtime, clock, run.ood)
-        averaged, preds = single.averaged, single.preds
-        clock.start("report_seconds")
-        report = build_report(preds, data.val.labels, data.test.labels)
-        report["bn_statistics"] = single.bn_statistics  # of the kept network (student.pt)
-        _add_run_facts(report, run, averaged, single.fold_diff, history)
-        report["teacher_logits_cache"] = single.teacher_cache
-        report["settings"] = _settings(run, runtime)
-        report["units"] = dict(REPORT_UNITS)
-        ood_scores = _robustness(report, run, single, runtime, clock)
-        save_checkpoint(
-            run_dir / rundir.STUDENT, averaged, run.spec,
-            metrics={k: report["student_avg"][k] for k in ("acc", "nll", "bs", "ece")},
-            info={"seed": config.seed, "data": jsonable(asdict(run.data_config)), "source": "ensc compress",
-                  "teacher": str(config.teacher), "recalibrated_bn": single.bn_statistics == "re-estimated"},
-        )  # fmt: skip
-        clock.stop()
-        report["timing"] = {"train_seconds": round(history["seconds"], 1), **clock.rounded()}
-        report["wall_seconds"] = round(time.perf_counter() - started, 1)
-        log.info("after training: %s", _timing_line(report["timing"], single.teacher_cache))
-        md = _render_report(report, run_dir)
-        faults.point("compress.before_report")
-        md += _draw_pictures(run_dir, preds, data.test.labels, report, ood_scores)
-        atomic_write_text(run_dir / rundir.REPORT_JSON, json.dumps(report, indent=2) + "\n")
-        atomic_write_text(run_dir / rundir.REPORT_MD, md)
-        faults.point("compress.before_commit")
-        writer.commit(config.runs_dir)  # finished: the marker goes, runs/latest points here
-        _enforce_gate(report["parity"], run_dir)
-        return CompressResult(run_dir, report, md)
+        result = _evaluate(run, runtime, history, identity, started)
+        if writer is not None:
+            result.report_md = _write_results(result, writer.path)
+            faults.point("compress.before_commit")
+            writer.commit(config.runs_dir)  # finished: the marker goes, runs/latest points here
+            result.run_dir = writer.path
+        return result
 
 
-def _save_student_be(run: _Run, run_dir: Path) -> None:
-    """``student_be.pt``: the BatchEns student as trained."""
-    be_spec = replace(
-        run.spec, kind="batchensemble", members=run.members, arch_kwargs={**run.spec.arch_kwargs}
-    )
-    info = {"seed": run.config.seed, "init": run.config.init}
-    save_checkpoint(run_dir / rundir.STUDENT_BE, run.student, be_spec, info=info)
+def _evaluate(
+    run: _Run, runtime: Runtime, history: dict[str, Any], identity: dict[str, Any], started: float
+) -> CompressResult:
+    """Average the trained student, evaluate every model and build the report."""
+    config, data = run.config, run.data
+    clock = _Clock()
+    single = _single_network(config, run.teacher, run.student, data, runtime, clock, run.ood)
+    averaged, preds = single.averaged, single.preds
+    clock.start("report_seconds")
+    report = build_report(preds, data.val.labels, data.test.labels)
+    report["bn_statistics"] = single.bn_statistics  # of the kept network (student.pt)
+    _add_run_facts(report, run, averaged, single.fold_diff, history)
+    report["teacher_logits_cache"] = single.teacher_cache
+    report["settings"] = _settings(run, runtime)
+    report["units"] = dict(REPORT_UNITS)
+    ood_scores = _robustness(report, run, single, runtime, clock)
+    clock.stop()
+    report["timing"] = {"train_seconds": round(history["seconds"], 1), **clock.rounded()}
+    report["wall_seconds"] = round(time.perf_counter() - started, 1)
+    log.info("after training: %s", _timing_line(report["timing"], single.teacher_cache))
+    be_spec = replace(run.spec, kind="batchensemble", members=run.members,
+                      arch_kwargs={**run.spec.arch_kwargs})  # fmt: skip
+    info = {"seed": config.seed, "data": jsonable(asdict(run.data_config)), "source": "ensc compress",
+            "teacher": _teacher_label(config, run.teacher),
+            "recalibrated_bn": single.bn_statistics == "re-estimated"}  # fmt: skip
+    files = _RunFiles(
+        spec=run.spec, be_spec=be_spec, info=info, be_info={"seed": config.seed, "init": config.init},
+        record=_config_record(run, identity), identity=identity, preds=preds,
+        test_split=data.test, ood_scores=ood_scores,
+    )  # fmt: skip
+    md = _render_report(report, Path(config.out or "compress"))
+    return CompressResult(averaged, run.student, report, md, None, files)
+
+
+def _write_results(result: CompressResult, run_dir: Path) -> str:
+    """The networks, the pictures, report.json and report.md into ``run_dir``; returns report.md."""
+    files, report = result._files, result.report
+    save_checkpoint(run_dir / rundir.STUDENT_BE, result.student, files.be_spec, info=files.be_info)
+    metrics = {k: report["student_avg"][k] for k in ("acc", "nll", "bs", "ece")}
+    save_checkpoint(run_dir / rundir.STUDENT, result.network, files.spec, metrics=metrics,
+                    info=files.info)  # fmt: skip
+    md = _render_report(report, run_dir)
+    faults.point("compress.before_report")
+    md += _draw_pictures(run_dir, files.preds, files.test_split.labels, report, files.ood_scores)
+    atomic_write_text(run_dir / rundir.REPORT_JSON, json.dumps(report, indent=2) + "\n")
+    atomic_write_text(run_dir / rundir.REPORT_MD, md)
+    return md
 
 
 def _robustness(
@@ -169,21 +247,24 @@ class _Run:
     ood: Split | None = None  # the --ood-data images, shaped as the models take them
 
 
-def _set_up(
-    config: CompressConfig, runtime: Runtime, run_dir: Path, identity: dict[str, Any]
-) -> _Run:
-    """Load teacher and data, build the student, and record the settings in config.json."""
-    teacher = load_teacher(
+def _set_up(config: CompressConfig, runtime: Runtime, sources: Sources) -> _Run:
+    """Load teacher and data (or take them from ``sources``) and build the student."""
+    teacher = sources.teacher or load_teacher(
         config.teacher, arch=config.teacher_arch, arch_kwargs=config.teacher_arch_kwargs,
         code_path=config.code_path, unsafe_load=config.unsafe_load,
         dataset=config.data_overrides.get("name"),
     )  # fmt: skip
-    data_config = data_config_for(teacher.spec, teacher.data_record, **config.data_overrides)
-    data = load_dataset(data_config)
+    if sources.data is not None:
+        data, data_config = sources.data, sources.data_config or DataConfig(name=sources.data.name)
+    else:
+        data_config = data_config_for(teacher.spec, teacher.data_record, **config.data_overrides)
+        data = load_dataset(data_config)
     check_compatible(teacher.spec, data)
     members = 1 if config.method == "kd-single" else config.members or len(teacher)
     with user_code(config.code_path, unsafe=config.unsafe_load):  # the student may be user code
-        student, spec, init_member = _build_student(config, teacher, data, members, runtime)
+        student, spec, init_member = _build_student(
+            config, teacher, data, members, runtime, sources.build_student
+        )
     config = with_warm_start_lr(config, init_member is not None)
     teacher.to(runtime.device)
     ood = None
@@ -191,12 +272,8 @@ def _set_up(
         ood = ood_split(config.ood_data, data.channels, data.image_size,
                         subset=data_config.test_subset, seed=data_config.seed)  # fmt: skip
         log.info("--ood-data %s: %d images", config.ood_data, len(ood))
-    if runtime.is_main:
-        # validation, not test: test labels stay unseen until the report
+    if runtime.is_main:  # validation, not test: test labels stay unseen until the report
         sanity_check(teacher, data.val, runtime)
-        record = _config_record(config, data_config, members)
-        record["teacher_files"] = identity["teacher_files"]  # what --resume checks, with the flags
-        atomic_write_text(run_dir / rundir.CONFIG, json.dumps(record, indent=2) + "\n")
     return _Run(config, teacher, data_config, data, members, student, spec, init_member, ood)
 
 
@@ -230,7 +307,7 @@ def _settings(run: _Run, runtime: Runtime) -> dict[str, Any]:
     config, distill = run.config, run.config.distill
     return {
         "command": config.command,
-        "teacher": str(config.teacher),
+        "teacher": _teacher_label(config, run.teacher),
         "teacher_arch": run.teacher.arch_summary,
         "student_arch": config.arch,
         "members": run.members,
@@ -305,7 +382,7 @@ def _distill(
     student: BatchEnsemble,
     teacher: Teacher,
     data: ImageDataset,
-    run_dir: Path,
+    run_dir: Path | None,
     identity: dict[str, Any],
 ) -> dict[str, Any]:
     """Train the BatchEns student on the teachers (resumable from ``run_dir``); the loop's history."""
@@ -322,7 +399,7 @@ def _distill(
         faults.point("compress.step")  # ENSC_FAULT=compress.step:N kills after the N-th step
         return result
 
-    state_path = run_dir / rundir.STATE
+    state_path = run_dir / rundir.STATE if run_dir is not None else None  # None: not resumable
     try:
         return train(
             student, step, data.train, config.optim, runtime,
@@ -332,7 +409,8 @@ def _distill(
             after_backward=fast_weight_hook(student, config.distill.fast_weights, wd),
             identity={"teacher": identity["teacher_files"], "arch": config.arch, "members": student.members,
                       "distill": asdict(config.distill), "init": config.init, "n_train": len(data.train)},
-            timer=timer,
+            timer=timer, save_every=config.save_every, generators=[gen],  # perturbations resume too
+            after_save=lambda steps: faults.point("compress.step_saved"),
         )  # fmt: skip
     except CheckpointError as err:  # .state.pt does not load (the folder's check only sees a zip)
         if not (config.resume and str(state_path) in str(err)):
@@ -348,7 +426,7 @@ def _average_student(
 ) -> tuple[torch.nn.Module, float]:
     """The folded single network (eval mode) and the fold's max |Δlogit| against the BE student."""
     averaged = average(student).to(runtime.device)
-    probe = next(iterate_batches(data.test, 64))[0].to(runtime.device)
+    probe = probe_batch([data.test], runtime, n=64)  # a streamed split decodes only these
     fold_diff = fold_max_abs_diff(student, averaged, probe)
     return averaged.eval(), fold_diff
 
@@ -471,7 +549,7 @@ def _name_kd_rows(report: dict[str, Any]) -> None:
         ].replace("averaged", "KD student")
 
 
-def _enforce_gate(gate: dict[str, Any], run_dir: Path) -> None:
+def _enforce_gate(gate: dict[str, Any], run_dir: Path | None) -> None:
     """Raise CompressParityError (after the report is written) when the parity gate failed."""
     if gate["passed"]:
         return
@@ -480,21 +558,25 @@ def _enforce_gate(gate: dict[str, Any], run_dir: Path) -> None:
         f"(allowed {gate['max_acc_drop']})" if not gate["acc_gate_passed"]
         else f"the fold is not exact (max |Δlogit| {gate['fold_max_abs_diff']:.2e})"
     )  # fmt: skip
-    raise CompressParityError(f"parity gate failed: {reason}; see {run_dir / rundir.REPORT_MD}")
+    where = f"; see {run_dir / rundir.REPORT_MD}" if run_dir is not None else ""
+    raise CompressParityError(f"parity gate failed: {reason}{where}")
 
 
 def _build_student(
-    config: CompressConfig, teacher: Teacher, data: ImageDataset, members: int, runtime: Runtime
-) -> tuple[BatchEnsemble, ModelSpec, int | None]:
-    """The student (BatchEns of ``members``), its spec, and the teacher member it starts from."""
+    config: CompressConfig, teacher: Teacher, data: ImageDataset, members: int, runtime: Runtime,
+    build: Callable[[ModelSpec], torch.nn.Module] | None = None,
+) -> tuple[BatchEnsemble, ModelSpec, int | None]:  # fmt: skip
+    """The student (BatchEns of ``members``), its spec, and the teacher member it starts from;
+    ``build(spec)`` makes the network when the student was handed over from Python."""
     spec = ModelSpec.for_data(
         config.arch,
         data,
         class_names=teacher.spec.class_names,
         data_root=teacher.spec.data_root,
+        arch_kwargs=config.arch_kwargs,
     )
     with seeded(config.seed):  # weight init (and fast weights' random init) from the run's seed
-        net = spec.build()
+        net = spec.build() if build is None else build(spec)
         k = config.student_init
         if k == "auto":
             k = matching_member(net, teacher)
@@ -534,7 +616,9 @@ def _predict_all(
     (see ``cached_teacher_logits``).
     """
     splits = {"val": data.val, "test": data.test}
-    cache_dir = cache_dir_for(config.runs_dir) if config.cache_teacher_logits else None
+    # keyed by the member files: teachers handed over from Python have none
+    cached = config.cache_teacher_logits and config.teacher is not None
+    cache_dir = cache_dir_for(config.runs_dir) if cached else None
     t_logits, cache = cached_teacher_logits(teacher, splits, runtime, cache_dir)
     probe = probe_batch(splits.values(), runtime)
     assert probe is not None  # the data loader refuses empty splits
@@ -619,10 +703,18 @@ def _timing_line(timing: dict[str, float], teacher_cache: str) -> str:
     )
 
 
-def run_identity(config: CompressConfig) -> dict[str, Any]:
+def run_identity(config: CompressConfig, teacher: Teacher | None = None) -> dict[str, Any]:
     """What ``--resume`` must match: every flag that shapes the result, and the teacher's member
-    files (their sha256, and how each is read). Reads the files, loads nothing."""
+    files (their sha256, and how each is read) or, for networks handed over from Python
+    (``teacher``), a digest of each one's weights. Reads the files, loads nothing."""
     flags = {k: v for k, v in jsonable(asdict(config)).items() if k not in _NOT_IN_IDENTITY}
+    # how many reader processes feed the data changes nothing it computes (data.stream)
+    flags["data_overrides"] = {k: v for k, v in flags["data_overrides"].items() if k != "workers"}
+    if teacher is not None:
+        files = [
+            {"module": type(m).__qualname__, "sha256": weights_sha256(m)} for m in teacher.members
+        ]
+        return {**flags, "teacher_files": files}
     entries = member_entries(
         config.teacher, arch=config.teacher_arch, arch_kwargs=config.teacher_arch_kwargs
     )
@@ -635,7 +727,7 @@ def run_identity(config: CompressConfig) -> dict[str, Any]:
 # where the run goes, how it is told and what it may touch: not what it computes
 # nor the extra evaluations of the finished networks: a resumed run may add or drop them
 _NOT_IN_IDENTITY = ("teacher", "out", "runs_dir", "resume", "force", "command", "cache_teacher_logits",
-                    "unsafe_load", "corruptions", "corruption_subset", "ood_data")  # fmt: skip
+                    "unsafe_load", "corruptions", "corruption_subset", "ood_data", "save_every")  # fmt: skip
 
 
 def _open_run_dir(
@@ -653,7 +745,16 @@ def _open_run_dir(
     return rundir.open_run(run_dir, identity, force=config.force, resume=config.resume)
 
 
-def _config_record(config: CompressConfig, data: DataConfig, members: int) -> dict[str, Any]:
-    record = jsonable(asdict(config))
-    record.update(members=members, data=jsonable(asdict(data)))
+def _config_record(run: _Run, identity: dict[str, Any]) -> dict[str, Any]:
+    """config.json: every setting as resolved, the data, and the teacher files --resume checks."""
+    record = jsonable(asdict(run.config))
+    record.update(members=run.members, data=jsonable(asdict(run.data_config)))
+    record["teacher_files"] = identity["teacher_files"]
     return record
+
+
+def _teacher_label(config: CompressConfig, teacher: Teacher) -> str:
+    """The teacher as the report names it: its path, or what was handed over from Python."""
+    if config.teacher is not None:
+        return str(config.teacher)
+    return f"{plural(len(teacher), 'network')} from Python ({teacher.arch_summary})"

@@ -4,7 +4,10 @@ Small image datasets (Fashion-MNIST, CIFAR, a folder of thumbnails) fit in memor
 ensc decodes them a single time into a ``uint8 [N, C, H, W]`` tensor and augments whole batches on
 the fly: no per-sample PIL work in the training loop. Pixels reach models in [0, 1]; the
 normalization lives inside the model (docs/method.md §1), so ``mean``/``std`` here are only
-*measured* on the training split and handed to the model builder.
+*measured* on the training split and handed to the model builder. An image folder too large for
+that is streamed from disk instead (:mod:`ensc.data.stream`, chosen by :mod:`ensc.data.mode`);
+both kinds of split answer ``len``, ``labels``, ``channels``, ``image_size``, ``subset``, ``take``
+(the pixels, in memory) and :func:`iterate_batches`.
 
 An image folder may hold images of several sizes; they are stacked at one size (H, W): the size
 the model takes when it is known (``DataConfig.image_size``, which ``data.source.data_config_for``
@@ -23,14 +26,19 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ensc.data.catalog import DATASETS
+from ensc.data.mode import check_mode, choose_mode
 from ensc.errors import DataError, plural
 from ensc.fileio import not_a_folder
+
+if TYPE_CHECKING:
+    from ensc.data.stream import StreamSplit
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +64,10 @@ class DataConfig:
     download: bool = False  # allow torchvision to download fashion-mnist / cifar when missing
     # imagefolder: (H, W) every image is resized to; None = the most common size in the training split
     image_size: tuple[int, int] | None = None
+    # imagefolder: "memory" decodes every image once, "stream" reads them while iterating
+    # (ensc.data.stream), "auto" streams what would not fit comfortably in memory (ensc.data.mode)
+    mode: str = "auto"
+    workers: int | None = None  # stream: reader processes; None = one per core, at most 8
 
 
 @dataclass(frozen=True)
@@ -71,15 +83,28 @@ class Split:
     def subset(self, index: torch.Tensor) -> Split:
         return Split(self.images[index], self.labels[index])
 
+    @property
+    def channels(self) -> int:
+        return int(self.images.shape[1])
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return int(self.images.shape[2]), int(self.images.shape[3])
+
+    def take(self, index: torch.Tensor | None = None) -> Split:
+        """The images at ``index`` (all when None) as an in-memory split: the one way to get
+        pixels from any split (a :class:`~ensc.data.stream.StreamSplit` decodes them)."""
+        return self if index is None else self.subset(index)
+
 
 @dataclass(frozen=True)
 class ImageDataset:
     """The three splits of a dataset plus what a model needs to know about its inputs."""
 
     name: str
-    train: Split
-    val: Split
-    test: Split
+    train: Split | StreamSplit
+    val: Split | StreamSplit
+    test: Split | StreamSplit
     class_names: tuple[str, ...]
     mean: tuple[float, ...]  # per-channel pixel mean of the training split, in [0, 1] units
     std: tuple[float, ...]
@@ -87,11 +112,11 @@ class ImageDataset:
 
     @property
     def channels(self) -> int:
-        return int(self.train.images.shape[1])
+        return self.train.channels
 
     @property
     def image_size(self) -> tuple[int, int]:
-        return int(self.train.images.shape[2]), int(self.train.images.shape[3])
+        return self.train.image_size
 
     @property
     def num_classes(self) -> int:
@@ -107,6 +132,7 @@ def load_dataset(config: DataConfig) -> ImageDataset:
             f"--data-root {config.root} {not_a_folder(config.root)}: "
             "point it at the folder that holds the dataset"
         )
+    check_mode(config.mode, config.name)
     gen = torch.Generator().manual_seed(config.seed)
     if config.name == "imagefolder":
         train, val, test, classes = _load_imagefolder(config, gen)
@@ -119,7 +145,7 @@ def load_dataset(config: DataConfig) -> ImageDataset:
         train_idx, val_idx = split_indices(full.labels, config, gen)
         train, val = full.subset(train_idx), full.subset(val_idx)
         test = _take_subset(test, config.test_subset, gen, "--test-subset")
-    mean, std = channel_stats(train.images)
+    mean, std = split_stats(train, seed=config.seed)
     log.info("%s: %d train / %d val / %d test", config.name, len(train), len(val), len(test))
     return ImageDataset(
         name=config.name,
@@ -131,6 +157,17 @@ def load_dataset(config: DataConfig) -> ImageDataset:
         std=std,
         hflip=config.name != "fashion-mnist",  # garments have a canonical orientation
     )
+
+
+def split_stats(
+    split: Split | StreamSplit, *, seed: int = 0
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """:func:`channel_stats` of a split's images; of a seeded sample of them when streamed."""
+    if isinstance(split, Split):
+        return channel_stats(split.images)
+    from ensc.data.stream import sample_stats
+
+    return sample_stats(split, seed=seed)
 
 
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -299,8 +336,9 @@ def _load_cifar(config: DataConfig) -> tuple[Split, Split, list[str]]:
 
 def _load_imagefolder(
     config: DataConfig, gen: torch.Generator
-) -> tuple[Split, Split, Split, list[str]]:
-    """Scan train/ and test/, choose the indices to use, then decode only those images."""
+) -> tuple[Split | StreamSplit, Split | StreamSplit, Split | StreamSplit, list[str]]:
+    """Scan train/ and test/ (or val/, ImageNet's layout), choose the indices to use, then decode
+    only those images, or stream them (``config.mode``, :mod:`ensc.data.mode`)."""
     from torchvision.datasets import ImageFolder
 
     if config.root is None:
@@ -310,16 +348,21 @@ def _load_imagefolder(
     scans = {}
     for part in ("train", "test"):
         folder = Path(config.root) / part
+        if part == "test" and not folder.is_dir() and (Path(config.root) / "val").is_dir():
+            folder = Path(config.root) / "val"  # ImageNet: train/ and val/
+            log.info("%s has no test/ folder: its val/ images are the test split", config.root)
         if not folder.is_dir():
             raise DataError(
-                f"{folder} {not_a_folder(folder)}: --data-root must hold train/ and test/ subfolders"
+                f"{folder} {not_a_folder(folder)}: --data-root must hold train/ and test/ subfolders "
+                "(or train/ and val/)"
             )
         try:
             scans[part] = ImageFolder(str(folder), loader=lambda p: p)  # scan only; decode below
         except (FileNotFoundError, RuntimeError) as err:
             raise DataError(f"no images found in {folder}: {err}") from err
     if scans["train"].classes != scans["test"].classes:
-        raise DataError(f"train/ and test/ of {config.root} have different class folders")
+        test_name = Path(scans["test"].root).name
+        raise DataError(f"train/ and {test_name}/ of {config.root} have different class folders")
 
     def decode(
         part: str, index: torch.Tensor, split: str, size: tuple[int, int] | None, why: str
@@ -335,6 +378,18 @@ def _load_imagefolder(
     if config.test_subset is not None and config.test_subset < len(test_labels):
         test_idx = balanced_indices(test_labels, config.test_subset, gen)
     size = tuple(config.image_size) if config.image_size else None
+    if config.mode != "memory":
+        sizes = Counter({size: 1}) if size else _sampled_sizes(scans["train"].samples, config.seed)
+        stream_size = sizes.most_common(1)[0][0]  # ties: the size seen first
+        n_images = len(train_idx) + len(val_idx) + len(test_idx)
+        if choose_mode(config.mode, n_images, 3 * stream_size[0] * stream_size[1]) == "stream":
+            if len(sizes) > 1:
+                log.warning(
+                    "the training images have %d sizes in a sample of %d; streaming them at the "
+                    "most common, %d×%d (W×H): pass --image-size to choose", len(sizes),
+                    sizes.total(), stream_size[1], stream_size[0],
+                )  # fmt: skip
+            return _stream_imagefolder(config, scans, (train_idx, val_idx, test_idx), stream_size)
     why = "the size the model takes" if size else "the most common size in the training split"
     train = decode("train", train_idx, "train", size, why)
     size = int(train.images.shape[2]), int(train.images.shape[3])  # val and test follow train
@@ -344,6 +399,47 @@ def _load_imagefolder(
         decode("test", test_idx, "test", size, why),
         scans["train"].classes,
     )
+
+
+def _sampled_sizes(
+    samples: list[tuple[str, int]], seed: int, n: int = 200
+) -> Counter[tuple[int, int]]:
+    """How many of a seeded sample of ``n`` files have each (H, W), read from their headers: a
+    streamed split without ``image_size`` takes the most common for all its images."""
+    from PIL import Image
+
+    pick = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed))[:n]
+    sizes: Counter[tuple[int, int]] = Counter()
+    for i in pick.sort().values.tolist():
+        path = samples[i][0]
+        try:
+            with Image.open(path) as img:
+                sizes[img.height, img.width] += 1
+        except OSError as err:
+            raise DataError(f"cannot decode image {path}: {err}") from err
+    return sizes
+
+
+def _stream_imagefolder(
+    config: DataConfig, scans: dict, index: tuple[torch.Tensor, ...], size: tuple[int, int]
+) -> tuple[StreamSplit, StreamSplit, StreamSplit, list[str]]:
+    """Train, val and test as :class:`~ensc.data.stream.StreamSplit` s over the chosen files."""
+    from ensc.data.stream import StreamSplit, auto_workers, file_array
+
+    workers = config.workers if config.workers is not None else auto_workers()
+    root = Path(config.root)
+
+    def stream(part: str, idx: torch.Tensor) -> StreamSplit:
+        scan = scans[part]
+        files = file_array([scan.samples[i][0] for i in idx.tolist()], root)
+        labels = torch.tensor(scan.targets, dtype=torch.int64)[idx]
+        return StreamSplit(root, files, labels, tuple(size), workers)
+
+    train_idx, val_idx, test_idx = index
+    log.info("imagefolder: streamed at %d×%d (W×H) by %s", size[1], size[0],
+             f"{workers} reader processes" if workers else "the main process")  # fmt: skip
+    return (stream("train", train_idx), stream("train", val_idx), stream("test", test_idx),
+            scans["train"].classes)  # fmt: skip
 
 
 def _decode_images(
@@ -514,7 +610,7 @@ def augment(
 
 
 def iterate_batches(
-    split: Split,
+    split: Split | StreamSplit,
     batch_size: int,
     *,
     gen: torch.Generator | None = None,
@@ -527,8 +623,27 @@ def iterate_batches(
 
     ``augment_hflip=None`` means no augmentation; True/False augments with/without flips.
     ``start`` skips the first ``start`` batches, leaving ``gen`` exactly as if they had been
-    drawn (a run resumed mid-epoch sees the batches an uninterrupted run would).
+    drawn (a run resumed mid-epoch sees the batches an uninterrupted run would). A streamed
+    split reads its batches as they are asked for (:meth:`~ensc.data.stream.StreamSplit.batches`).
     """
+    if not isinstance(split, Split):
+        return split.batches(batch_size, gen=gen, shuffle=shuffle, augment_hflip=augment_hflip,
+                             drop_last=drop_last, start=start)  # fmt: skip
+    return _memory_batches(split, batch_size, gen=gen, shuffle=shuffle,
+                           augment_hflip=augment_hflip, drop_last=drop_last, start=start)  # fmt: skip
+
+
+def _memory_batches(
+    split: Split,
+    batch_size: int,
+    *,
+    gen: torch.Generator | None,
+    shuffle: bool,
+    augment_hflip: bool | None,
+    drop_last: bool,
+    start: int,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`iterate_batches` of a split held in memory."""
     n = len(split)
     order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
     stop = n - n % batch_size if drop_last and n >= batch_size else n

@@ -7,7 +7,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
-from ensc.data.catalog import DATASETS
+from ensc.data.catalog import DATASETS, PYTHON_DATA
 from ensc.data.datasets import (
     FASHION_MNIST_SYSTEM_DIR,
     DataConfig,
@@ -32,14 +32,21 @@ def data_config_for(
     out from the model's training data, which temperature scaling relies on. A model trained by
     ensc (its spec records its dataset) also fixes ``image_size``: image-folder images are resized
     to the size it was trained on. Other models leave it None (the most common size in the
-    training split).
+    training split). The recorded ``mode`` (memory or streamed) is kept, the number of reader
+    processes is not: it belongs to the machine, not to the data.
     """
-    known = {f.name for f in fields(DataConfig)}
+    known = {f.name for f in fields(DataConfig)} - {"workers"}
     base = {k: v for k, v in (recorded or {}).items() if k in known}
     base.setdefault("name", spec.dataset or overrides.get("name"))
     if not base.get("name"):
         raise ConfigError(
             "the checkpoints record no dataset (those from other code never do); pass --dataset"
+        )
+    if base["name"] == PYTHON_DATA and not overrides.get("name"):
+        raise DataError(
+            "this model was trained on torch datasets handed over from Python, which ensc cannot "
+            "load again: pass --dataset (and --data-root), or use ensc.export_onnx / ensc.benchmark "
+            "from Python with the CompressResult"
         )
     base["root"] = Path(base["root"]) if base.get("root") else None
     base["image_size"] = tuple(base["image_size"]) if base.get("image_size") else None

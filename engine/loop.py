@@ -1,8 +1,15 @@
 """One training loop for teachers and students: SGD-Nesterov, warm-up + cosine, AMP, resumable.
 
 The loop knows nothing about losses: the caller passes a ``step`` function that maps a batch to a
-loss (and accuracy counts for the progress bar). State is saved atomically at every epoch end, so
-an interrupted run resumes from its last finished epoch with the same data order.
+loss (and accuracy counts for the progress bar). Resumable state is saved atomically (by rank 0) at
+every epoch end and, inside an epoch, every ``save_every`` optimizer steps (by default about every
+:data:`SAVE_EVERY_SECONDS` of training): model, optimizer, schedule, loss scaler, history, the
+data-order generator as it was at the epoch's start with the number of batches done and the
+epoch's running loss/accuracy sums, the step's own generators (e.g. perturbations) and torch's
+global RNG (dropout; CPU, and CUDA when available). A killed run resumes from its last save and
+continues as the uninterrupted run would: the same batches, augmentations and random draws
+(data-parallel: every process gets rank 0's global RNG state). Restoring that RNG on resume is the
+one place library code sets it.
 """
 
 from __future__ import annotations
@@ -10,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -81,6 +88,7 @@ BackwardFn = Callable[[torch.Tensor], None]
 # so one part's graph is freed before the next part's forward), and returns a StepResult.
 StepFn = Callable[[torch.Tensor, torch.Tensor, BackwardFn], StepResult]
 LOG_EVERY_SECONDS = 60.0  # progress lines in the log, also when no terminal shows the bar
+SAVE_EVERY_SECONDS = 600.0  # default mid-epoch saves: about every 10 minutes of training
 
 
 def make_optimizer(param_groups: Iterable[dict[str, Any]], config: OptimConfig) -> torch.optim.SGD:
@@ -113,6 +121,9 @@ def train(
     identity: dict[str, Any] | None = None,
     timer: PhaseTimer = NO_TIMER,
     after_epoch: Callable[[int], None] | None = None,
+    save_every: int | None = None,
+    generators: Sequence[torch.Generator] = (),
+    after_save: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Run the loop; returns a history dict (per-epoch loss/acc, steps, seconds, and the seconds
     of this session's first step, which :func:`steady_seconds_per_step` leaves out).
@@ -125,20 +136,72 @@ def train(
     ``timer`` collects seconds per phase (the step adds its own phases to the same timer).
     ``after_epoch(epochs_done)`` runs once an epoch's state is saved.
 
+    ``save_every``: a mid-epoch state every N optimizer steps (when the step count is a multiple
+    of N), 0 for epoch ends only, None for about every :data:`SAVE_EVERY_SECONDS`; it is not part
+    of the state's identity. ``generators``: the step's own generators (e.g. perturbations), saved
+    and restored with the state. ``after_save(steps)`` runs once a mid-epoch state is saved.
+
     Raises :class:`DivergenceError` when the loss, or at an epoch's end a parameter or buffer of
     ``model`` (e.g. BatchNorm statistics), is NaN or infinite.
     """
     if len(data) == 0:
         raise ConfigError("the training split is empty")
+    if save_every is not None and save_every < 0:
+        raise ConfigError(f"--save-every must be 0 or more steps; got {save_every}")
     optimizer = make_optimizer(param_groups or [{"params": list(model.parameters())}], config)
     loop = _Loop(
         model, step, data, config, runtime, optimizer, hflip=hflip, seed=seed, desc=desc,
         after_backward=after_backward, timer=timer, after_epoch=after_epoch,
+        save_every=save_every, generators=generators, after_save=after_save,
     )  # fmt: skip
     identity = {"config": asdict(config), **(identity or {})}
     if state_path is not None and resume and Path(state_path).exists():
         loop.resume(Path(state_path), identity)
     return loop.run(Path(state_path) if state_path is not None else None, identity)
+
+
+class _Sums(NamedTuple):
+    """An epoch's running totals so far (saved with a mid-epoch state, so its mean is exact)."""
+
+    loss: float = 0.0
+    correct: int = 0
+    count: int = 0
+    steps: int = 0
+
+    def add(self, result: StepResult) -> _Sums:
+        """These totals with one more step's."""
+        return _Sums(self.loss + float(result.loss), self.correct + result.correct,
+                     self.count + result.count, self.steps + 1)  # fmt: skip
+
+
+class _SaveClock:
+    """When a mid-epoch save is due: at step counts that are multiples of ``every``, or (``every``
+    None) once about :data:`SAVE_EVERY_SECONDS` passed since the last save, as rank 0's clock
+    says, so every data-parallel process saves at the same step."""
+
+    def __init__(self, every: int | None, runtime: Runtime) -> None:
+        self.every, self.runtime = every, runtime
+        self.saved(0)
+
+    def saved(self, steps: int) -> None:
+        """A state was saved (or a session started) after ``steps`` steps."""
+        self.since_steps, self.since, self.next_check = steps, time.perf_counter(), steps + 1
+
+    def due(self, steps: int) -> bool:
+        """Whether to save now, after ``steps`` steps; with time, checked only when the steps
+        done so far say the interval may be over (one broadcast per check when data-parallel)."""
+        if steps <= self.since_steps:  # nothing new since the last save (or the resumed one)
+            return False
+        if self.every is not None:
+            return self.every > 0 and steps % self.every == 0
+        if steps < self.next_check:
+            return False
+        elapsed = time.perf_counter() - self.since
+        per_step = max(elapsed / max(1, steps - self.since_steps), 1e-6)
+        wait = max(0, math.ceil((SAVE_EVERY_SECONDS - elapsed) / per_step))
+        wait = self.runtime.broadcast(wait)  # rank 0 decides for every process
+        self.next_check = steps + wait
+        return wait == 0
 
 
 class _Loop:
@@ -149,7 +212,8 @@ class _Loop:
         self, model: nn.Module, step: StepFn, data: Split, config: OptimConfig, runtime: Runtime,
         optimizer: torch.optim.Optimizer, *, hflip: bool, seed: int, desc: str,
         after_backward: Callable[[], None] | None, timer: PhaseTimer,
-        after_epoch: Callable[[int], None] | None = None,
+        after_epoch: Callable[[int], None] | None = None, save_every: int | None = None,
+        generators: Sequence[torch.Generator] = (), after_save: Callable[[int], None] | None = None,
     ) -> None:  # fmt: skip
         self.model, self.step, self.data, self.config, self.runtime = (
             model,
@@ -165,15 +229,21 @@ class _Loop:
         self.scheduler = warmup_cosine(optimizer, self.total, config.warmup_steps(len(data)))
         self.scaler = runtime.grad_scaler()
         self.gen = torch.Generator().manual_seed(seed)
+        self.epoch_gen = self.gen.get_state()  # the data-order generator at the epoch's start
+        self.generators, self.after_save = tuple(generators), after_save
+        self.clock = _SaveClock(save_every, runtime)
         self.history: dict[str, Any] = {"epochs": [], "steps": 0, "seconds": 0.0}
-        self.start_epoch = 0
+        self.start_epoch, self.start_batch, self.start_sums = 0, 0, _Sums()
+        self.state_path: Path | None = None
+        self.identity: dict[str, Any] = {}
+        self.last_save_log = -math.inf
 
     def _parts(self) -> dict[str, Any]:
         return {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler,
                 "scaler": self.scaler}  # fmt: skip
 
     def resume(self, state_path: Path, identity: dict[str, Any]) -> None:
-        """Continue from the state saved at the end of the last finished epoch."""
+        """Continue from the last saved state: an epoch's end, or a step inside an epoch."""
         state = torch_load(state_path)
         if state["identity"] != identity:
             raise ConfigError(
@@ -182,47 +252,108 @@ class _Loop:
         for name, part in self._parts().items():
             part.load_state_dict(state[name])
         self.gen.set_state(state["generator"])
+        self._restore_randomness(state, state_path)
         history = self.history = state["history"]
-        self.start_epoch = state["epoch"]
+        self.start_epoch, self.start_batch = state["epoch"], state.get("batches", 0)
+        self.start_sums = _Sums(*state.get("sums", ()))
         history["resumed_steps"], history["resumed_seconds"] = history["steps"], history["seconds"]
-        log.info(
-            "%s: resuming after epoch %d (%s done)",
-            self.desc,
-            self.start_epoch,
-            plural(history["steps"], "step"),
-        )
+        if self.start_batch:
+            log.info("%s: resuming at step %d (epoch %d, after batch %d of %d)", self.desc,
+                     history["steps"], self.start_epoch + 1, self.start_batch, self._per_epoch())  # fmt: skip
+        else:
+            log.info("%s: resuming after epoch %d (%s done)", self.desc, self.start_epoch,
+                     plural(history["steps"], "step"))  # fmt: skip
 
-    def _save(self, state_path: Path, identity: dict[str, Any], epochs_done: int) -> None:
+    def _restore_randomness(self, state: dict[str, Any], state_path: Path) -> None:
+        """The step's generators and torch's global RNG as they were saved."""
+        saved = state.get("generators")
+        if saved is None:  # saved before the state held them
+            if self.generators:
+                log.warning("%s: %s holds no generator states; the step's random draws restart "
+                            "from their seed", self.desc, state_path)  # fmt: skip
+        elif len(saved) != len(self.generators):
+            raise ConfigError(
+                f"{state_path} holds {len(saved)} generator states, this run uses "
+                f"{len(self.generators)}; use --force to start over"
+            )
+        for gen, gen_state in zip(self.generators, saved or (), strict=False):
+            gen.set_state(gen_state)
+        if "rng" in state:
+            torch.set_rng_state(state["rng"])
+        if state.get("cuda_rng") and torch.cuda.is_available():
+            for device, rng in enumerate(state["cuda_rng"][: torch.cuda.device_count()]):
+                torch.cuda.set_rng_state(rng, device)
+
+    def _save(self, epoch: int, batches: int, sums: _Sums) -> None:
+        """``epoch`` epochs and ``batches`` batches of the next one done (with their ``sums``)."""
         state = {name: part.state_dict() for name, part in self._parts().items()}
-        state.update(identity=identity, epoch=epochs_done, generator=self.gen.get_state(),
-                     history=self.history)  # fmt: skip
-        atomic_torch_save(state, state_path)
+        state.update(
+            identity=self.identity, epoch=epoch, batches=batches, sums=list(sums),
+            generator=self.epoch_gen if batches else self.gen.get_state(),
+            generators=[gen.get_state() for gen in self.generators],
+            rng=torch.get_rng_state(), history=self.history,
+        )  # fmt: skip
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        assert self.state_path is not None
+        atomic_torch_save(state, self.state_path)
+
+    def _per_epoch(self) -> int:
+        """Batches in a full epoch (for log lines)."""
+        return steps_per_epoch(len(self.data), self.config.batch_size)
 
     def run(self, state_path: Path | None, identity: dict[str, Any]) -> dict[str, Any]:
         history = self.history
+        self.state_path, self.identity = state_path, identity
         self.bar = tqdm(
             total=self.total, initial=history["steps"], desc=self.desc, unit="step",
             dynamic_ncols=True, disable=None if self.runtime.is_main else True,
         )  # fmt: skip
-        t0 = time.perf_counter() - history["seconds"]
+        self.t0 = time.perf_counter() - history["seconds"]
         self.t_start = self.last_log = time.perf_counter()
         self.start_steps = history["steps"]
+        self.clock.saved(self.start_steps)
         for epoch in range(self.start_epoch, self.epochs):
             if history["steps"] >= self.total:
                 break
             loss, acc = self._epoch(epoch)
             self._check_finite(epoch)
-            history["seconds"] = time.perf_counter() - t0
+            history["seconds"] = time.perf_counter() - self.t0
             history["epochs"].append({"epoch": epoch + 1, "loss": loss, "acc": acc})
             log.info("%s: epoch %d/%d loss %.4f acc %.2f%% (%.0fs)",
                      self.desc, epoch + 1, self.epochs, loss, acc, history["seconds"])  # fmt: skip
             if state_path is not None and self.runtime.is_main:
-                self._save(state_path, identity, epoch + 1)
+                self._save(epoch + 1, 0, _Sums())
             self.runtime.barrier()  # others wait until rank 0's state file is complete
+            self.clock.saved(history["steps"])
             if self.after_epoch is not None:
                 self.after_epoch(epoch + 1)
         self.bar.close()
         return history
+
+    def _save_step(self, epoch: int, batches: int, sums: _Sums) -> None:
+        """The mid-epoch state after ``batches`` batches of ``epoch`` (0-based), on every process
+        at the same step (rank 0 writes, the others wait)."""
+        self._check_finite(epoch)
+        history = self.history
+        history["seconds"] = time.perf_counter() - self.t0
+        if self.runtime.is_main:
+            with self.timer("checkpoint"):
+                self._save(epoch, batches, sums)
+            self._log_save(epoch, batches)
+        self.runtime.barrier()
+        self.clock.saved(history["steps"])
+        if self.after_save is not None:
+            self.after_save(history["steps"])
+
+    def _log_save(self, epoch: int, batches: int) -> None:
+        """One line per mid-epoch save: info at most once per LOG_EVERY_SECONDS, else debug."""
+        now = time.perf_counter()
+        level = logging.INFO if now - self.last_save_log >= LOG_EVERY_SECONDS else logging.DEBUG
+        if level == logging.INFO:
+            self.last_save_log = now
+        log.log(level, "%s: state saved at step %d (epoch %d, batch %d of %d)", self.desc,
+                self.history["steps"], epoch + 1, batches, self._per_epoch())  # fmt: skip
 
     def _check_finite(self, epoch: int) -> None:
         """A finite loss can still leave NaN/inf in the weights or BatchNorm statistics: refuse
@@ -244,9 +375,11 @@ class _Loop:
         accuracy (percent) of its steps."""
         runtime, history, timer = self.runtime, self.history, self.timer
         self.model.train()
-        loss_sum, correct, count, n_steps = 0.0, 0, 0, 0
+        sums, start = self.start_sums, self.start_batch  # what a resumed epoch had done
+        self.start_sums, self.start_batch = _Sums(), 0
+        self.epoch_gen = self.gen.get_state()
         batches = iterate_batches(self.data, self.config.batch_size, gen=self.gen, shuffle=True,
-                                  augment_hflip=self.hflip, drop_last=True)  # fmt: skip
+                                  augment_hflip=self.hflip, drop_last=True, start=start)  # fmt: skip
         while history["steps"] < self.total:
             with timer("data"):
                 batch = next(batches, None)
@@ -255,11 +388,12 @@ class _Loop:
                 images, labels = runtime.shard(*batch)  # data-parallel: this process's share
                 images = runtime.to_device(images)
                 labels = labels.to(runtime.device, non_blocking=True)
+            if sums.steps and self.state_path is not None and self.clock.due(history["steps"]):
+                self._save_step(epoch, sums.steps, sums)  # before a step: never at an end
             result = self._optimizer_step(images, labels)
-            loss_sum, correct, count, n_steps = (loss_sum + float(result.loss),
-                correct + result.correct, count + result.count, n_steps + 1)  # fmt: skip
-            self._after_step(epoch, loss_sum / n_steps, 100 * correct / max(1, count))
-        return loss_sum / max(1, n_steps), 100 * correct / max(1, count)
+            sums = sums.add(result)
+            self._after_step(epoch, sums.loss / sums.steps, 100 * sums.correct / max(1, sums.count))
+        return sums.loss / max(1, sums.steps), 100 * sums.correct / max(1, sums.count)
 
     def _optimizer_step(self, images: torch.Tensor, labels: torch.Tensor) -> StepResult:
         self.optimizer.zero_grad(set_to_none=True)

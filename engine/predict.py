@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from torch import nn
 
 from ensc.data.datasets import Split, iterate_batches
+from ensc.data.stream import StreamSplit
 from ensc.engine.runtime import Runtime
 from ensc.models.batchensemble import BatchEnsemble
 from ensc.models.fold import member_network
@@ -39,11 +41,14 @@ GPU_BATCH = 512
 EVAL_COPY_TOLERANCE = 1e-4  # max |Δlogit| (relative to the logits' scale) of a fast copy
 
 
-def probe_batch(splits: Iterable[Split], runtime: Runtime, n: int = 16) -> torch.Tensor | None:
+def probe_batch(
+    splits: Iterable[Split | StreamSplit], runtime: Runtime, n: int = 16
+) -> torch.Tensor | None:
     """Up to ``n`` images of the first non-empty split, on ``runtime.device``: checks fast copies."""
     for split in splits:
         if len(split):
-            return next(iterate_batches(split, n))[0].to(runtime.device)
+            first = split.take(torch.arange(min(n, len(split))))  # streamed: reads only these
+            return next(iterate_batches(first, n))[0].to(runtime.device)
     return None
 
 
@@ -54,7 +59,7 @@ def eval_batch_size(runtime: Runtime) -> int:
 
 @torch.inference_mode()
 def predict_logits(
-    model: nn.Module, split: Split, runtime: Runtime, batch_size: int | None = None
+    model: nn.Module, split: Split | StreamSplit, runtime: Runtime, batch_size: int | None = None
 ) -> torch.Tensor:
     """Logits of ``model`` (eval mode) on every image of ``split``: float32 [N, K] on the CPU."""
     batch_size = batch_size or eval_batch_size(runtime)
@@ -68,7 +73,7 @@ def predict_logits(
 
 def predict_logits_many(
     models: Sequence[nn.Module],
-    splits: Mapping[str, Split],
+    splits: Mapping[str, Split | StreamSplit],
     runtime: Runtime,
     batch_size: int | None = None,
 ) -> list[dict[str, torch.Tensor]]:
@@ -79,16 +84,14 @@ def predict_logits_many(
     layer for its slowest thread, which costs about 10 % on an idle 2-core machine (ResNet-32s:
     1,210 vs 1,350 images/s) and much more when other processes share the cores. Every batch
     is the one :func:`predict_logits` would run, so the logits are the same up to float round-off.
+    A streamed split is read once, batch by batch, every model running on each batch (a few
+    batches in flight at a time).
     """
     batch_size = batch_size or eval_batch_size(runtime)
-    jobs = [
-        (k, name, start)
-        for k in range(len(models))
-        for name, split in splits.items()
-        for start in range(0, len(split), batch_size)
-    ]
-    workers = min(torch.get_num_threads(), len(jobs)) if runtime.device.type == "cpu" else 1
-    if workers <= 1:
+    n_jobs = len(models) * sum(-(-len(split) // batch_size) for split in splits.values())
+    workers = min(torch.get_num_threads(), n_jobs) if runtime.device.type == "cpu" else 1
+    streamed = any(not isinstance(split, Split) for split in splits.values())
+    if workers <= 1 and not streamed:
         return [
             {
                 name: predict_logits(model, split, runtime, batch_size)
@@ -97,29 +100,66 @@ def predict_logits_many(
             for model in models
         ]
 
-    def run(job: tuple[int, str, int]) -> torch.Tensor:
-        k, name, start = job
-        images = splits[name].images[start : start + batch_size].float().div_(255)
+    def run(job: tuple[int, str, Callable[[], torch.Tensor]]) -> torch.Tensor:
+        k, _, images = job
         with torch.inference_mode(), runtime.autocast():
-            return models[k](runtime.to_device(images)).float().cpu()
+            return models[k](runtime.to_device(images())).float().cpu()
 
+    parts: list[dict[str, list[torch.Tensor]]] = [{name: [] for name in splits} for _ in models]
+    jobs = _jobs(len(models), splits, batch_size)
     threads = torch.get_num_threads()
     try:
         with (
             eval_mode(*models),
-            ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool,
+            ThreadPoolExecutor(
+                max(1, workers), initializer=torch.set_num_threads, initargs=(1,)
+            ) as pool,
         ):
-            outs = list(pool.map(run, jobs))
+            for (k, name, _), out in _map_bounded(pool, run, jobs, window=4 * max(1, workers)):
+                parts[k][name].append(out)
     finally:
         torch.set_num_threads(threads)
-    parts: list[dict[str, list[torch.Tensor]]] = [{name: [] for name in splits} for _ in models]
-    for (k, name, _), out in zip(jobs, outs, strict=True):
-        parts[k][name].append(out)
     return [{name: torch.cat(p[name]) for name in splits} for p in parts]
 
 
+Job = tuple[int, str, Callable[[], torch.Tensor]]  # (model index, split name, its batch's pixels)
+
+
+def _jobs(
+    n_models: int, splits: Mapping[str, Split | StreamSplit], batch_size: int
+) -> Iterator[Job]:
+    """Every model on every batch of every split, batch by batch: an in-memory batch is sliced
+    and converted by the thread that runs it, a streamed one read once for all models."""
+    for name, split in splits.items():
+        if isinstance(split, Split):
+            for start in range(0, len(split), batch_size):
+                part = split.images[start : start + batch_size]
+                for k in range(n_models):
+                    yield k, name, lambda part=part: part.float().div_(255)
+        else:
+            for images, _ in iterate_batches(split, batch_size):
+                for k in range(n_models):
+                    yield k, name, lambda images=images: images
+
+
+def _map_bounded(
+    pool: ThreadPoolExecutor, fn: Callable[[Job], torch.Tensor], jobs: Iterator[Job], window: int
+) -> Iterator[tuple[Job, torch.Tensor]]:
+    """``(job, fn(job))`` in the order of ``jobs``, with at most ``window`` jobs submitted and
+    not yet collected (``pool.map`` would read every streamed batch up front)."""
+    pending: deque[tuple[Job, Future]] = deque()
+    for job in jobs:
+        pending.append((job, pool.submit(fn, job)))
+        if len(pending) >= window:
+            done, future = pending.popleft()
+            yield done, future.result()
+    while pending:
+        done, future = pending.popleft()
+        yield done, future.result()
+
+
 def predict_probs(
-    model: nn.Module, split: Split, runtime: Runtime, batch_size: int | None = None
+    model: nn.Module, split: Split | StreamSplit, runtime: Runtime, batch_size: int | None = None
 ) -> torch.Tensor:
     """Softmax probabilities of ``model`` on ``split``: float32 [N, K]."""
     return predict_logits(model, split, runtime, batch_size).softmax(-1)
@@ -127,7 +167,10 @@ def predict_probs(
 
 @torch.inference_mode()
 def predict_member_logits(
-    student: BatchEnsemble, split: Split, runtime: Runtime, batch_size: int | None = None
+    student: BatchEnsemble,
+    split: Split | StreamSplit,
+    runtime: Runtime,
+    batch_size: int | None = None,
 ) -> torch.Tensor:
     """Each BatchEns member's logits on ``split`` from one BE forward per batch: [M, N, K], CPU."""
     batch_size = batch_size or max(1, eval_batch_size(runtime) // student.members)
@@ -140,7 +183,10 @@ def predict_member_logits(
 
 
 def predict_member_probs(
-    student: BatchEnsemble, split: Split, runtime: Runtime, batch_size: int | None = None
+    student: BatchEnsemble,
+    split: Split | StreamSplit,
+    runtime: Runtime,
+    batch_size: int | None = None,
 ) -> torch.Tensor:
     """Each BatchEns member's probabilities on ``split``: float32 [M, N, K] on the CPU."""
     return predict_member_logits(student, split, runtime, batch_size).softmax(-1)

@@ -55,6 +55,7 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 from ensc.data.datasets import Split
+from ensc.data.stream import StreamSplit
 from ensc.evaluation.table import render_table
 
 SEVERITIES = (1, 2, 3, 4, 5)
@@ -125,12 +126,14 @@ def corrupt(
 
 
 def corrupted_split(
-    split: Split, name: str, severity: int, *, seed: int = 0, batch_size: int = 1000
+    split: Split | StreamSplit, name: str, severity: int, *, seed: int = 0, batch_size: int = 1000
 ) -> Split:
     """``split`` (uint8 images) under a corruption, rounded back to uint8 as CIFAR-10-C is stored.
 
-    Works through ``batch_size`` images at a time; the result does not depend on it.
+    Works through ``batch_size`` images at a time; the result does not depend on it. A streamed
+    split is decoded first (:meth:`~ensc.data.stream.StreamSplit.take`): pass one taken once.
     """
+    split = split.take()
     out = torch.empty_like(split.images)
     for start in range(0, len(split), batch_size):
         stop = min(start + batch_size, len(split))

@@ -209,6 +209,7 @@ def evaluate_corruptions(
     if subset is not None and subset < len(test):
         gen = torch.Generator().manual_seed(seed)
         test = test.subset(balanced_indices(test.labels, subset, gen))
+    test = test.take()  # decoded once (a streamed split), corrupted 50 times
     models = _ModelsUnderTest(runtime, probe_batch([test], runtime), teacher, students, ensembles)
     if temperatures is None:
         val = models.probs({"val": data.val})["val"]
@@ -327,6 +328,9 @@ def evaluate_saved(
     details: dict[str, Any] | None = None,
     corruptions: bool = False,
     corruption_subset: int | None = None,
+    data_mode: str | None = None,
+    workers: int | None = None,
+    image_size: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """`ensc eval`: :func:`evaluate` on the data the models were trained on (recorded in the
     teacher, else the first student) unless ``dataset`` / ``data_root`` say otherwise.
@@ -337,6 +341,8 @@ def evaluate_saved(
 
     ``corruptions`` (`--corruptions`) adds ``result["corruptions"]``
     (:func:`evaluate_corruptions` on ``corruption_subset`` test images, all when None).
+    ``data_mode``, ``workers``, ``image_size``: `--data-mode`, `--workers`, `--image-size`
+    (:class:`~ensc.data.datasets.DataConfig`; None keeps the recorded one).
     """
     ckpts = {str(path): load_checkpoint(path) for path in student_paths}
     first = next(iter(ckpts.values()), None)
@@ -345,7 +351,8 @@ def evaluate_saved(
     spec, recorded = (
         (teacher.spec, teacher.data_record) if teacher else (first.spec, first.info.get("data"))
     )
-    config = data_config_for(spec, recorded, name=dataset, root=data_root, test_subset=test_subset)
+    config = data_config_for(spec, recorded, name=dataset, root=data_root, test_subset=test_subset,
+                             mode=data_mode, workers=workers, image_size=image_size)  # fmt: skip
     data = load_dataset(config)
     for model_spec in [
         *(c.spec for c in ckpts.values()),

@@ -9,7 +9,8 @@ sha256 of:
 - the contents of every member file (streamed), plus each member as loaded: its architecture,
   builder arguments, normalization and a digest of its weights (an ``ensemble.json`` that
   changes a member's mean/std or key prefix changes its logits without touching its file);
-- each split's uint8 image tensor and labels;
+- each split's uint8 image tensor and labels (a streamed split: its files' paths, sizes and
+  modification times, its labels and the size images come out at);
 - :data:`LOGITS_FORMAT` and how the logits were computed (device type, autocast dtype).
 
 A file that does not load, holds another key, has the wrong shapes or fails its checksum is
@@ -30,6 +31,7 @@ from typing import Any
 import torch
 
 from ensc.data.datasets import Split
+from ensc.data.stream import StreamSplit
 from ensc.engine.runtime import Runtime
 from ensc.errors import CheckpointError
 from ensc.evaluation.evaluate import member_logits
@@ -56,13 +58,16 @@ def tensor_sha256(tensor: torch.Tensor, digest: Any | None = None) -> Any:
     return digest
 
 
-def split_sha256(split: Split) -> str:
-    """sha256 of a split's images (uint8 [N, C, H, W]) and labels."""
+def split_sha256(split: Split | StreamSplit) -> str:
+    """sha256 of a split's images (uint8 [N, C, H, W]) and labels; of a streamed split, its
+    :meth:`~ensc.data.stream.StreamSplit.fingerprint` (no image is read)."""
+    if not isinstance(split, Split):
+        return split.fingerprint()
     digest = tensor_sha256(split.images)
     return tensor_sha256(split.labels, digest).hexdigest()
 
 
-def _weights_sha256(model: torch.nn.Module) -> str:
+def weights_sha256(model: torch.nn.Module) -> str:
     digest = hashlib.sha256()
     try:
         state = model.state_dict()
@@ -85,7 +90,7 @@ def cache_key(teacher: Teacher, splits: Mapping[str, Split], runtime: Runtime) -
             "mean": list(spec.mean),
             "std": list(spec.std),
             "num_classes": spec.num_classes,
-            "weights": _weights_sha256(model),
+            "weights": weights_sha256(model),
         }
         for path, spec, model in zip(teacher.paths, teacher.specs, teacher.members, strict=True)
     ]

@@ -293,8 +293,10 @@ def run_bench(
     teacher: Path | None = None,
     runs_dir: Path = Path("runs"),
     command: str = "",
+    images: CheckImages | None = None,
 ) -> BenchResult:
-    """Benchmark the run's teacher, BE student and averaged network side by side."""
+    """Benchmark the run's teacher, BE student and averaged network side by side (accuracy on
+    ``images``, else on the test split the run records)."""
     import torch
 
     run_dir = rundir.resolve_run(run, runs_dir)
@@ -306,7 +308,7 @@ def run_bench(
     }
     _check_onnx_files(exportables, run_dir)
     student = exportables["student"]
-    images = load_check_images(
+    images = images or load_check_images(
         student.spec,
         student.recorded_data,
         test_samples=config.test_samples,

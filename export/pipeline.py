@@ -104,16 +104,12 @@ def run_export(config: ExportConfig) -> ExportResult:
         teacher=config.teacher,
         runs_dir=config.runs_dir,
     )
-    recorded = exportable.source_sha256  # hashed now, as read; checked again before writing
     out = (
         Path(config.out)
         if config.out is not None
         else onnx_path(exportable.default_out, config.precision)
     )
-    failed = out.with_name(out.name + FAILED_SUFFIX)
-    check_writable(out)
-    refuse_overwrite(out, config.force)
-    refuse_overwrite(failed, config.force)
+    check_out(out, config.force)
     images = load_check_images(
         exportable.spec,
         exportable.recorded_data,
@@ -121,8 +117,25 @@ def run_export(config: ExportConfig) -> ExportResult:
         calib_samples=config.calib_samples if config.precision == "int8" else 0,
         data_root=config.data_root,
     )
+    return write_export(exportable, images, config, out)
+
+
+def check_out(out: Path, force: bool) -> None:
+    """Refuse, before any work, an output (or its ``.failed`` twin) that exists or cannot be written."""
+    check_writable(out)
+    refuse_overwrite(out, force)
+    refuse_overwrite(out.with_name(out.name + FAILED_SUFFIX), force)
+
+
+def write_export(
+    exportable: Exportable, images: CheckImages, config: ExportConfig, out: Path
+) -> ExportResult:
+    """Export and validate ``exportable`` and write it to ``out`` (``out.failed`` when a gate
+    fails, then raise ExportParityError with ``.result``)."""
+    recorded = exportable.source_sha256  # hashed now, as read; checked again before writing
     model, reports = build_onnx(exportable, images, config)
     passed = all(r.passed for r in reports)
+    failed = out.with_name(out.name + FAILED_SUFFIX)
     path = out if passed else failed
     with rundir.adding_to(path.parent):  # into a run: hold its lock; it must still be finished
         changed = [

@@ -187,14 +187,11 @@ def load_check_images(
     check_compatible(spec, data)
     gen = torch.Generator().manual_seed(config.seed)
     n_calib = min(calib_samples, len(data.train))
-    calib = (
-        data.train.images[balanced_indices(data.train.labels, n_calib, gen)]
-        if n_calib
-        else data.train.images[:0]
-    )
+    calib_idx = balanced_indices(data.train.labels, n_calib, gen) if n_calib else torch.arange(0)
+    calib = data.train.take(calib_idx).images  # a streamed split decodes only these
     return CheckImages(
         dataset=data.name,
-        test_images=data.test.images.float().div_(255),
+        test_images=data.test.take().images.float().div_(255),
         test_labels=data.test.labels,
         calib_images=calib.float().div_(255),
     )

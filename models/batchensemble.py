@@ -6,13 +6,16 @@ per-member bias ``member_bias`` [M, out]. Member m computes ([WA] §2, Wen et al
 
     y_m = (layer(x_m ⊙ r_m) ⊙ s_m) + member_bias_m      # layer = the shared conv / matmul + bias
 
-which is the plain layer with weight ``W ⊙ (s_m r_mᵀ)`` and bias ``bias ⊙ s_m + member_bias_m``.
+which is the plain layer with weight ``W ⊙ (s_m r_mᵀ)`` and bias ``bias ⊙ s_m + member_bias_m``
+(for a grouped conv, output channel o's weights see the r of its group's input channels:
+:func:`rank1_scale`).
 That is how the layers compute it: M small per-member weights, one conv / matmul per member
 chunk. Same arithmetic as scaling the activations, but autograd keeps only the layer input for
 the backward pass instead of three activation-sized tensors per layer, which halves a BE
 student's training memory (``docs/bench-distill.md``).
 BatchNorm layers stay shared: one BN over the whole M·B batch, which keeps averaging exact
-(docs/method.md §8).
+(docs/method.md §8); so does every layer other than an exact Conv2d/Linear (the rule:
+:func:`to_batchensemble`).
 
 Ensemble-axis convention, used by every module here: the input is ``(M*B, C, H, W)``, made of M
 contiguous chunks of B examples, chunk m being member m's input; logits ``(M*B, K)`` are viewed
@@ -29,11 +32,14 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.batchnorm import _NormBase
+
+from ensc.errors import ConfigError
 
 __all__ = [
     "BE_LAYERS",
     "FAST_WEIGHT_INITS",
+    "rank1_scale",
     "BEConv2d",
     "BELinear",
     "BatchEnsemble",
@@ -74,6 +80,22 @@ def _check_batch(x: Tensor, members: int) -> None:
         )
 
 
+def rank1_scale(s: Tensor, r: Tensor, weight_dim: int, groups: int = 1) -> Tensor:
+    """``s rᵀ`` shaped like a weight ``[..., out, in/groups, 1, ...]`` (leading axes of s, r kept),
+    so that ``W ⊙ scale`` is the layer that scales its input by r and its output by s.
+
+    A grouped conv's output channel o only sees its group's in/groups input channels, so its row
+    takes the r of those channels (groups=1: the plain outer product).
+    """
+    if groups == 1:
+        scale = s.unsqueeze(-1) * r.unsqueeze(-2)  # [..., out, in]
+    else:
+        per_group = r.unflatten(-1, (groups, -1))  # [..., groups, in/groups]
+        per_out = per_group.repeat_interleave(s.shape[-1] // groups, dim=-2)  # [..., out, in/g]
+        scale = s.unsqueeze(-1) * per_out
+    return scale.view(*scale.shape, *([1] * (weight_dim - 2)))
+
+
 class _BEMixin:
     """Fast weights r, s and member biases shared by :class:`BEConv2d` and :class:`BELinear`."""
 
@@ -111,9 +133,8 @@ class _BEMixin:
             self.member_bias.zero_()
 
     def member_weights(self) -> Tensor:
-        """``W ⊙ (s_m r_mᵀ)`` for every member: [M, out, in, *kernel]."""
-        scale = self.s.unsqueeze(2) * self.r.unsqueeze(1)  # [M, out, in]
-        scale = scale.view(*scale.shape, *([1] * (self.weight.dim() - 2)))
+        """``W ⊙ (s_m r_mᵀ)`` for every member: [M, out, in/groups, *kernel]."""
+        scale = rank1_scale(self.s, self.r, self.weight.dim(), getattr(self, "groups", 1))
         return self.weight.unsqueeze(0) * scale
 
     def member_biases(self) -> Tensor | None:
@@ -130,9 +151,9 @@ class _BEMixin:
 class BEConv2d(_BEMixin, nn.Conv2d):
     """``nn.Conv2d`` with BatchEnsemble fast weights; ``weight``/``bias`` keep their plain names.
 
-    Input ``(M*B, C_in, H, W)`` in member chunks (see the module docstring). Only ``groups=1``
-    is supported, so that ``r`` scales whole input channels and the fold (docs/method.md §8)
-    stays a rank-1 rescaling of ``W``.
+    Input ``(M*B, C_in, H, W)`` in member chunks (see the module docstring). Grouped and
+    depthwise convs work too: ``r`` has ``in_channels`` entries and scales whole input channels,
+    so the fold (docs/method.md §8) stays a rescaling of ``W`` (:func:`rank1_scale`).
 
     Args:
         in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
@@ -160,11 +181,6 @@ class BEConv2d(_BEMixin, nn.Conv2d):
         init: str = "ones",
         member_bias: bool | None = None,
     ) -> None:
-        if groups != 1:
-            raise ValueError(
-                f"BEConv2d supports groups=1 only; got groups={groups}. Leave grouped or "
-                "depthwise convs out of the conversion, or use a plain architecture"
-            )
         super().__init__(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
             padding_mode, device, dtype,
@@ -366,14 +382,23 @@ class BatchEnsemble(nn.Module):
 def to_batchensemble(model: nn.Module, *, members: int, init: str = "ones") -> BatchEnsemble:
     """A BatchEnsemble of ``members`` members built on a deep copy of ``model``.
 
-    Every ``nn.Conv2d`` / ``nn.Linear`` (exact type) becomes a :class:`BEConv2d` /
-    :class:`BELinear` with the same shared weights, so the state-dict keys of the plain network
-    are kept (plus ``r``, ``s``, ``member_bias``). BatchNorm layers stay shared by all members.
+    Which layers get fast weights (docs/method.md §8): every ``nn.Conv2d`` (grouped and depthwise
+    too) and ``nn.Linear`` of exactly that type becomes a :class:`BEConv2d` / :class:`BELinear`
+    with the same shared weights, so the state-dict keys of the plain network are kept (plus
+    ``r``, ``s``, ``member_bias``). Every other layer stays shared by all members, which keeps the
+    fold exact: normalization layers (BatchNorm, LayerNorm, GroupNorm, ...) silently; other layers
+    with parameters, logged once in one line: subclasses that may compute something else
+    (timm's ``StdConv2d``, ``Conv2dSame``), other layer types (``Conv1d``, ``ConvTranspose2d``,
+    ``Embedding``, ...), and Conv2d/Linear layers that the network may not call on its batch
+    axis: inside ``nn.MultiheadAttention`` (it uses ``out_proj.weight`` directly) or any module
+    with ``batch_first=False``, with forward hooks (old-style weight/spectral norm), or whose
+    weight is also registered in another module (tied). A network with uninitialized lazy
+    layers or TorchScript submodules is refused (:class:`~ensc.errors.ConfigError`).
     ``model`` is not modified. Extra parameters: Σ_layers M·(in + out [+ out if biased])
     (docs/method.md §3).
 
     Args:
-        model: any network built from Conv2d/Linear/BatchNorm/activations/pooling.
+        model: any network; the result's members take batches ``(M*B, ...)`` in member chunks.
         members: ensemble size M >= 1.
         init: fast-weight init, ``"ones"`` ([WA]; members start as the base model) or
             ``"normal"`` ([DM]; N(1, 0.5²) from the global torch RNG).
@@ -385,26 +410,14 @@ def to_batchensemble(model: nn.Module, *, members: int, init: str = "ones") -> B
             f"{type(model).__name__} already contains BatchEnsemble layers; pass the plain "
             "base network to to_batchensemble"
         )
+    _refuse_unsupported(model)
     net = copy.deepcopy(model)
+    keep = _kept_shared(net)
     converted: dict[int, nn.Module] = {}  # id(plain layer) -> its BE layer (for shared modules)
     # remove_duplicate=False: a layer registered under two names is replaced under both.
     for name, module in list(net.named_modules(remove_duplicate=False)):
-        if type(module) is nn.Conv2d:
-            be_cls: type[BEConv2d] | type[BELinear] = BEConv2d
-        elif type(module) is nn.Linear:
-            be_cls = BELinear
-        else:
-            if (
-                not isinstance(module, _BatchNorm)
-                and id(module) not in converted
-                and any(True for _ in module.parameters(recurse=False))
-            ):
-                logger.warning(
-                    "%s (%s) has parameters but is not a Conv2d/Linear; it stays shared by all "
-                    "members",
-                    name or "<root>",
-                    type(module).__name__,
-                )
+        be_cls = _BE_TYPES.get(type(module))
+        if be_cls is None or id(module) in keep:
             continue
         if id(module) not in converted:
             converted[id(module)] = be_cls.from_layer(module, members, init)
@@ -419,4 +432,90 @@ def to_batchensemble(model: nn.Module, *, members: int, init: str = "ones") -> B
             f"{type(model).__name__} has no nn.Conv2d or nn.Linear layer to give fast weights; "
             "BatchEnsemble needs at least one"
         )
+    _log_shared(net)
     return BatchEnsemble(net, members)
+
+
+# exact types that get fast weights; subclasses may compute something else and stay shared
+_BE_TYPES: dict[type[nn.Module], type[BEConv2d] | type[BELinear]] = {
+    nn.Conv2d: BEConv2d,
+    nn.Linear: BELinear,
+}
+# shared by design (BatchNorm over the whole M·B batch; the others per example): never logged
+_NORM_LAYERS = tuple(
+    t
+    for t in (_NormBase, nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", None))
+    if t is not None
+)
+
+
+def _refuse_unsupported(model: nn.Module) -> None:
+    """A ConfigError naming the first layer that cannot be copied or converted at all."""
+    for name, module in model.named_modules():
+        where = f"{name or '<root>'} ({type(module).__name__})"
+        if isinstance(module, torch.jit.ScriptModule):
+            raise ConfigError(
+                f"layer {where} is TorchScript, whose layers cannot be swapped for BatchEnsemble "
+                "ones; build the student from the plain nn.Module (before torch.jit.script/trace)"
+            )
+        if any(
+            isinstance(p, nn.parameter.UninitializedParameter)
+            for p in module.parameters(recurse=False)
+        ):
+            raise ConfigError(
+                f"layer {where} has uninitialized (lazy) parameters, whose shapes BatchEnsemble "
+                "needs; run one forward pass on a batch before converting, or use sized layers"
+            )
+
+
+def _kept_shared(net: nn.Module) -> set[int]:
+    """ids of the Conv2d/Linear layers of ``net`` that must stay shared (see to_batchensemble)."""
+    owners: dict[int, int] = {}  # id(parameter) -> number of modules registering it
+    for module in {id(m): m for m in net.modules()}.values():
+        for p in module.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    keep: set[int] = set()
+    for scope in net.modules():
+        if isinstance(scope, nn.MultiheadAttention) or _sequence_first(scope):
+            keep |= {id(m) for m in scope.modules() if m is not scope}
+    for module in net.modules():
+        if type(module) not in _BE_TYPES:
+            continue
+        hooked = bool(module._forward_hooks or module._forward_pre_hooks)
+        tied = any(owners[id(p)] > 1 for p in module.parameters(recurse=False))
+        if hooked or tied or not isinstance(module._parameters.get("weight"), nn.Parameter):
+            keep.add(id(module))
+    return keep
+
+
+def _sequence_first(module: nn.Module) -> bool:
+    """Whether ``module`` works on (sequence, batch, ...) tensors: ``batch_first=False`` on it or
+    on an attention layer directly inside it (``nn.TransformerEncoderLayer`` and its kind)."""
+    if getattr(module, "batch_first", None) is False:
+        return True
+    return any(
+        isinstance(child, nn.MultiheadAttention) and not child.batch_first
+        for child in module.children()
+    )
+
+
+def _log_shared(net: nn.Module) -> None:
+    """One log line: the layers with parameters (besides normalization) left shared by all members."""
+    shared: dict[str, list[str]] = {}  # type name -> module paths
+    seen: set[int] = set()
+    for name, module in net.named_modules():
+        if isinstance(module, BE_LAYERS + _NORM_LAYERS) or id(module) in seen:
+            continue
+        seen.add(id(module))
+        if any(True for _ in module.parameters(recurse=False)):
+            shared.setdefault(type(module).__name__, []).append(name or "<root>")
+    if shared:
+        listing = ", ".join(
+            f"{len(paths)} {kind} ({paths[0]}{', …' if len(paths) > 1 else ''})"
+            for kind, paths in shared.items()
+        )
+        logger.warning(
+            "layers with parameters that stay shared by all members (only nn.Conv2d/nn.Linear "
+            "called on the batch get fast weights): %s",
+            listing,
+        )

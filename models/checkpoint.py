@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from ensc import __version__, faults
-from ensc.errors import CheckpointError, ConfigError
+from ensc.errors import CheckpointError, ConfigError, one_line
 from ensc.fileio import atomic_write, torch_load
+from ensc.models.modes import eval_mode
 
 if TYPE_CHECKING:
     from ensc.data.datasets import ImageDataset
@@ -52,6 +53,7 @@ class ModelSpec:
         *,
         class_names: tuple[str, ...] = (),
         data_root: str = "",
+        arch_kwargs: Mapping[str, Any] | None = None,
     ) -> ModelSpec:
         """The spec of an ``arch`` network trained on ``data``: its classes, input shape, normalization."""
         return cls(
@@ -64,13 +66,16 @@ class ModelSpec:
             class_names=class_names or data.class_names,
             dataset=data.name,
             data_root=data_root,
+            arch_kwargs=dict(arch_kwargs or {}),
         )
 
     def build(self) -> nn.Module:
-        """A freshly initialized model of this spec (weights not loaded)."""
+        """A freshly initialized model of this spec (weights not loaded); user code is checked to
+        return ``[B, num_classes]`` logits on a test batch of this spec's images."""
         from ensc.models import build_model
+        from ensc.models.registry import is_library_arch
 
-        return build_model(
+        model = build_model(
             self.arch,
             num_classes=self.num_classes,
             in_channels=self.in_channels,
@@ -78,6 +83,31 @@ class ModelSpec:
             std=self.std,
             **self.arch_kwargs,
         )
+        if ":" in self.arch and not is_library_arch(self.arch):
+            self._check_logits(model)
+        return model
+
+    @torch.no_grad()
+    def _check_logits(self, model: nn.Module) -> None:
+        """A ConfigError unless ``model`` maps a [2, C, H, W] batch to logits [2, num_classes]."""
+        x = torch.rand(2, self.in_channels, *self.image_size, generator=torch.Generator())
+        shape = f"[2, {self.in_channels}, {self.image_size[0]}, {self.image_size[1]}]"
+        with eval_mode(model):
+            try:
+                out = model(x)
+            except Exception as err:  # whatever the user's code raises
+                raise ConfigError(
+                    f"{self.arch} fails on a test batch {shape}: {one_line(err, join=True)}"
+                ) from err
+        want = [2, self.num_classes]
+        if not isinstance(out, torch.Tensor) or list(out.shape) != want:
+            got = (
+                f"shape {list(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+            )
+            raise ConfigError(
+                f"{self.arch} returns {got} for a batch {shape}, not logits {want}; make it "
+                "build num_classes outputs (take a num_classes argument)"
+            )
 
 
 @dataclass(frozen=True)

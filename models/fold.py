@@ -1,7 +1,8 @@
 """Fold a BatchEnsemble into a plain network of its base architecture: one member's, or the mean's.
 
-BatchNorm is shared by the members, so with fixed fast weights (r, s, b) a BE layer is a plain
-layer with ``W' = W ⊙ (s rᵀ)`` and ``bias' = bias ⊙ s + b``. Weight averaging
+BatchNorm (and every layer without fast weights) is shared by the members, so with fixed fast
+weights (r, s, b) a BE layer is a plain layer with ``W' = W ⊙ (s rᵀ)`` (per group for grouped
+convs) and ``bias' = bias ⊙ s + b``. Weight averaging
 (:mod:`ensc.compress.average`) folds the mean fast weights; fast evaluation folds each member.
 """
 
@@ -12,7 +13,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from ensc.models.batchensemble import BE_LAYERS, BatchEnsemble, BEConv2d, BELinear
+from ensc.models.batchensemble import BE_LAYERS, BatchEnsemble, BEConv2d, BELinear, rank1_scale
 
 
 def member_network(be: BatchEnsemble, member: int) -> nn.Module:
@@ -60,10 +61,8 @@ def _fold_layer(layer: BEConv2d | BELinear, member: int | None = None) -> nn.Con
 
     r_bar = pick(layer.r)  # [M, in] -> [in]
     s_bar = pick(layer.s)  # [M, out] -> [out]
-    weight = f64(layer.weight)  # [out, in, kh, kw] for convs, [out, in] for linears
-    scale = torch.outer(s_bar, r_bar)  # [out, in]
-    scale = scale.view(*scale.shape, *([1] * (weight.dim() - 2)))  # [out, in, 1, 1] for convs
-    weight = weight * scale
+    weight = f64(layer.weight)  # [out, in/groups, kh, kw] for convs, [out, in] for linears
+    weight = weight * rank1_scale(s_bar, r_bar, weight.dim(), getattr(layer, "groups", 1))
     bias = f64(layer.bias) * s_bar if layer.bias is not None else None  # [out]
     if layer.member_bias is not None:
         b_bar = pick(layer.member_bias)  # [M, out] -> [out]

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Normalize", "NormalizedModel"]
+__all__ = ["Normalize", "NormalizedModel", "RepeatChannels"]
 
 
 def _per_channel(
@@ -68,11 +68,30 @@ class Normalize(nn.Module):
         return f"num_channels={self.num_channels}, mean={mean}, std={std}"
 
 
+class RepeatChannels(nn.Module):
+    """Repeat a one-channel image ``channels`` times: grayscale data into an RGB architecture."""
+
+    def __init__(self, channels: int = 3) -> None:
+        super().__init__()
+        self.channels = channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.expand(-1, self.channels, -1, -1)  # [B, 1, H, W] -> [B, channels, H, W]
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}"
+
+
 class NormalizedModel(nn.Sequential):
     """``model(normalize(x))``: gives a model that expects normalized input a [0, 1] interface.
 
     Used by :func:`ensc.models.build_model` for user architectures that take no ``mean``/``std``.
+    ``repeat``: channels a one-channel image is repeated to after normalizing (a
+    :class:`RepeatChannels` named ``to_rgb``, no weights), for RGB-only architectures.
     """
 
-    def __init__(self, normalize: Normalize, model: nn.Module) -> None:
-        super().__init__(OrderedDict([("normalize", normalize), ("model", model)]))
+    def __init__(self, normalize: Normalize, model: nn.Module, repeat: int | None = None) -> None:
+        layers: list[tuple[str, nn.Module]] = [("normalize", normalize)]
+        if repeat is not None:
+            layers.append(("to_rgb", RepeatChannels(repeat)))
+        super().__init__(OrderedDict([*layers, ("model", model)]))

@@ -1,8 +1,10 @@
-"""Build a model by name: registered builders, ``resnet{D}`` / ``wrn{D}x{W}``, or user callables."""
+"""Build a model by name: registered builders, ``resnet{D}`` / ``wrn{D}x{W}``, ``torchvision:NAME`` /
+``timm:NAME``, or user callables."""
 
 from __future__ import annotations
 
 import contextlib
+import difflib
 import functools
 import importlib
 import importlib.machinery
@@ -18,13 +20,21 @@ from typing import Any, TypeVar
 
 from torch import nn
 
-from ensc.errors import ConfigError, one_line
+from ensc.errors import ConfigError, MissingExtraError, one_line
 
 from .normalize import Normalize, NormalizedModel
 from .resnet import resnet, resnet8, resnet14, resnet20, resnet32, resnet44, resnet56, resnet110
 from .wrn import wide_resnet
 
-__all__ = ["build_model", "list_models", "register_model", "trusted_code", "user_callable"]
+__all__ = [
+    "build_model",
+    "call_builder",
+    "is_library_arch",
+    "list_models",
+    "register_model",
+    "trusted_code",
+    "user_callable",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +88,8 @@ def build_model(
 
     Args:
         name: a registered name (see :func:`list_models`), ``resnet{D}`` with D = 6n+2,
-            ``wrn{D}x{W}`` with D = 6n+4, or ``"package.module:callable"`` for your own
+            ``wrn{D}x{W}`` with D = 6n+4, ``torchvision:NAME`` / ``timm:NAME`` (a library's
+            classifier, untrained: :func:`is_library_arch`), or ``"package.module:callable"`` for your own
             architecture (only inside :func:`trusted_code`). The callable is called with ``**kwargs``, plus ``num_classes``,
             ``in_channels``/``mean``/``std`` if its signature names them (one without
             ``num_classes`` must build ``num_classes`` outputs itself); if it does not name
@@ -91,6 +102,8 @@ def build_model(
         **kwargs: passed on to the builder (e.g. ``dropout`` for Wide ResNets).
     """
     common = dict(num_classes=num_classes, in_channels=in_channels, mean=mean, std=std)
+    if is_library_arch(name):
+        return _build_library_model(name, **common, **kwargs)
     if ":" in name:
         return _build_user_model(name, **common, **kwargs)
     if name in _MODELS:
@@ -101,8 +114,8 @@ def build_model(
         return wide_resnet(int(match[1]), int(match[2]), **common, **kwargs)
     raise ValueError(
         f"Unknown model {name!r}. Available: {', '.join(list_models())}; also resnet{{D}} "
-        "for any depth D = 6n+2, wrn{D}x{W} for any depth D = 6n+4 and width W, or "
-        "'package.module:callable' for your own architecture"
+        "for any depth D = 6n+2, wrn{D}x{W} for any depth D = 6n+4 and width W, "
+        "torchvision:NAME or timm:NAME, or 'package.module:callable' for your own architecture"
     )
 
 
@@ -116,6 +129,24 @@ def _build_user_model(
     **kwargs: Any,
 ) -> nn.Module:
     fn = user_callable(name)
+    return call_builder(
+        fn, name, num_classes=num_classes, in_channels=in_channels, mean=mean, std=std, **kwargs
+    )
+
+
+def call_builder(
+    fn: Callable[..., Any],
+    name: str,
+    *,
+    num_classes: int,
+    in_channels: int,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    **kwargs: Any,
+) -> nn.Module:
+    """``fn(**kwargs)`` plus ``num_classes``/``in_channels``/``mean``/``std`` where its signature
+    takes them; wrapped in :class:`NormalizedModel` when it does not normalize itself. ``name``
+    is what error messages call it."""
     params, var_keyword = _keyword_params(fn)
     # a builder that fixes its own number of classes (no num_classes argument) is checked below
     takes_classes = params is None or "num_classes" in params or var_keyword
@@ -138,15 +169,116 @@ def _build_user_model(
     model = fn(**call_kwargs)
     if not isinstance(model, nn.Module):
         raise TypeError(f"{name!r} returned {type(model).__name__}, expected a torch.nn.Module")
-    classifier = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not takes_classes and classifier and classifier[-1].out_features != num_classes:
-        raise ValueError(
-            f"{name!r} takes no num_classes argument and builds {classifier[-1].out_features} "
-            f"outputs, but the data has {num_classes} classes"
-        )
+    if not takes_classes:
+        _check_fixed_classes(model, name, num_classes)
     if not takes_norm and (mean is not None or std is not None):
         model = NormalizedModel(Normalize(in_channels, mean, std), model)
     return model
+
+
+def _check_fixed_classes(model: nn.Module, name: str, num_classes: int) -> None:
+    """Refuse a builder without ``num_classes`` none of whose layers has ``num_classes`` outputs
+    (any layer may be the classifier: a 1x1 conv head after squeeze-excitation Linears, ...)."""
+    linears = [m.out_features for m in model.modules() if isinstance(m, nn.Linear)]
+    convs = [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
+    if linears and num_classes not in linears + convs:
+        raise ValueError(
+            f"{name!r} takes no num_classes argument and builds {linears[-1]} outputs, but the "
+            f"data has {num_classes} classes; give it a num_classes argument"
+        )
+
+
+LIBRARIES = ("torchvision", "timm")  # trusted like ensc's own: their names run no user code
+
+
+def is_library_arch(name: str) -> bool:
+    """Whether ``name`` is ``torchvision:NAME`` or ``timm:NAME``: built without --code-path."""
+    return name.partition(":")[0] in LIBRARIES and ":" in name
+
+
+def _build_library_model(
+    name: str,
+    *,
+    num_classes: int,
+    in_channels: int,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    **kwargs: Any,
+) -> nn.Module:
+    """An untrained torchvision/timm classifier, normalizing inside (grayscale repeated to RGB for
+    torchvision, whose models take 3 channels; timm's take ``in_chans``)."""
+    library, _, arch = name.partition(":")
+    taken = sorted({"weights", "pretrained", "in_chans"} & set(kwargs))
+    if taken:
+        raise ConfigError(
+            f"{name}: ensc sets {', '.join(taken)} itself (untrained, the data's channels); "
+            "drop it from the architecture's arguments"
+        )
+    repeat = None
+    try:
+        if library == "timm":
+            model = _timm_model(arch, num_classes, in_channels, kwargs)
+        else:
+            repeat = _rgb_repeat(name, in_channels)
+            model = _torchvision_model(arch, num_classes, kwargs)
+    except (TypeError, ValueError) as err:  # bad arguments for that architecture
+        raise ConfigError(
+            f"cannot build {name} with arguments {kwargs}: {one_line(err, join=True)}"
+        ) from err
+    if repeat is not None or mean is not None or std is not None:
+        return NormalizedModel(Normalize(in_channels, mean, std), model, repeat=repeat)
+    return model
+
+
+def _rgb_repeat(name: str, in_channels: int) -> int | None:
+    """3 for grayscale data (the channel is repeated), None for RGB; other counts are refused."""
+    if in_channels == 3:
+        return None
+    if in_channels == 1:
+        return 3
+    raise ConfigError(
+        f"{name} takes 3-channel images and the data has {in_channels}; use timm:NAME "
+        "(built with in_chans) or your own architecture"
+    )
+
+
+def _torchvision_model(arch: str, num_classes: int, kwargs: dict[str, Any]) -> nn.Module:
+    from torchvision import models
+
+    _check_library_name("torchvision", arch, models.list_models(module=models))
+    return models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
+
+
+def _timm_model(arch: str, num_classes: int, in_channels: int, kwargs: dict[str, Any]) -> nn.Module:
+    try:
+        import timm
+    except ImportError as err:
+        raise MissingExtraError(
+            f"timm:{arch} needs the timm package: pip install 'ensc[timm]'"
+        ) from err
+    if not timm.is_model(arch):
+        _check_library_name("timm", arch, timm.list_models())
+    return timm.create_model(
+        arch, pretrained=False, num_classes=num_classes, in_chans=in_channels, **kwargs
+    )
+
+
+def _check_library_name(library: str, arch: str, names: Sequence[str]) -> None:
+    """A one-line ConfigError for a name the library does not have, with the closest ones."""
+    if arch in names:
+        return
+    close = [f"{library}:{n}" for n in difflib.get_close_matches(arch, names, n=5, cutoff=0.6)]
+    listing = _LIBRARY_LISTS[library]
+    raise ConfigError(
+        f"{library} has no classifier named {arch!r}; "
+        f"{'close matches: ' + ', '.join(close) if close else 'no close match'} (all: {listing})"
+    )
+
+
+_LIBRARY_LISTS = {
+    "torchvision": "torchvision.models.list_models(module=torchvision.models)",
+    "timm": "timm.list_models()",
+}
 
 
 @dataclass(frozen=True)

@@ -118,6 +118,7 @@ def _build_arch(
 ) -> nn.Module:
     """The architecture of ``entry``, sized from its arguments or else from the weights."""
     from ensc.models import build_model
+    from ensc.models.registry import is_library_arch
 
     kwargs = {k: v for k, v in entry.kwargs.items() if k not in ("num_classes", "in_channels")}
     num_classes = entry.kwargs.get("num_classes")
@@ -130,7 +131,8 @@ def _build_arch(
             )
         num_classes = int(last[-1].shape[0])
     arch = entry.arch
-    fn = _user_callable(arch, where) if ":" in arch else None
+    # torchvision:NAME / timm:NAME are built by the registry, like ensc's own names
+    fn = _user_callable(arch, where) if ":" in arch and not is_library_arch(arch) else None
     try:
         if fn is None:
             return build_model(arch, num_classes=num_classes, in_channels=channels, **kwargs)

@@ -43,6 +43,7 @@ class TeacherTrainConfig:
     resume: bool = False  # keep finished members (refused unless of these settings), continue an interrupted one
     code_path: Path | None = None  # folder of the code of an --arch package.module:callable
     unsafe_load: bool = False  # allow an --arch callable from any importable module
+    save_every: int | None = None  # mid-epoch saves: every N steps, 0 never, None ~10 min
 
 
 def member_path(out: Path, k: int) -> Path:
@@ -60,12 +61,13 @@ _OURS = re.compile(
 # the flag that sets each recorded setting (those without one are named by their field)
 _FLAGS = {
     "data": {"name": "--dataset", "root": "--data-root", "val_size": "--val-size",
-             "train_subset": "--train-subset", "test_subset": "--test-subset", "seed": "--data-seed"},
+             "train_subset": "--train-subset", "test_subset": "--test-subset", "seed": "--data-seed",
+             "mode": "--data-mode", "image_size": "--image-size"},
     "optim": {"epochs": "--epochs", "batch_size": "--batch-size", "lr": "--lr",
               "weight_decay": "--weight-decay", "warmup_epochs": "--warmup-epochs",
               "max_steps": "--max-steps"},
 }  # fmt: skip
-_NOT_SETTINGS = {"download"}  # DataConfig fields that do not change the data
+_NOT_SETTINGS = {"download", "workers"}  # DataConfig fields that do not change the data
 
 
 def check_output_folder(config: TeacherTrainConfig) -> None:
@@ -249,6 +251,8 @@ def _train_member(config: TeacherTrainConfig, runtime: Runtime, data: ImageDatas
         desc=f"member {k + 1}/{config.members}",
         identity=_identity(config, data, k),
         after_epoch=lambda epochs: faults.point("train.epoch_saved"),
+        save_every=config.save_every,
+        after_save=lambda steps: faults.point("train.step_saved"),
     )
     val_probs = predict_probs(model, data.val, runtime)
     metrics = {

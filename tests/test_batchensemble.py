@@ -92,8 +92,6 @@ def test_init_ones_and_normal() -> None:
 
 
 def test_layer_errors() -> None:
-    with pytest.raises(ValueError, match="groups=1"):
-        BEConv2d(4, 4, 3, groups=2, members=2)
     with pytest.raises(ValueError, match="unknown fast-weight init 'uniform'"):
         BELinear(2, 2, members=2, init="uniform")
     with pytest.raises(ValueError, match="members must be >= 1"):

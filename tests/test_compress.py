@@ -128,7 +128,7 @@ def test_parity_gate_fails_after_writing_report(tiny_teacher: Path, tmp_path: Pa
         runs_dir=tmp_path / "runs",
     )
     with pytest.raises(CompressParityError, match="parity gate failed"):
-        run_compress(config, resolve_runtime("cpu"))
+        run_compress(config, resolve_runtime("cpu")).check()  # the gate: after writing
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["parity"]["passed"] is False and (tmp_path / "run" / "student.pt").exists()
 

@@ -212,6 +212,38 @@ def test_killed_at_any_point_then_resumed_ends_as_the_uninterrupted_run(
     assert "resuming after epoch 2" in (run / "log.txt").read_text()  # not trained again
 
 
+def test_killed_mid_epoch_resumes_from_its_last_step_save_to_the_same_weights(
+    tiny_teacher: Path, tmp_path: Path
+):
+    """--save-every (issue 15): a run killed inside an epoch loses only the steps since its last
+    step save, even when killed while writing one, and ends bit for bit as the uninterrupted run
+    (ODS draws random numbers, batches are augmented: both resume where they were)."""
+    ods = ("--perturb", "ods")
+    result = run_cli(*compress(tiny_teacher, *ods, "--out", "ref"), cwd=tmp_path)
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    # saves after steps 2 and 4, killed inside step 5 (the last of epoch 1)
+    start = compress(tiny_teacher, *ods, "--out", str(run), "--save-every", "2")
+    killed(start, "compress.step:5", tmp_path)
+    # --save-every is no part of the run's identity: saves after 5 (epoch end), 6, then dies
+    # while writing the one after step 7, which leaves the one after step 6
+    resume = compress(tiny_teacher, *ods, "--out", str(run), "--resume", "--save-every", "1")
+    killed(resume, "save..state.pt:3", tmp_path)
+    assert [n for n in names(run) if n.endswith(".tmp")][0].startswith("..state.pt.")
+    result = run_cli(*compress(tiny_teacher, *ods, "--out", str(run), "--resume"), cwd=tmp_path)
+    assert result.exit_code == 0, result.output
+    assert names(run) == RUN_FILES
+    log = (run / "log.txt").read_text()
+    assert "resuming at step 4 (epoch 1, after batch 4 of 5)" in log  # not at 0 nor at an epoch end
+    assert "resuming at step 6 (epoch 2, after batch 1 of 5)" in log
+    for name in ("student.pt", "student_be.pt"):
+        got = load_checkpoint(run / name).state_dict
+        want = load_checkpoint(tmp_path / "ref" / name).state_dict
+        assert got.keys() == want.keys(), name
+        for key, value in want.items():
+            assert torch.equal(got[key], value), f"{name} {key}"
+
+
 def test_interrupted_force_is_never_exported_and_ends_as_one_new_run(
     tiny_teacher: Path, exported, reference: Path, tmp_path: Path
 ):

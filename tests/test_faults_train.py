@@ -93,6 +93,35 @@ def test_killed_train_resumes_to_the_uninterrupted_teacher(point, left, referenc
             torch.testing.assert_close(got.state_dict[key], value, msg=f"member{k} {key}")
 
 
+@pytest.mark.parametrize(
+    ("point", "left", "resumed"),
+    [
+        # member 0 saves after step 3, 4 (epoch end), 6, 8 (epoch end): killed writing the last
+        ("save..member0.state.pt:4", {".member0.state.pt", "tmp"},
+         "member 1/2: resuming at step 6 (epoch 2, after batch 2 of 4)"),
+        # member 1 killed right after its first step save (member 0 reached the point twice)
+        ("train.step_saved:3", {"member0.pt", ".member1.state.pt"},
+         "member 2/2: resuming at step 3 (epoch 1, after batch 3 of 4)"),
+    ],
+)  # fmt: skip
+def test_killed_mid_epoch_train_resumes_from_its_last_step_save(
+    point, left, resumed, reference, tmp_path
+):
+    """--save-every (issue 15): `ensc train` killed inside an epoch, even while writing a step
+    save, resumes from the last complete one and ends bit for bit as the uninterrupted teacher."""
+    out = tmp_path / "ckpts"
+    _killed(out, point, "--save-every", "3")
+    assert {"tmp" if p.name.endswith(".tmp") else p.name for p in out.iterdir()} == left
+    result = run_cli(*TRAIN, "--out", str(out), "--resume")  # not -q: the log says where
+    assert result.exit_code == 0, result.output
+    assert resumed in result.output
+    assert _names(out) == ["member0.pt", "member1.pt"]
+    for k in range(2):
+        got = load_checkpoint(out / f"member{k}.pt").state_dict
+        for key, value in load_checkpoint(reference / f"member{k}.pt").state_dict.items():
+            assert torch.equal(got[key], value), f"member{k} {key}"
+
+
 def test_interrupted_force_leaves_no_old_member_to_resume(reference, tmp_path):
     out = tmp_path / "ckpts"
     shutil.copytree(reference, out)

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ensc.data.datasets import DataConfig, load_dataset
+from ensc.data.datasets import DataConfig, Split, load_dataset
+from ensc.engine import loop
 from ensc.engine.loop import OptimConfig, StepResult, train
 from ensc.engine.runtime import resolve_runtime
 from ensc.engine.schedule import warmup_cosine
@@ -198,3 +199,89 @@ def test_eval_mode_restores_each_mode_even_on_errors():
         assert not a.training and not b.training
         raise Interrupt
     assert a.training and not b.training
+
+
+def _noisy_run(
+    state: Path, *, save_every: int | None, stop_at: int | None = None, resume: bool = False
+) -> tuple[torch.nn.Module, dict]:
+    """A small net with dropout (torch's global RNG) whose step adds noise from a generator of
+    its own, on augmented batches: 297 images of 50, 5 steps an epoch, 3 epochs. ``stop_at``: the
+    step call that raises (the step before it is the last one done)."""
+    data = load_dataset(DataConfig("fashion-mnist", train_subset=330, test_subset=10))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3, stride=2), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+        torch.nn.Flatten(), torch.nn.Dropout(0.3), torch.nn.LazyLinear(10),
+    )  # fmt: skip
+    model(torch.zeros(1, 1, 28, 28))  # materialize the lazy layer
+    noise = torch.Generator().manual_seed(11)
+    calls = {"n": 0}
+
+    def step(x: torch.Tensor, y: torch.Tensor, backward) -> StepResult:
+        calls["n"] += 1
+        if calls["n"] == stop_at:
+            raise Interrupt
+        loss = F.cross_entropy(model(x + 0.1 * torch.randn(x.shape, generator=noise)), y)
+        backward(loss)
+        return StepResult(loss.detach(), 1, len(y))
+
+    if resume:  # a new process: other weights and another global RNG state until resumed
+        torch.manual_seed(123)
+        for p in model.parameters():
+            torch.nn.init.normal_(p)
+    history = train(
+        model, step, data.train, OptimConfig(epochs=3, batch_size=50), resolve_runtime("cpu"),
+        seed=7, state_path=state, resume=resume, hflip=True, save_every=save_every,
+        generators=[noise],
+    )  # fmt: skip
+    return model, history
+
+
+@pytest.mark.parametrize(
+    ("save_every", "stop_at", "resumed_at"),
+    [(2, 4, 2), (2, 9, 8), (0, 9, 5), (3, 10, 9)],  # epoch 1, epoch 2, its start, epoch 2 again
+)
+def test_resume_from_a_step_checkpoint_matches_the_uninterrupted_run(
+    tmp_path: Path, save_every: int, stop_at: int, resumed_at: int
+):
+    """Killed after k steps (inside the 1st or 2nd epoch), resumed from the last save: the same
+    weights bit for bit, the same history (dropout, noise generator and augmentation resume too)."""
+    straight, want = _noisy_run(tmp_path / "a.pt", save_every=None)
+    with pytest.raises(Interrupt):
+        _noisy_run(tmp_path / "b.pt", save_every=save_every, stop_at=stop_at)
+    resumed, got = _noisy_run(tmp_path / "b.pt", save_every=1, resume=True)  # may change it
+    assert got["resumed_steps"] == resumed_at and got["steps"] == want["steps"] == 15
+    assert got["epochs"] == want["epochs"]  # the resumed epoch's mean loss too
+    for (name, a), b in zip(
+        straight.state_dict().items(), resumed.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize(
+    ("save_every", "seconds", "saved"),
+    [(None, 0.0, [1, 2, 3, 4, 6, 7, 8, 9]), (None, 600.0, []), (0, 0.0, []), (4, 600.0, [4, 8])],
+)
+def test_mid_epoch_saves_come_when_due_and_never_at_an_epoch_end(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, save_every, seconds, saved
+):
+    """Time-based by default (SAVE_EVERY_SECONDS), every N steps, or never (0); an epoch's end
+    saves anyway, so no mid-epoch save falls on it (2 epochs of 5 steps here)."""
+    monkeypatch.setattr(loop, "SAVE_EVERY_SECONDS", seconds)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    data = Split(torch.zeros(50, 1, 2, 2, dtype=torch.uint8), torch.zeros(50, dtype=torch.long))
+    steps: list[int] = []
+    train(
+        model, _cross_entropy_step(model), data, OptimConfig(epochs=2, batch_size=10),
+        resolve_runtime("cpu"), state_path=tmp_path / "s.pt", save_every=save_every,
+        after_save=steps.append,
+    )  # fmt: skip
+    assert steps == saved
+
+
+def test_negative_save_every_is_refused():
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    data = Split(torch.zeros(8, 1, 2, 2, dtype=torch.uint8), torch.zeros(8, dtype=torch.long))
+    with pytest.raises(ConfigError, match="--save-every must be 0 or more steps; got -1"):
+        train(model, _cross_entropy_step(model), data, OptimConfig(epochs=1, batch_size=4),
+              resolve_runtime("cpu"), save_every=-1)  # fmt: skip

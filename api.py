@@ -1,0 +1,298 @@
+"""ensc as a library: ``ensc.compress_ensemble``, ``ensc.export_onnx``, ``ensc.benchmark``.
+
+The CLI is a layer over these functions (``ensc compress`` calls :func:`compress_ensemble`), so a
+notebook and a shell run the same code and raise the same :class:`ensc.errors.EnscError` types.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ensc.compress.config import compress_config
+from ensc.compress.pipeline import CompressResult, Sources, run_compress
+from ensc.data.catalog import PYTHON_DATA
+from ensc.data.datasets import DataConfig, ImageDataset, balanced_indices, load_dataset
+from ensc.engine.runtime import resolve_runtime
+from ensc.errors import ConfigError
+from ensc.models.checkpoint import ModelSpec
+from ensc.models.registry import call_builder
+
+if TYPE_CHECKING:
+    from ensc.data.from_torch import TorchData
+    from ensc.export.bench import BenchResult
+    from ensc.export.pipeline import ExportResult
+    from ensc.export.sources import CheckImages, Exportable
+
+__all__ = ["CompressResult", "benchmark", "compress_ensemble", "export_onnx"]
+
+StudentLike = str | nn.Module | Callable[..., nn.Module]
+
+
+def compress_ensemble(
+    teachers: str | Path | Sequence[nn.Module],
+    student: StudentLike,
+    *,
+    train_data: TorchData | None = None,
+    test_data: TorchData | None = None,
+    val_data: TorchData | None = None,
+    out: str | Path | None = None,
+    save: bool | None = None,
+    device: str = "auto",
+    amp: bool | None = None,
+    channels_last: bool | None = None,
+    hflip: bool = True,
+    check: bool = True,
+    **options: Any,
+) -> CompressResult:
+    """Distill ``teachers`` into a BatchEns student of ``student``'s architecture and average it
+    into one network (what ``ensc compress`` does; its flags are the keyword ``options``, e.g.
+    ``steps=300, perturb="ods", seed=1, method="kd-single"``).
+
+    Args:
+        teachers: a folder of member files, a manifest (``ensemble.json``) or a glob, as
+            ``ensc compress --teacher`` takes; or the member networks themselves (each takes
+            pixels in [0, 1] and returns logits).
+        student: an architecture name (``"resnet32"``, ``"torchvision:resnet18"``, ...), a network
+            (copied; its weights are the starting point unless a teacher member matches it), or a
+            builder called with ``num_classes`` (and ``in_channels``, ``mean``, ``std``) if it
+            accepts them.
+        train_data, test_data, val_data: torch Datasets (or DataLoaders over them) of
+            ``(image, label)``, images as PIL images, uint8 tensors or [0, 1] float tensors of one
+            size; read into memory (a DataLoader's batch size is used unless ``batch_size=``
+            is given; ensc shuffles and augments itself). Without ``val_data`` validation is
+            carved from ``train_data``.
+            Without any: the data the teacher was trained on, or ``dataset=``/``data_root=``.
+        out: write the run folder there as it goes (resumable with ``resume=True``); without it
+            nothing touches the disk until :meth:`CompressResult.save`.
+        save: write a run folder even without ``out`` (under ``runs_dir``, as the CLI does).
+        device, amp, channels_last: as ``ensc compress --device/--amp/--channels-last``.
+        hflip: whether horizontal flips are a valid augmentation of ``train_data``.
+        check: raise CompressParityError when the averaged network lost the BE student's
+            accuracy (the report is still written when ``out`` is given).
+
+    Returns the :class:`CompressResult`: ``.network`` (the averaged ``nn.Module``), ``.student``
+    (the BatchEns student), ``.report`` (report.json's dict), ``.save(path)``. None on the
+    non-main processes of a torchrun launch.
+    """
+    runtime = resolve_runtime(device, amp, channels_last)
+    loader_batch = getattr(train_data, "batch_size", None)  # a DataLoader's, unless one is given
+    if isinstance(train_data, DataLoader) and loader_batch and "batch_size" not in options:
+        options["batch_size"] = loader_batch
+    teacher_path = None if _is_module_list(teachers) else Path(teachers)  # type: ignore[arg-type]
+    arch, build, arch_kwargs = _student_builder(student, options.pop("arch_kwargs", None))
+    if arch_kwargs:
+        options["arch_kwargs"] = arch_kwargs
+    config = compress_config(teacher=teacher_path, arch=arch, out=Path(out) if out else None,
+                             **options)  # fmt: skip
+    sources = Sources(build_student=build)
+    if train_data is not None or teacher_path is None:
+        data, data_config = _data(config, train_data, test_data, val_data, hflip)
+        sources = replace(sources, data=data, data_config=data_config)
+    if teacher_path is None:
+        from ensc.teachers.from_modules import teacher_from_modules
+
+        sources = replace(sources, teacher=teacher_from_modules(teachers, sources.data))  # type: ignore[arg-type]
+    write = save if save is not None else out is not None
+    result = run_compress(config, runtime, sources, write=write)
+    if check and result is not None:  # after writing: a failed run's report is there to read
+        result.check()
+    return result  # type: ignore[return-value]
+
+
+def export_onnx(
+    model: CompressResult | nn.Module | str | Path,
+    path: str | Path | None = None,
+    *,
+    images: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    precision: str = "fp32",
+    force: bool = False,
+    **options: Any,
+) -> ExportResult:
+    """Export one network to ONNX and check it against PyTorch (as ``ensc export --onnx``).
+
+    ``model`` is a :class:`CompressResult` (its averaged network, checked on its test images;
+    once saved, the ONNX file records the sha256 of its ``student.pt`` as the CLI's does), a run
+    folder or checkpoint path, or any network taking [0, 1] pixels, checked on ``images``
+    ([N, C, H, W] in [0, 1], with ``labels`` for the fp16/int8 accuracy gate). ``path``: where
+    the .onnx file goes (for a saved run or a path, default: next to the network). ``options``
+    are :class:`ensc.export.pipeline.ExportConfig` fields (``opset``, ``atol``...). Raises
+    ExportParityError (after writing ``path.failed``) when a gate fails.
+    """
+    from ensc.export.pipeline import ExportConfig, check_out, run_export, write_export
+    from ensc.export.quantize import check_precision
+    from ensc.export.sources import load_exportable, onnx_path
+
+    check_precision(precision)
+    config = ExportConfig(precision=precision, force=force, out=_opt_path(path), **options)
+    if isinstance(model, (str, Path)):
+        kind = "model" if Path(model).is_file() else "run"
+        return run_export(replace(config, **{kind: Path(model)}))
+    saved = isinstance(model, CompressResult) and model.run_dir is not None
+    exportable = (
+        load_exportable("student", run=model.run_dir) if saved else _exportable(model, images)
+    )
+    if path is None and not saved:
+        raise ConfigError(
+            "export_onnx needs a path for the .onnx file of a network not saved in a run"
+        )
+    out = Path(path) if path is not None else onnx_path(exportable.default_out, precision)
+    check_out(out, force)
+    check = _check_images(model, exportable, images, labels, config.check_samples)
+    return write_export(exportable, check, config, out)
+
+
+def benchmark(
+    run: CompressResult | str | Path | None = None, *, teacher: str | Path | None = None,
+    **options: Any,
+) -> BenchResult:  # fmt: skip
+    """Time the run's teacher, BE student and averaged network in PyTorch and onnxruntime side by
+    side (as ``ensc bench``); ``options`` are :class:`ensc.export.bench.BenchConfig` fields
+    (``batch_sizes``, ``repeats``, ``threads``, ``provider``...). A CompressResult must be saved
+    (``result.save(path)``); its accuracy column uses the result's test images."""
+    from ensc.export.bench import BenchConfig, run_bench
+
+    images = None
+    if isinstance(run, CompressResult):
+        if run.run_dir is None:
+            raise ConfigError("benchmark needs a saved run: call result.save(path) first")
+        images = _result_images(run, options.get("test_samples", BenchConfig.test_samples))
+        run = run.run_dir
+    if "batch_sizes" in options:
+        options["batch_sizes"] = tuple(options["batch_sizes"])
+    return run_bench(BenchConfig(**options), run=_opt_path(run), teacher=_opt_path(teacher),
+                     images=images)  # fmt: skip
+
+
+def _is_module_list(teachers: Any) -> bool:
+    if isinstance(teachers, (str, Path)):
+        return False
+    if isinstance(teachers, Sequence) and all(isinstance(t, nn.Module) for t in teachers):
+        return True
+    raise ConfigError(
+        f"teachers must be a folder, a manifest or a list of nn.Module networks; got {type(teachers).__name__}"
+    )
+
+
+def _student_builder(
+    student: StudentLike, arch_kwargs: dict[str, Any] | None
+) -> tuple[str, Callable[[ModelSpec], nn.Module] | None, dict[str, Any]]:
+    """(the arch name recorded, a builder for networks handed over, the builder's kwargs)."""
+    kwargs = dict(arch_kwargs or {})
+    if isinstance(student, str):
+        return student, None, kwargs
+    if isinstance(student, nn.Module):
+        if kwargs:
+            raise ConfigError("arch_kwargs apply to a student builder or name, not to a network")
+        template = copy.deepcopy(student).cpu()
+        return _qualified(type(student)), lambda spec: copy.deepcopy(template), kwargs
+    if callable(student):
+        name = _qualified(student)
+
+        def build(spec: ModelSpec) -> nn.Module:
+            return call_builder(student, name, num_classes=spec.num_classes,
+                                in_channels=spec.in_channels, mean=spec.mean, std=spec.std,
+                                **spec.arch_kwargs)  # fmt: skip
+
+        return name, build, kwargs
+    raise ConfigError(
+        f"student must be an architecture name, an nn.Module or a builder; got {type(student).__name__}"
+    )
+
+
+def _qualified(obj: Any) -> str:
+    """``package.module:Name``, how ensc records an architecture."""
+    return f"{getattr(obj, '__module__', '?')}:{getattr(obj, '__qualname__', type(obj).__name__)}"
+
+
+def _data(
+    config: Any, train: TorchData | None, test: TorchData | None, val: TorchData | None, hflip: bool
+) -> tuple[ImageDataset, DataConfig]:
+    """The data handed over (torch datasets), or the named dataset teachers from Python train on."""
+    overrides = {k: v for k, v in config.data_overrides.items() if v is not None}
+    if train is None:
+        if "name" not in overrides:
+            raise ConfigError(
+                "teachers handed over as networks need data: pass train_data= and test_data=, or dataset="
+            )
+        data_config = DataConfig(**overrides)
+        return load_dataset(data_config), data_config
+    if test is None:
+        raise ConfigError("train_data needs test_data too (the report is measured on it)")
+    from ensc.data.from_torch import dataset_from_torch
+
+    overrides.pop("root", None)
+    data_config = DataConfig(**{**overrides, "name": PYTHON_DATA})
+    return dataset_from_torch(train, test, val, config=data_config, hflip=hflip), data_config
+
+
+def _exportable(model: Any, images: torch.Tensor | None) -> Exportable:
+    """The export wrapper of an unsaved CompressResult's network, or of a bare network."""
+    from ensc.export.sources import Exportable
+    from ensc.export.wrappers import SingleNetwork
+
+    if isinstance(model, CompressResult):
+        net, spec = model.network, model._files.spec
+    elif isinstance(model, nn.Module):
+        if images is None:
+            raise ConfigError(
+                "export_onnx of a network needs images= ([N, C, H, W] in [0, 1]) to check it on"
+            )
+        net = model.eval()
+        with torch.no_grad():
+            k = net(_as_float(images[:1])).shape[-1]
+        spec = ModelSpec(arch=_qualified(type(model)), num_classes=int(k), in_channels=images.shape[1],
+                         image_size=tuple(images.shape[2:]), mean=(), std=())  # fmt: skip
+    else:
+        raise ConfigError(
+            f"export_onnx takes a CompressResult, a network or a path; got {type(model).__name__}"
+        )
+    return Exportable(module=SingleNetwork(copy.deepcopy(net).cpu()).eval(), spec=spec,
+                      what="student", members=1, sources=(), archs=(spec.arch,),
+                      recorded_data=None, default_out=Path("student.onnx"))  # fmt: skip
+
+
+def _check_images(
+    model: Any, exportable: Exportable, images: torch.Tensor | None, labels: torch.Tensor | None,
+    n: int,
+) -> CheckImages:  # fmt: skip
+    """The parity images: the result's test images, or those given (labels: the network's own
+    predictions when not given)."""
+    if isinstance(model, CompressResult):
+        return _result_images(model, n)
+    from ensc.export.sources import CheckImages
+
+    images = _as_float(images)
+    if labels is None:
+        with torch.no_grad():
+            labels = exportable.module(images)[0].argmax(-1)
+    return CheckImages(dataset=PYTHON_DATA, test_images=images, test_labels=labels,
+                       calib_images=images)  # fmt: skip
+
+
+def _result_images(result: CompressResult, n: int) -> CheckImages:
+    """A class-balanced, seeded subset of ``n`` of the result's test images (calibration too)."""
+    from ensc.export.sources import CheckImages
+
+    test = result._files.test_split
+    pick = balanced_indices(test.labels, min(n, len(test)), torch.Generator().manual_seed(0))
+    images = test.take(pick).images.float().div(255)
+    name = result.report.get("dataset", PYTHON_DATA)
+    return CheckImages(dataset=name, test_images=images, test_labels=test.labels[pick],
+                       calib_images=images)  # fmt: skip
+
+
+def _as_float(images: torch.Tensor) -> torch.Tensor:
+    return images.float().div(255) if images.dtype == torch.uint8 else images.float()
+
+
+def _opt_path(value: str | Path | None) -> Path | None:
+    return Path(value) if value is not None else None

@@ -1,0 +1,118 @@
+"""The Python API (ensc.compress_ensemble, export_onnx, benchmark): the README's example runs, and
+it shares the CLI's run folder and report."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import ensc
+from ensc.data.datasets import DataConfig, load_dataset
+from ensc.errors import ConfigError, DataError
+from ensc.teachers.ensemble import load_teacher
+from tests.conftest import REPO
+
+# the tiny run's settings, as keywords (tests/conftest.py TINY_COMPRESS)
+TINY = dict(epochs=1, batch_size=32, max_steps=2, perturb="none", max_acc_drop=100.0)
+
+
+def readme_example() -> str:
+    """The ```python block of the README's "Use it from Python" section."""
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Use it from Python", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+@pytest.fixture(scope="module")
+def fashion():
+    data = load_dataset(DataConfig("fashion-mnist", train_subset=400, test_subset=200))
+    train = TensorDataset(data.train.images, data.train.labels)
+    test = TensorDataset(data.test.images, data.test.labels)
+    return train, test
+
+
+def test_readme_example_runs_and_matches_the_cli_report(
+    tiny_teacher, tiny_run, tmp_path, monkeypatch
+):
+    code = readme_example()
+    # the same code at test size: the tiny teacher, a smaller subset, a few steps
+    code = code.replace("train_subset=6000, test_subset=2000", "train_subset=400, test_subset=200")
+    code = re.sub(r"steps=\d+", "steps=3", code)
+    code = code.replace("repeats=20", "repeats=2")
+    (tmp_path / "runs" / "demo").mkdir(parents=True)
+    (tmp_path / "runs" / "demo" / "ckpts").symlink_to(tiny_teacher)
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    result = scope["result"]
+    cli_report = json.loads((tiny_run / "report.json").read_text())
+    assert set(result.report) == set(cli_report)
+    assert isinstance(scope["network"], nn.Module)
+    run = tmp_path / "runs" / "api"
+    saved = json.loads((run / "report.json").read_text())
+    assert saved["student_avg"] == result.report["student_avg"]
+    for name in ("student.pt", "student_be.pt", "report.md", "config.json", "student.onnx"):
+        assert (run / name).is_file(), name
+    assert not (run / ".incomplete").exists()  # saved runs are finished
+    assert result.report["train"]["steps"] == 3
+    assert onnx.load(str(run / "student.onnx")).graph.input[0].name
+    assert {r.family for r in scope["bench"].rows} == {"teacher", "student-be", "student"}
+
+
+def test_teachers_as_modules_and_a_builder_without_num_classes(tiny_teacher, fashion):
+    members = load_teacher(tiny_teacher).members
+    train, test = fashion
+
+    def small_net():  # builds its own 10 outputs: takes no num_classes
+        return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))  # fmt: skip
+
+    result = ensc.compress_ensemble(members, small_net, train_data=DataLoader(train, batch_size=32),
+                                    test_data=test, **TINY)  # fmt: skip
+    assert result.run_dir is None  # nothing written without out=
+    assert result.report["settings"]["teacher"].startswith("2 networks from Python")
+    x = torch.rand(4, 1, 28, 28)
+    assert result.network(x).shape == (4, 10)
+    assert result.report["parity"]["fold_max_abs_diff"] < 1e-4
+
+
+def test_student_network_and_out_writes_as_it_goes(tiny_teacher, fashion, tmp_path):
+    train, test = fashion
+    student = load_teacher(tiny_teacher).members[0]  # a resnet8 network, used as the template
+    result = ensc.compress_ensemble(tiny_teacher, student, train_data=train, test_data=test,
+                                    out=tmp_path / "run", **TINY)  # fmt: skip
+    assert result.run_dir == tmp_path / "run"
+    assert (tmp_path / "run" / "report.json").is_file()
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["data"]["name"] == "python"
+    with pytest.raises(ConfigError, match="exists|already finished|--force"):
+        result.save(tmp_path / "run")
+
+
+def test_bad_inputs_say_what_is_wrong(tiny_teacher, fashion):
+    train, test = fashion
+    normalized = TensorDataset((train.tensors[0].float() - 128) / 64, train.tensors[1])
+    with pytest.raises(DataError, match=r"not \[0, 1\]: drop Normalize"):
+        ensc.compress_ensemble(
+            tiny_teacher, "resnet8", train_data=normalized, test_data=test, **TINY
+        )
+    with pytest.raises(ConfigError, match="need data"):
+        ensc.compress_ensemble(load_teacher(tiny_teacher).members, "resnet8", **TINY)
+    with pytest.raises(ConfigError, match="teachers must be"):
+        ensc.compress_ensemble(42, "resnet8", **TINY)
+
+
+def test_export_a_bare_network(tmp_path):
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 5)).eval()
+    images = torch.rand(16, 3, 8, 8)
+    result = ensc.export_onnx(net, tmp_path / "net.onnx", images=images)
+    assert result.passed and Path(result.path).is_file()
+    with pytest.raises(ConfigError, match="needs images"):
+        ensc.export_onnx(net, tmp_path / "other.onnx")
