@@ -224,6 +224,6 @@ def teacher_options(f: Callable) -> Callable:
 
 
 def arch_kwargs_option(f: Callable) -> Callable:
-    """--arch-kwargs: the student architecture's arguments, like --teacher-arch-kwargs."""
+    """--arch-kwargs: the --arch architecture's arguments, like --teacher-arch-kwargs."""
     return click.option("--arch-kwargs", metavar="JSON", callback=_check_json_object,
-                        help="""Arguments of the student architecture, as JSON: '{"width": 32}'.""")(f)  # fmt: skip
+                        help="""Arguments of the --arch architecture, as JSON: '{"dropout": 0.3}'.""")(f)  # fmt: skip

@@ -7,10 +7,12 @@ from pathlib import Path
 import click
 
 from ensc.cli.options import (
+    arch_kwargs_option,
     code_options,
     data_config,
     data_mode_options,
     data_options,
+    json_object,
     runtime_options,
     save_every_option,
 )
@@ -28,8 +30,9 @@ Example:
 @click.option(
     "--arch",
     required=True,
-    help="Architecture: resnet20, wrn28x10, ... or package.module:callable.",
+    help="Architecture: resnet20, wrn28x10, ..., torchvision:NAME, timm:NAME or package.module:callable.",
 )
+@arch_kwargs_option
 @click.option(
     "--members", type=click.IntRange(min=1), default=4, show_default=True, help="Ensemble size M."
 )
@@ -66,7 +69,7 @@ Example:
 @code_options
 @runtime_options
 def train_cmd(dataset, data_root, val_size, train_subset, test_subset, data_seed, download, data_mode, workers,
-              image_size, arch, members,
+              image_size, arch, arch_kwargs, members,
               epochs, batch_size, lr, weight_decay, warmup_epochs, max_steps, seed, out, force, resume,
               save_every, code_path, unsafe_load, device, amp, channels_last) -> None:  # fmt: skip
     """Train a deep-ensemble teacher of M independently seeded members."""
@@ -77,6 +80,7 @@ def train_cmd(dataset, data_root, val_size, train_subset, test_subset, data_seed
 
     config = TeacherTrainConfig(
         arch=arch,
+        arch_kwargs=json_object(arch_kwargs),
         data=data_config(dataset, data_root, val_size, train_subset, test_subset, data_seed, download,
                          data_mode, workers, image_size),
         out=out,

@@ -16,6 +16,7 @@ from ensc.compress.names import COMPRESS_METHODS
 from ensc.compress.perturb import PerturbConfig
 from ensc.engine.loop import OptimConfig
 from ensc.errors import ConfigError
+from ensc.models.registry import check_arch_kwargs
 
 BN_RECAL_BATCHES = 20  # training batches for BN recalibration (measured: as good as all of them)
 
@@ -132,11 +133,7 @@ def check_config(config: CompressConfig) -> None:
     """Refuse, with one line, the combinations that contradict each other."""
     if config.force and config.resume:
         raise ConfigError("--force and --resume contradict each other; pass one")
-    fixed = sorted({"num_classes", "in_channels", "mean", "std"} & set(config.arch_kwargs))
-    if fixed:
-        raise ConfigError(
-            f"--arch-kwargs sets {', '.join(fixed)}, which ensc takes from the data; drop it"
-        )
+    check_arch_kwargs(config.arch_kwargs)
     if config.method not in COMPRESS_METHODS:
         raise ConfigError(
             f"unknown --method {config.method!r}: choose one of {', '.join(COMPRESS_METHODS)}"

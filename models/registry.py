@@ -27,6 +27,7 @@ from .resnet import resnet, resnet8, resnet14, resnet20, resnet32, resnet44, res
 from .wrn import wide_resnet
 
 __all__ = [
+    "check_arch_kwargs",
     "build_model",
     "call_builder",
     "is_library_arch",
@@ -68,6 +69,15 @@ def register_model(name: str | None = None) -> Callable[[BuilderT], BuilderT]:
         return fn
 
     return wrapper
+
+
+def check_arch_kwargs(kwargs: dict[str, Any], flag: str = "--arch-kwargs") -> None:
+    """Refuse, in one line, builder arguments that ensc sets itself from the data."""
+    fixed = sorted({"num_classes", "in_channels", "mean", "std"} & set(kwargs))
+    if fixed:
+        raise ConfigError(
+            f"{flag} sets {', '.join(fixed)}, which ensc takes from the data; drop it"
+        )
 
 
 def list_models() -> list[str]:

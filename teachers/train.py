@@ -24,6 +24,7 @@ from ensc.errors import CheckpointError, ConfigError
 from ensc.evaluation.metrics import accuracy, nll
 from ensc.fileio import jsonable, torch_load
 from ensc.models.checkpoint import Checkpoint, ModelSpec, load_checkpoint, save_checkpoint
+from ensc.models.registry import check_arch_kwargs
 from ensc.teachers.ensemble import user_code
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 class TeacherTrainConfig:
     """What `ensc train` does."""
 
-    arch: str  # registry name or "package.module:callable"
+    arch: str  # registry name, torchvision:NAME, timm:NAME or "package.module:callable"
     data: DataConfig
     out: Path  # folder for member0.pt ... member{M-1}.pt
     members: int = 4  # ensemble size M
@@ -44,6 +45,7 @@ class TeacherTrainConfig:
     code_path: Path | None = None  # folder of the code of an --arch package.module:callable
     unsafe_load: bool = False  # allow an --arch callable from any importable module
     save_every: int | None = None  # mid-epoch saves: every N steps, 0 never, None ~10 min
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)  # the architecture's arguments
 
 
 def member_path(out: Path, k: int) -> Path:
@@ -96,6 +98,7 @@ def train_teacher(
     refuses members beyond ``config.members``); ``--force`` removes the folder's members first.
     """
     check_output_folder(config)
+    check_arch_kwargs(config.arch_kwargs)
     data = data or load_dataset(config.data)
     out = Path(config.out)
     if config.resume and out.is_dir():
@@ -163,6 +166,7 @@ def _settings(config: TeacherTrainConfig) -> dict[str, Any]:
     """The settings every member is trained with (``--seed``: member k's seed is seed + k)."""
     return {
         "arch": config.arch,
+        "arch_kwargs": jsonable(config.arch_kwargs),
         "seed": config.seed,
         "data": jsonable(asdict(config.data)),
         "optim": asdict(config.optim),
@@ -184,6 +188,7 @@ def _recorded(ckpt: Checkpoint, k: int) -> dict[str, Any]:
         )
     return {
         "arch": ckpt.spec.arch,
+        "arch_kwargs": jsonable(ckpt.spec.arch_kwargs),
         "seed": info["seed"] - k,
         "data": info["data"],
         "optim": info["optim"],
@@ -193,6 +198,7 @@ def _recorded(ckpt: Checkpoint, k: int) -> dict[str, Any]:
 def _difference(recorded: dict[str, Any], wanted: dict[str, Any]) -> tuple[str, str] | None:
     """The first setting that differs, as ("--flag recorded", "--flag wanted"); None if none does."""
     pairs: list[tuple[str, Any, Any]] = [("--arch", recorded["arch"], wanted["arch"]),
+                                        ("--arch-kwargs", recorded["arch_kwargs"], wanted["arch_kwargs"]),
                                         ("--seed", recorded["seed"], wanted["seed"])]  # fmt: skip
     for group, cls in (("data", DataConfig), ("optim", OptimConfig)):
         for f in fields(cls):
@@ -215,6 +221,7 @@ def _identity(config: TeacherTrainConfig, data: ImageDataset, k: int) -> dict[st
     """What member ``k``'s resumable state must match (``engine.loop.train`` adds the optim config)."""
     return {
         "arch": config.arch,
+        **({"arch_kwargs": jsonable(config.arch_kwargs)} if config.arch_kwargs else {}),
         "dataset": data.name,
         "n_train": len(data.train),
         "seed": config.seed + k,
@@ -223,7 +230,8 @@ def _identity(config: TeacherTrainConfig, data: ImageDataset, k: int) -> dict[st
 
 def _train_member(config: TeacherTrainConfig, runtime: Runtime, data: ImageDataset, k: int) -> None:
     seed = config.seed + k
-    spec = ModelSpec.for_data(config.arch, data, data_root=str(config.data.root or ""))
+    spec = ModelSpec.for_data(config.arch, data, data_root=str(config.data.root or ""),
+                              arch_kwargs=config.arch_kwargs)  # fmt: skip
     # member k's weight init (data order has its own generator), user code only as allowed
     with seeded(seed), user_code(config.code_path, unsafe=config.unsafe_load):
         model = runtime.prepare_model(spec.build())

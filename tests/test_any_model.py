@@ -222,3 +222,21 @@ def test_library_names_and_channels(monkeypatch):
     monkeypatch.setitem(sys.modules, "timm", None)  # as if timm were not installed
     with pytest.raises(MissingExtraError, match=r"pip install 'ensc\[timm\]'"):
         build_model("timm:resnet10t", num_classes=10)
+
+
+def test_train_takes_arch_kwargs_records_them_and_resume_checks_them(code_dir: Path, tmp_path):
+    out = tmp_path / "ckpts"
+    base = ("train", "--dataset", "fashion-mnist", "--arch", "any_nets:grouped", "--code-path",
+            str(code_dir), "--members", "1", "--epochs", "1", "--train-subset", "200",
+            "--batch-size", "32", "--max-steps", "1", "--out", str(out))  # fmt: skip
+    result = run_cli(*base, "--arch-kwargs", '{"width": 4}')
+    assert result.exit_code == 0, result.output
+    spec = load_checkpoint(out / "member0.pt").spec
+    assert spec.arch_kwargs == {"width": 4}
+    with user_code(code_dir):  # rebuilt from the record, as a teacher member is
+        assert spec.build().model[0].out_channels == 4
+    result = run_cli(*base, "--arch-kwargs", '{"width": 6}', "--resume")
+    assert result.exit_code != 0
+    assert "--arch-kwargs" in result.output and "width" in result.output
+    result = run_cli(*base, "--arch-kwargs", '{"num_classes": 10}', "--force")
+    assert result.exit_code != 0 and "takes from the data" in result.output
