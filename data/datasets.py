@@ -170,10 +170,24 @@ def split_stats(
     return sample_stats(split, seed=seed)
 
 
+STATS_CHUNK = 2048  # images converted to float64 at a time by channel_stats
+
+
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of uint8 images, in [0, 1] pixel units."""
-    x = images.to(torch.float64).div_(255).transpose(0, 1).flatten(1)  # [C, N*H*W]
-    return tuple(x.mean(1).tolist()), tuple(x.std(1).clamp_min(1e-3).tolist())
+    """Per-channel mean and (sample) std of uint8 images [N, C, H, W], in [0, 1] pixel units.
+
+    Two float64 passes over chunks of :data:`STATS_CHUNK` images, so the extra memory is one
+    chunk's, not 16 bytes per pixel value of the whole split (2.2 GB for CIFAR-10's 138 MB).
+    """
+    channels = images.shape[1]
+    n = images.numel() // channels  # values per channel
+    chunks = [images[i : i + STATS_CHUNK] for i in range(0, len(images), STATS_CHUNK)]
+    total = sum(c.to(torch.float64).sum((0, 2, 3)) for c in chunks)
+    mean = total / (255 * n)
+    centred = (c.to(torch.float64).div_(255).sub_(mean.view(1, -1, 1, 1)) for c in chunks)
+    squares = sum(x.square_().sum((0, 2, 3)) for x in centred)
+    std = (squares / max(1, n - 1)).sqrt()
+    return tuple(mean.tolist()), tuple(std.clamp_min(1e-3).tolist())
 
 
 def balanced_indices(labels: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:

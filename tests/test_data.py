@@ -169,3 +169,17 @@ def test_validation_stays_held_out_across_train_subsets():
         assert not set(val.tolist()) & set(train.tolist())
     _, full_val = split_indices(labels, DataConfig("x"), torch.Generator().manual_seed(0))
     assert len(full_val) == 2000 and set(teacher_val.tolist()) <= set(full_val.tolist())
+
+
+def test_channel_stats_match_the_whole_split_at_once():
+    """Chunked float64 passes give the mean and sample std of all the values of each channel."""
+    from ensc.data.datasets import STATS_CHUNK, channel_stats
+
+    images = torch.randint(0, 256, (STATS_CHUNK + 300, 3, 4, 4), dtype=torch.uint8)
+    mean, std = channel_stats(images)
+    values = images.double().div(255).transpose(0, 1).flatten(1)
+    assert torch.allclose(
+        torch.tensor(mean, dtype=torch.float64), values.mean(1), rtol=0, atol=1e-12
+    )
+    assert torch.allclose(torch.tensor(std, dtype=torch.float64), values.std(1), rtol=0, atol=1e-12)
+    assert channel_stats(torch.zeros(1, 1, 2, 2, dtype=torch.uint8)) == ((0.0,), (1e-3,))  # floor
