@@ -23,7 +23,7 @@ from ensc.data.datasets import DataConfig, ImageDataset, balanced_indices, load_
 from ensc.engine.runtime import resolve_runtime
 from ensc.errors import ConfigError
 from ensc.models.checkpoint import ModelSpec
-from ensc.models.registry import call_builder
+from ensc.models.registry import PYTHON_ARCH, call_builder
 
 if TYPE_CHECKING:
     from ensc.data.from_torch import TorchData
@@ -71,7 +71,8 @@ def compress_ensemble(
             carved from ``train_data``.
             Without any: the data the teacher was trained on, or ``dataset=``/``data_root=``.
         out: write the run folder there as it goes (resumable with ``resume=True``); without it
-            nothing touches the disk until :meth:`CompressResult.save`.
+            nothing touches the disk (no teacher-logits cache either) until
+            :meth:`CompressResult.save`.
         save: write a run folder even without ``out`` (under ``runs_dir``, as the CLI does).
         device, amp, channels_last: as ``ensc compress --device/--amp/--channels-last``.
         hflip: whether horizontal flips are a valid augmentation of ``train_data``.
@@ -86,20 +87,21 @@ def compress_ensemble(
     loader_batch = getattr(train_data, "batch_size", None)  # a DataLoader's, unless one is given
     if isinstance(train_data, DataLoader) and loader_batch and "batch_size" not in options:
         options["batch_size"] = loader_batch
-    teacher_path = None if _is_module_list(teachers) else Path(teachers)  # type: ignore[arg-type]
+    modules = _teacher_modules(teachers)
+    teacher_path = None if modules is not None else Path(teachers)  # type: ignore[arg-type]
     arch, build, arch_kwargs = _student_builder(student, options.pop("arch_kwargs", None))
     if arch_kwargs:
         options["arch_kwargs"] = arch_kwargs
     config = compress_config(teacher=teacher_path, arch=arch, out=Path(out) if out else None,
                              **options)  # fmt: skip
     sources = Sources(build_student=build)
-    if train_data is not None or teacher_path is None:
+    if teacher_path is None or any(d is not None for d in (train_data, test_data, val_data)):
         data, data_config = _data(config, train_data, test_data, val_data, hflip)
         sources = replace(sources, data=data, data_config=data_config)
     if teacher_path is None:
         from ensc.teachers.from_modules import teacher_from_modules
 
-        sources = replace(sources, teacher=teacher_from_modules(teachers, sources.data))  # type: ignore[arg-type]
+        sources = replace(sources, teacher=teacher_from_modules(modules, sources.data))  # type: ignore[arg-type]
     write = save if save is not None else out is not None
     result = run_compress(config, runtime, sources, write=write)
     if check and result is not None:  # after writing: a failed run's report is there to read
@@ -108,7 +110,7 @@ def compress_ensemble(
 
 
 def export_onnx(
-    model: CompressResult | nn.Module | str | Path,
+    model: CompressResult | nn.Module | str | Path | None = None,
     path: str | Path | None = None,
     *,
     images: torch.Tensor | None = None,
@@ -119,28 +121,26 @@ def export_onnx(
 ) -> ExportResult:
     """Export one network to ONNX and check it against PyTorch (as ``ensc export --onnx``).
 
-    ``model`` is a :class:`CompressResult` (its averaged network, checked on its test images;
-    once saved, the ONNX file records the sha256 of its ``student.pt`` as the CLI's does), a run
-    folder or checkpoint path, or any network taking [0, 1] pixels, checked on ``images``
-    ([N, C, H, W] in [0, 1], with ``labels`` for the fp16/int8 accuracy gate). ``path``: where
-    the .onnx file goes (for a saved run or a path, default: next to the network). ``options``
-    are :class:`ensc.export.pipeline.ExportConfig` fields (``opset``, ``atol``...). Raises
+    ``model`` is a :class:`CompressResult` (its averaged network, checked on a class-balanced
+    subset of its test images; once saved, into its run folder, the ONNX file recording the
+    sha256 of its ``student.pt`` as the CLI's does), a run folder or checkpoint path (None: the
+    latest run), or any network taking [0, 1] pixels, checked on ``images`` ([N, C, H, W] in
+    [0, 1], with ``labels`` for the fp16/int8 accuracy gate). ``path``: the .onnx file (default
+    for a run: next to its network). ``options`` are :class:`ensc.export.pipeline.ExportConfig`
+    fields (``what``, ``opset``, ``atol``, ``code_path``, ``unsafe_load``...). Raises
     ExportParityError (after writing ``path.failed``) when a gate fails.
     """
     from ensc.export.pipeline import ExportConfig, check_out, run_export, write_export
     from ensc.export.quantize import check_precision
-    from ensc.export.sources import load_exportable, onnx_path
+    from ensc.export.sources import onnx_path
 
     check_precision(precision)
     config = ExportConfig(precision=precision, force=force, out=_opt_path(path), **options)
-    if isinstance(model, (str, Path)):
-        kind = "model" if Path(model).is_file() else "run"
-        return run_export(replace(config, **{kind: Path(model)}))
-    saved = isinstance(model, CompressResult) and model.run_dir is not None
-    exportable = (
-        load_exportable("student", run=model.run_dir) if saved else _exportable(model, images)
-    )
-    if path is None and not saved:
+    if model is None or isinstance(model, (str, Path)):
+        kind = "model" if model is not None and Path(model).is_file() else "run"
+        return run_export(replace(config, **{kind: _opt_path(model)}))
+    exportable = _exportable(model, images)
+    if path is None and not (isinstance(model, CompressResult) and model.run_dir is not None):
         raise ConfigError(
             "export_onnx needs a path for the .onnx file of a network not saved in a run"
         )
@@ -151,41 +151,57 @@ def export_onnx(
 
 
 def benchmark(
-    run: CompressResult | str | Path | None = None, *, teacher: str | Path | None = None,
+    run: CompressResult | str | Path | None = None,
+    *,
+    teacher: str | Path | None = None,
+    code_path: str | Path | None = None,
+    unsafe_load: bool = False,
+    command: str = "",
     **options: Any,
-) -> BenchResult:  # fmt: skip
+) -> BenchResult:
     """Time the run's teacher, BE student and averaged network in PyTorch and onnxruntime side by
     side (as ``ensc bench``); ``options`` are :class:`ensc.export.bench.BenchConfig` fields
     (``batch_sizes``, ``repeats``, ``threads``, ``provider``...). A CompressResult must be saved
-    (``result.save(path)``); its accuracy column uses the result's test images."""
+    (``result.save(path)``: the ONNX files live in its folder); its networks and test images are
+    used as they are in memory, teachers handed over from Python included."""
     from ensc.export.bench import BenchConfig, run_bench
 
-    images = None
+    if "batch_sizes" in options:
+        options["batch_sizes"] = tuple(options["batch_sizes"])
+    config = BenchConfig(**options)
+    images = exportables = None
     if isinstance(run, CompressResult):
         if run.run_dir is None:
             raise ConfigError("benchmark needs a saved run: call result.save(path) first")
-        images = _result_images(run, options.get("test_samples", BenchConfig.test_samples))
+        images = _result_images(run, config.test_samples)
+        exportables = _result_exportables(run)
         run = run.run_dir
-    if "batch_sizes" in options:
-        options["batch_sizes"] = tuple(options["batch_sizes"])
-    return run_bench(BenchConfig(**options), run=_opt_path(run), teacher=_opt_path(teacher),
-                     images=images)  # fmt: skip
+    return run_bench(config, run=_opt_path(run), teacher=_opt_path(teacher), command=command,
+                     images=images, exportables=exportables, code_path=_opt_path(code_path),
+                     unsafe_load=unsafe_load)  # fmt: skip
 
 
-def _is_module_list(teachers: Any) -> bool:
+def _teacher_modules(teachers: Any) -> list[nn.Module] | None:
+    """The teacher networks handed over (any iterable of nn.Modules), or None for a path."""
     if isinstance(teachers, (str, Path)):
-        return False
-    if isinstance(teachers, Sequence) and all(isinstance(t, nn.Module) for t in teachers):
-        return True
+        return None
+    try:
+        modules = list(teachers)
+    except TypeError:
+        modules = None
+    if modules and all(isinstance(t, nn.Module) for t in modules):
+        return modules
     raise ConfigError(
-        f"teachers must be a folder, a manifest or a list of nn.Module networks; got {type(teachers).__name__}"
+        "teachers must be a folder, a manifest or a list of nn.Module networks; "
+        f"got {type(teachers).__name__}"
     )
 
 
 def _student_builder(
     student: StudentLike, arch_kwargs: dict[str, Any] | None
-) -> tuple[str, Callable[[ModelSpec], nn.Module] | None, dict[str, Any]]:
-    """(the arch name recorded, a builder for networks handed over, the builder's kwargs)."""
+) -> tuple[str, Callable[[ModelSpec], tuple[nn.Module, ModelSpec]] | None, dict[str, Any]]:
+    """(the arch name recorded, a builder of (network, its spec) for students handed over as
+    objects, the builder's kwargs)."""
     kwargs = dict(arch_kwargs or {})
     if isinstance(student, str):
         return student, None, kwargs
@@ -193,14 +209,20 @@ def _student_builder(
         if kwargs:
             raise ConfigError("arch_kwargs apply to a student builder or name, not to a network")
         template = copy.deepcopy(student).cpu()
-        return _qualified(type(student)), lambda spec: copy.deepcopy(template), kwargs
+        # it takes [0, 1] pixels as it is (like teachers handed over): no normalization recorded
+        return (
+            f"{PYTHON_ARCH}{type(student).__module__}.{type(student).__qualname__}",
+            lambda spec: (copy.deepcopy(template), replace(spec, mean=(), std=())),
+            kwargs,
+        )
     if callable(student):
         name = _qualified(student)
 
-        def build(spec: ModelSpec) -> nn.Module:
-            return call_builder(student, name, num_classes=spec.num_classes,
-                                in_channels=spec.in_channels, mean=spec.mean, std=spec.std,
-                                **spec.arch_kwargs)  # fmt: skip
+        def build(spec: ModelSpec) -> tuple[nn.Module, ModelSpec]:
+            net = call_builder(student, name, num_classes=spec.num_classes,
+                               in_channels=spec.in_channels, mean=spec.mean, std=spec.std,
+                               **spec.arch_kwargs)  # fmt: skip
+            return net, spec
 
         return name, build, kwargs
     raise ConfigError(
@@ -219,6 +241,8 @@ def _data(
     """The data handed over (torch datasets), or the named dataset teachers from Python train on."""
     overrides = {k: v for k, v in config.data_overrides.items() if v is not None}
     if train is None:
+        if test is not None or val is not None:
+            raise ConfigError("test_data/val_data need train_data too (or none of them)")
         if "name" not in overrides:
             raise ConfigError(
                 "teachers handed over as networks need data: pass train_data= and test_data=, or dataset="
@@ -235,29 +259,65 @@ def _data(
 
 
 def _exportable(model: Any, images: torch.Tensor | None) -> Exportable:
-    """The export wrapper of an unsaved CompressResult's network, or of a bare network."""
+    """The export wrapper of a CompressResult's averaged network (its student.pt the source once
+    saved), or of a bare network."""
     from ensc.export.sources import Exportable
     from ensc.export.wrappers import SingleNetwork
 
     if isinstance(model, CompressResult):
-        net, spec = model.network, model._files.spec
-    elif isinstance(model, nn.Module):
-        if images is None:
-            raise ConfigError(
-                "export_onnx of a network needs images= ([N, C, H, W] in [0, 1]) to check it on"
-            )
-        net = model.eval()
-        with torch.no_grad():
-            k = net(_as_float(images[:1])).shape[-1]
-        spec = ModelSpec(arch=_qualified(type(model)), num_classes=int(k), in_channels=images.shape[1],
-                         image_size=tuple(images.shape[2:]), mean=(), std=())  # fmt: skip
-    else:
+        return _result_exportables(model)["student"] if model.run_dir else Exportable(
+            module=SingleNetwork(copy.deepcopy(model.network).cpu()).eval(), spec=model._files.spec,
+            what="student", members=1, sources=(), archs=(model._files.spec.arch,),
+            recorded_data=None, default_out=Path("student.onnx"),
+        )  # fmt: skip
+    if not isinstance(model, nn.Module):
         raise ConfigError(
             f"export_onnx takes a CompressResult, a network or a path; got {type(model).__name__}"
         )
+    if images is None:
+        raise ConfigError(
+            "export_onnx of a network needs images= ([N, C, H, W] in [0, 1]) to check it on"
+        )
+    net = model.eval()
+    with torch.no_grad():
+        k = net(_as_float(images[:1])).shape[-1]
+    spec = ModelSpec(arch=_qualified(type(model)), num_classes=int(k), in_channels=images.shape[1],
+                     image_size=tuple(images.shape[2:]), mean=(), std=())  # fmt: skip
     return Exportable(module=SingleNetwork(copy.deepcopy(net).cpu()).eval(), spec=spec,
-                      what="student", members=1, sources=(), archs=(spec.arch,),
-                      recorded_data=None, default_out=Path("student.onnx"))  # fmt: skip
+                      what="model", members=1, sources=(), archs=(spec.arch,),
+                      recorded_data=None, default_out=Path("model.onnx"))  # fmt: skip
+
+
+def _result_exportables(result: CompressResult) -> dict[str, Exportable]:
+    """A saved result's three networks as they are in memory, each with the files it was saved
+    to (or, for teachers handed over from Python, none) as its sources."""
+    from ensc import rundir
+    from ensc.export.sources import Exportable
+    from ensc.export.wrappers import BatchEnsembleMean, EnsembleMean, SingleNetwork
+
+    run_dir, files = result.run_dir, result._files
+    assert run_dir is not None
+    teacher = files.teacher
+    teacher_files = tuple(p for p in teacher.paths if p.is_file())
+    made = {
+        "student": (SingleNetwork(result.network), files.spec, 1, (run_dir / rundir.STUDENT,)),
+        "student-be": (BatchEnsembleMean(result.student), files.be_spec, files.be_spec.members,
+                       (run_dir / rundir.STUDENT_BE,)),
+        "teacher": (EnsembleMean(teacher.members), teacher.spec, len(teacher), teacher_files),
+    }  # fmt: skip
+    return {
+        what: Exportable(
+            module=copy.deepcopy(module).cpu().eval(),
+            spec=spec,
+            what=what,
+            members=members,
+            sources=sources,
+            archs=(spec.arch,),
+            recorded_data=None,
+            default_out=rundir.onnx_file(run_dir, what),
+        )  # fmt: skip
+        for what, (module, spec, members, sources) in made.items()
+    }
 
 
 def _check_images(

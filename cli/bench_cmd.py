@@ -97,7 +97,6 @@ def bench_cmd(run, teacher, batch_sizes, warmup, repeats, threads, provider, tes
     from ensc.export.pipeline import check_writable
     from ensc.export.render import bench_json, bench_markdown, bench_text, plot_bench
     from ensc.fileio import atomic_write_text, refuse_overwrite
-    from ensc.teachers.ensemble import user_code
 
     batch_sizes = parse_batch_sizes(batch_sizes)
     outputs = [p for p in (json_path, md_path, plot_path) if p is not None]
@@ -109,8 +108,8 @@ def bench_cmd(run, teacher, batch_sizes, warmup, repeats, threads, provider, tes
         test_samples=test_samples, data_root=data_root,
     )  # fmt: skip
     command = command_line(click.get_current_context())
-    with user_code(code_path, unsafe=unsafe_load):  # models of a user architecture
-        result = run_bench(config, run=run, teacher=teacher, command=command)
+    result = run_bench(config, run=run, teacher=teacher, command=command, code_path=code_path,
+                       unsafe_load=unsafe_load)  # fmt: skip
     click.echo(bench_text(result))
     if json_path is not None:
         atomic_write_text(json_path, bench_json(result))

@@ -99,18 +99,16 @@ def export_cmd(to_onnx, run, model, what, teacher, precision, opset, out, check_
     from ensc.errors import ExportParityError, plural
     from ensc.export.pipeline import ExportConfig, run_export
     from ensc.export.render import human_bytes, parity_table
-    from ensc.teachers.ensemble import user_code
 
     if not to_onnx:
         raise click.UsageError("choose the format: --onnx (the only one so far)")
     config = ExportConfig(
         what=what, run=run, model=model, teacher=teacher, precision=precision, opset=opset, out=out,
         check_samples=check_samples, calib_samples=calib_samples, atol=atol, max_acc_drop=max_acc_drop,
-        data_root=data_root, force=force,
+        data_root=data_root, force=force, code_path=code_path, unsafe_load=unsafe_load,
     )  # fmt: skip
     try:
-        with user_code(code_path, unsafe=unsafe_load):  # a model of a user architecture
-            result = run_export(config)
+        result = run_export(config)
     except ExportParityError as err:
         if err.result is not None:
             click.echo(parity_table(err.result.parity))

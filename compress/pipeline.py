@@ -55,9 +55,21 @@ from ensc.engine.predict import (
 from ensc.engine.runtime import Runtime
 from ensc.engine.seeding import seeded
 from ensc.engine.timing import PhaseTimer
-from ensc.errors import CheckpointError, CompressParityError, MissingExtraError, one_line, plural
+from ensc.errors import (
+    CheckpointError,
+    CompressParityError,
+    ConfigError,
+    MissingExtraError,
+    one_line,
+    plural,
+)
 from ensc.evaluation.evaluate import member_logits
-from ensc.evaluation.logits_cache import cache_dir_for, cached_teacher_logits, weights_sha256
+from ensc.evaluation.logits_cache import (
+    cache_dir_for,
+    cached_teacher_logits,
+    split_sha256,
+    weights_sha256,
+)
 from ensc.evaluation.metrics import nll, reliability_bins
 from ensc.fileio import atomic_write_text, file_sha256, jsonable
 from ensc.models.batchensemble import BatchEnsemble, to_batchensemble
@@ -76,7 +88,8 @@ class Sources:
     teacher: Teacher | None = None
     data: ImageDataset | None = None
     data_config: DataConfig | None = None  # what ``data`` records itself as
-    build_student: Callable[[ModelSpec], torch.nn.Module] | None = None  # instead of spec.build()
+    # instead of spec.build(): the network and the spec that describes it
+    build_student: Callable[[ModelSpec], tuple[torch.nn.Module, ModelSpec]] | None = None
 
 
 @dataclass
@@ -122,6 +135,7 @@ class _RunFiles:
     identity: dict[str, Any]  # the run's identity (rundir marker)
     preds: Predictions  # for the pictures
     test_split: Split  # the report's test images (pictures, export checks)
+    teacher: Teacher  # (ensc.benchmark of a result)
     ood_scores: OodScores | None
 
 
@@ -138,8 +152,12 @@ def run_compress(
     """
     started = time.perf_counter()
     check_config(config)
+    if not write:  # nothing on disk, the teacher-logits cache included
+        if config.resume:
+            raise ConfigError("resume needs the run folder to resume: pass out= (--out)")
+        config = replace(config, cache_teacher_logits=False)
     sources = sources or Sources()
-    identity = run_identity(config, sources.teacher)
+    identity = run_identity(config, sources.teacher, sources.data)
     with contextlib.ExitStack() as stack:
         writer = None
         if write and runtime.is_main:
@@ -194,7 +212,7 @@ def _evaluate(
     files = _RunFiles(
         spec=run.spec, be_spec=be_spec, info=info, be_info={"seed": config.seed, "init": config.init},
         record=_config_record(run, identity), identity=identity, preds=preds,
-        test_split=data.test, ood_scores=ood_scores,
+        test_split=data.test, teacher=run.teacher, ood_scores=ood_scores,
     )  # fmt: skip
     md = _render_report(report, Path(config.out or "compress"))
     return CompressResult(averaged, run.student, report, md, None, files)
@@ -564,7 +582,7 @@ def _enforce_gate(gate: dict[str, Any], run_dir: Path | None) -> None:
 
 def _build_student(
     config: CompressConfig, teacher: Teacher, data: ImageDataset, members: int, runtime: Runtime,
-    build: Callable[[ModelSpec], torch.nn.Module] | None = None,
+    build: Callable[[ModelSpec], tuple[torch.nn.Module, ModelSpec]] | None = None,
 ) -> tuple[BatchEnsemble, ModelSpec, int | None]:  # fmt: skip
     """The student (BatchEns of ``members``), its spec, and the teacher member it starts from;
     ``build(spec)`` makes the network when the student was handed over from Python."""
@@ -576,7 +594,7 @@ def _build_student(
         arch_kwargs=config.arch_kwargs,
     )
     with seeded(config.seed):  # weight init (and fast weights' random init) from the run's seed
-        net = spec.build() if build is None else build(spec)
+        net, spec = (spec.build(), spec) if build is None else build(spec)
         k = config.student_init
         if k == "auto":
             k = matching_member(net, teacher)
@@ -703,11 +721,18 @@ def _timing_line(timing: dict[str, float], teacher_cache: str) -> str:
     )
 
 
-def run_identity(config: CompressConfig, teacher: Teacher | None = None) -> dict[str, Any]:
+def run_identity(
+    config: CompressConfig, teacher: Teacher | None = None, data: ImageDataset | None = None
+) -> dict[str, Any]:
     """What ``--resume`` must match: every flag that shapes the result, and the teacher's member
     files (their sha256, and how each is read) or, for networks handed over from Python
-    (``teacher``), a digest of each one's weights. Reads the files, loads nothing."""
+    (``teacher``), a digest of each one's weights; for data handed over (``data``), a digest of
+    each split. Reads the files, loads nothing."""
     flags = {k: v for k, v in jsonable(asdict(config)).items() if k not in _NOT_IN_IDENTITY}
+    if data is not None:
+        flags["data_sha256"] = {
+            name: split_sha256(getattr(data, name)) for name in ("train", "val", "test")
+        }
     # how many reader processes feed the data changes nothing it computes (data.stream)
     flags["data_overrides"] = {k: v for k, v in flags["data_overrides"].items() if k != "workers"}
     if teacher is not None:

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ensc.data.datasets import DataConfig, ImageDataset, Split, channel_stats, split_indices
+from ensc.data.datasets import _take_subset as take_subset
 from ensc.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -34,16 +35,17 @@ def dataset_from_torch(
 ) -> ImageDataset:
     """Read the splits into memory; without ``val``, validation is carved from ``train`` as
     :func:`ensc.data.datasets.split_indices` does for ensc's own datasets (``config``: its
-    ``val_size``, ``train_subset`` and ``seed``)."""
+    ``val_size``, ``train_subset`` and ``seed``); ``test_subset`` (and, with ``val``,
+    ``train_subset``) take class-balanced subsets as for ensc's datasets."""
+    gen = torch.Generator().manual_seed(config.seed)
     full = read_split(train, "train_data")
-    test_split = read_split(test, "test_data")
     if val is None:
-        train_idx, val_idx = split_indices(
-            full.labels, config, torch.Generator().manual_seed(config.seed)
-        )
+        train_idx, val_idx = split_indices(full.labels, config, gen)
         train_split, val_split = full.subset(train_idx), full.subset(val_idx)
-    else:
-        train_split, val_split = full, read_split(val, "val_data")
+    else:  # train_subset counts training images only: validation is its own split
+        train_split = take_subset(full, config.train_subset, gen, "train_subset")
+        val_split = read_split(val, "val_data")
+    test_split = take_subset(read_split(test, "test_data"), config.test_subset, gen, "test_subset")
     for name, split in (("val_data", val_split), ("test_data", test_split)):
         if split.images.shape[1:] != train_split.images.shape[1:]:
             raise DataError(

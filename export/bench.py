@@ -294,18 +294,33 @@ def run_bench(
     runs_dir: Path = Path("runs"),
     command: str = "",
     images: CheckImages | None = None,
+    exportables: dict[str, Exportable] | None = None,
+    code_path: Path | None = None,
+    unsafe_load: bool = False,
 ) -> BenchResult:
     """Benchmark the run's teacher, BE student and averaged network side by side (accuracy on
-    ``images``, else on the test split the run records)."""
-    import torch
+    ``images``, else on the test split the run records; the networks ``exportables``, else read
+    from the run, user architectures from ``code_path``)."""
+    from ensc.teachers.ensemble import user_code
 
     run_dir = rundir.resolve_run(run, runs_dir)
+    if exportables is None:
+        with user_code(code_path, unsafe=unsafe_load):  # models of a user architecture
+            exportables = {
+                "student": load_exportable("student", run=run_dir),
+                "student-be": load_exportable("student-be", run=run_dir),
+                "teacher": load_exportable("teacher", run=run_dir, teacher=teacher),
+            }
+    return _bench(config, run_dir, exportables, images, command)
+
+
+def _bench(
+    config: BenchConfig, run_dir: Path, exportables: dict[str, Exportable],
+    images: CheckImages | None, command: str,
+) -> BenchResult:  # fmt: skip
+    import torch
+
     providers, device_type = resolve_provider(config.provider)
-    exportables = {
-        "student": load_exportable("student", run=run_dir),
-        "student-be": load_exportable("student-be", run=run_dir),
-        "teacher": load_exportable("teacher", run=run_dir, teacher=teacher),
-    }
     _check_onnx_files(exportables, run_dir)
     student = exportables["student"]
     images = images or load_check_images(

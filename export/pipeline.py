@@ -69,6 +69,8 @@ class ExportConfig:
     data_root: Path | None = None  # where the dataset is, if not where it was recorded
     force: bool = False  # overwrite existing output files
     runs_dir: Path = Path("runs")  # where runs/latest lives
+    code_path: Path | None = None  # folder of a user architecture's code (--code-path)
+    unsafe_load: bool = False  # build architectures from anywhere (--unsafe-load)
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,14 @@ class ExportResult:
 
 def run_export(config: ExportConfig) -> ExportResult:
     """Export, validate and write; raises ExportParityError (with ``.result``) after writing ``*.failed``."""
+    from ensc.teachers.ensemble import user_code
+
     check_precision(config.precision)
+    with user_code(config.code_path, unsafe=config.unsafe_load):  # a user architecture's model
+        return _run_export(config)
+
+
+def _run_export(config: ExportConfig) -> ExportResult:
     exportable = load_exportable(
         config.what,
         run=config.run,

@@ -44,6 +44,8 @@ BuilderT = TypeVar("BuilderT", bound=Callable[..., nn.Module])
 # name -> builder called as builder(num_classes=, in_channels=, mean=, std=, **kwargs)
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
+# how a network handed over from Python as an object is recorded: "python:module.Class"
+PYTHON_ARCH = "python:"
 _RESNET_RE = re.compile(r"resnet(\d+)")
 _WRN_RE = re.compile(r"wrn(\d+)x(\d+)")
 
@@ -111,6 +113,12 @@ def build_model(
         std: per-channel std of the input normalization.
         **kwargs: passed on to the builder (e.g. ``dropout`` for Wide ResNets).
     """
+    if name.startswith(PYTHON_ARCH):
+        raise ConfigError(
+            f"architecture {name!r} was a network handed over from Python (ensc.compress_ensemble), "
+            "which ensc cannot rebuild from a name: load the checkpoint's weights into your own "
+            "network (net.load_state_dict(torch.load(path, weights_only=True)['state_dict']))"
+        )
     common = dict(num_classes=num_classes, in_channels=in_channels, mean=mean, std=std)
     if is_library_arch(name):
         return _build_library_model(name, **common, **kwargs)

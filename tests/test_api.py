@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import ensc
 from ensc.data.datasets import DataConfig, load_dataset
 from ensc.errors import ConfigError, DataError
+from ensc.models.checkpoint import load_checkpoint
 from ensc.teachers.ensemble import load_teacher
 from tests.conftest import REPO
 
@@ -66,7 +67,10 @@ def test_readme_example_runs_and_matches_the_cli_report(
     assert {r.family for r in scope["bench"].rows} == {"teacher", "student-be", "student"}
 
 
-def test_teachers_as_modules_and_a_builder_without_num_classes(tiny_teacher, fashion):
+def test_teachers_as_modules_and_a_builder_without_num_classes(
+    tiny_teacher, fashion, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
     members = load_teacher(tiny_teacher).members
     train, test = fashion
 
@@ -74,13 +78,22 @@ def test_teachers_as_modules_and_a_builder_without_num_classes(tiny_teacher, fas
         return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))  # fmt: skip
 
-    result = ensc.compress_ensemble(members, small_net, train_data=DataLoader(train, batch_size=32),
-                                    test_data=test, **TINY)  # fmt: skip
+    result = ensc.compress_ensemble(
+        nn.ModuleList(members), small_net, train_data=DataLoader(train, batch_size=32),
+        test_data=test, test_subset=120, **TINY,
+    )  # fmt: skip
     assert result.run_dir is None  # nothing written without out=
     assert result.report["settings"]["teacher"].startswith("2 networks from Python")
     x = torch.rand(4, 1, 28, 28)
     assert result.network(x).shape == (4, 10)
     assert result.report["parity"]["fold_max_abs_diff"] < 1e-4
+    assert result.report["n_test"] == 120  # test_subset applies to handed-over data too
+    assert not Path("runs").exists()  # nothing written: no teacher-logits cache either
+    run = result.save(tmp_path / "saved")
+    bench = ensc.benchmark(result, batch_sizes=(2,), warmup=0, repeats=1, test_samples=40)
+    assert {r.family for r in bench.rows} == {"teacher", "student-be", "student"}
+    exported = ensc.export_onnx(result, check_samples=40)
+    assert exported.passed and exported.path == run / "student.onnx"
 
 
 def test_student_network_and_out_writes_as_it_goes(tiny_teacher, fashion, tmp_path):
@@ -94,6 +107,12 @@ def test_student_network_and_out_writes_as_it_goes(tiny_teacher, fashion, tmp_pa
     assert config["data"]["name"] == "python"
     with pytest.raises(ConfigError, match="exists|already finished|--force"):
         result.save(tmp_path / "run")
+    # a network handed over is not rebuilt from a name: it is exported as it is in memory
+    spec = load_checkpoint(tmp_path / "run" / "student.pt").spec
+    assert spec.arch.startswith("python:")
+    assert ensc.export_onnx(result, check_samples=40).passed
+    with pytest.raises(ConfigError, match="handed over from Python"):
+        spec.build()
 
 
 def test_bad_inputs_say_what_is_wrong(tiny_teacher, fashion):
@@ -107,6 +126,11 @@ def test_bad_inputs_say_what_is_wrong(tiny_teacher, fashion):
         ensc.compress_ensemble(load_teacher(tiny_teacher).members, "resnet8", **TINY)
     with pytest.raises(ConfigError, match="teachers must be"):
         ensc.compress_ensemble(42, "resnet8", **TINY)
+    with pytest.raises(ConfigError, match="resume needs the run folder"):
+        ensc.compress_ensemble(tiny_teacher, "resnet8", train_data=train, test_data=test,
+                               resume=True, **TINY)  # fmt: skip
+    with pytest.raises(ConfigError, match="need train_data"):
+        ensc.compress_ensemble(tiny_teacher, "resnet8", test_data=test, **TINY)
 
 
 def test_export_a_bare_network(tmp_path):
