@@ -7,10 +7,12 @@ combinations that cannot work are refused with one line.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ensc import rundir
 from ensc.compress.distill import DistillConfig
 from ensc.compress.names import COMPRESS_METHODS
 from ensc.compress.perturb import PerturbConfig
@@ -151,3 +153,20 @@ def check_config(config: CompressConfig) -> None:
         raise ConfigError(
             f"bn_recal_batches must be at least 1 (or None for the whole training split); got {config.bn_recal_batches}"
         )
+
+
+def with_recorded_data_mode(config: CompressConfig, run_dir: Path | None) -> CompressConfig:
+    """A ``--resume`` keeps the data mode (memory or stream) its run started with, as the run
+    folder's config.json records it, unless ``--data-mode memory|stream`` is given (another than
+    the run's is refused by its identity): ``auto`` would choose again from the memory available
+    now, and the student would go on with other preprocessing than it started with."""
+    asked = config.data_overrides.get("mode")
+    if not config.resume or run_dir is None or asked not in (None, "auto"):
+        return config
+    try:
+        recorded = json.loads((Path(run_dir) / rundir.CONFIG).read_text())["data"]["mode"]
+    except (OSError, ValueError, KeyError, TypeError):  # none yet: nothing was trained on it
+        return config
+    if recorded not in ("memory", "stream"):
+        return config
+    return replace(config, data_overrides={**config.data_overrides, "mode": recorded})

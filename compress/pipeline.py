@@ -24,7 +24,7 @@ from ensc.compress.average import (
     fold_max_abs_diff,
     recalibrate_bn,
 )
-from ensc.compress.config import CompressConfig, check_config
+from ensc.compress.config import CompressConfig, check_config, with_recorded_data_mode
 from ensc.compress.distill import (
     fast_teachers,
     fast_weight_hook,
@@ -164,7 +164,7 @@ def run_compress(
             writer = stack.enter_context(_open_run_dir(config, identity))
         run_dir = runtime.broadcast(writer.path if writer is not None else None) if write else None
         stack.enter_context(rundir.run_log(writer.path if writer is not None else None))
-        run = _set_up(config, runtime, sources)
+        run = _set_up(with_recorded_data_mode(config, run_dir), runtime, sources)
         if writer is not None:
             record = _config_record(run, identity)
             atomic_write_text(writer.path / rundir.CONFIG, json.dumps(record, indent=2) + "\n")
@@ -277,6 +277,7 @@ def _set_up(config: CompressConfig, runtime: Runtime, sources: Sources) -> _Run:
     else:
         data_config = data_config_for(teacher.spec, teacher.data_record, **config.data_overrides)
         data = load_dataset(data_config)
+    data_config = data.config or data_config  # with the mode --data-mode auto chose
     check_compatible(teacher.spec, data)
     members = 1 if config.method == "kd-single" else config.members or len(teacher)
     with user_code(config.code_path, unsafe=config.unsafe_load):  # the student may be user code
@@ -605,7 +606,9 @@ def _build_student(
                 )  # fmt: skip
         if isinstance(k, int):
             spec = init_from_member(net, spec, teacher, k)
-        student = to_batchensemble(net, members=members, init=config.init)
+        probe = data.val.take(torch.arange(min(2, len(data.val)))).images.float().div(255)
+        # layers the network never calls (their weight used directly) stay shared
+        student = to_batchensemble(net, members=members, init=config.init, example=probe)
     if config.method == "kd-single":  # one member with r = s = 1 frozen: the plain network itself
         for p in student.fast_weight_parameters():
             p.requires_grad_(False)

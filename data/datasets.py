@@ -24,7 +24,7 @@ import gzip
 import logging
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -65,7 +65,8 @@ class DataConfig:
     # imagefolder: (H, W) every image is resized to; None = the most common size in the training split
     image_size: tuple[int, int] | None = None
     # imagefolder: "memory" decodes every image once, "stream" reads them while iterating
-    # (ensc.data.stream), "auto" streams what would not fit comfortably in memory (ensc.data.mode)
+    # (ensc.data.stream), "auto" streams what would not fit comfortably in memory (ensc.data.mode);
+    # a loaded dataset's ImageDataset.config holds the mode used (never "auto"): record that one
     mode: str = "auto"
     workers: int | None = None  # stream: reader processes; None = one per core, at most 8
 
@@ -109,6 +110,10 @@ class ImageDataset:
     mean: tuple[float, ...]  # per-channel pixel mean of the training split, in [0, 1] units
     std: tuple[float, ...]
     hflip: bool  # whether horizontal flips are a valid augmentation for this data
+    # what load_dataset loaded, with ``mode`` as used ("memory" or "stream", never "auto"): the
+    # DataConfig to record with a model, so that later loads preprocess its images the same way;
+    # None for data made elsewhere (torch datasets)
+    config: DataConfig | None = None
 
     @property
     def channels(self) -> int:
@@ -124,7 +129,13 @@ class ImageDataset:
 
 
 def load_dataset(config: DataConfig) -> ImageDataset:
-    """Load, split and subset the dataset named in ``config``."""
+    """Load, split and subset the dataset named in ``config``.
+
+    The result's ``config`` is ``config`` with the mode actually used: ``auto`` chooses from the
+    memory available now and the number of images (:mod:`ensc.data.mode`), and memory and stream
+    preprocess images above 64 px differently (and draw other augmentations at any size), so
+    whoever records the data a model was trained on records ``data.config``, not ``config``.
+    """
     if config.name not in DATASETS:
         raise DataError(f"unknown dataset {config.name!r}: choose one of {', '.join(DATASETS)}")
     if config.root is not None and Path(config.root).exists() and not Path(config.root).is_dir():
@@ -136,7 +147,9 @@ def load_dataset(config: DataConfig) -> ImageDataset:
     gen = torch.Generator().manual_seed(config.seed)
     if config.name == "imagefolder":
         train, val, test, classes = _load_imagefolder(config, gen)
+        mode = "memory" if isinstance(train, Split) else "stream"
     else:
+        mode = "memory"  # the named datasets are small: always in memory
         if config.name == "fashion-mnist":
             full, test = _load_fashion_mnist(config)
             classes = FASHION_MNIST_CLASSES
@@ -156,6 +169,7 @@ def load_dataset(config: DataConfig) -> ImageDataset:
         mean=mean,
         std=std,
         hflip=config.name != "fashion-mnist",  # garments have a canonical orientation
+        config=replace(config, mode=mode),
     )
 
 
@@ -469,9 +483,10 @@ def _decode_images(
     to the most common size among them (the first image's on a tie); a warning says how many of
     the ``split`` images were, of which sizes, and ``why`` that size.
     """
-    from torchvision.datasets.folder import pil_loader
-    from torchvision.transforms.v2.functional import pil_to_tensor, resize
+    from torchvision.transforms.v2.functional import resize
     from tqdm import tqdm
+
+    from ensc.data.transforms import pil_image
 
     out: torch.Tensor | None = None
     sizes: Counter[tuple[int, int]] = Counter()  # (H, W) -> images of that size
@@ -485,10 +500,7 @@ def _decode_images(
             disable=True if len(paths) < 5000 else None,
         )  # None: off without a terminal
     ):
-        try:
-            img = pil_to_tensor(pil_loader(path))  # RGB uint8 [3, H, W]
-        except OSError as err:
-            raise DataError(f"cannot decode image {path}: {err}") from err
+        img = pil_image(path)  # RGB uint8 [3, H, W]; 16-bit files scaled to 8 bits
         hw = int(img.shape[1]), int(img.shape[2])
         sizes[hw] += 1
         if out is None:

@@ -3,7 +3,10 @@
 ``auto`` streams when the decoded splits would take more than :data:`MEMORY_SHARE` of the memory
 available now (MemAvailable in /proc/meminfo, else the free pages sysconf reports), and says
 which it chose and why in one log line. The named datasets (Fashion-MNIST, CIFAR) are small and
-always held in memory.
+always held in memory. The choice is made once per model: ``load_dataset`` returns it in
+``ImageDataset.config``, which is what a model records, and ``data.source.data_config_for``
+reuses a recorded mode, so later loads (eval, a student's teacher data, --resume) do not choose
+again from the memory free then.
 """
 
 from __future__ import annotations

@@ -32,8 +32,11 @@ def data_config_for(
     out from the model's training data, which temperature scaling relies on. A model trained by
     ensc (its spec records its dataset) also fixes ``image_size``: image-folder images are resized
     to the size it was trained on. Other models leave it None (the most common size in the
-    training split). The recorded ``mode`` (memory or streamed) is kept, the number of reader
-    processes is not: it belongs to the machine, not to the data.
+    training split). The recorded ``mode`` (memory or stream: the one ``load_dataset`` used,
+    which ``ImageDataset.config`` gives to whoever records it) is kept unless ``mode`` overrides
+    it, so a model is evaluated, checked and resumed with the preprocessing it was trained with;
+    only a model recorded before ensc resolved the mode says ``auto``, chosen again at each load.
+    The number of reader processes is not kept: it belongs to the machine, not to the data.
     """
     known = {f.name for f in fields(DataConfig)} - {"workers"}
     base = {k: v for k, v in (recorded or {}).items() if k in known}

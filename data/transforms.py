@@ -42,22 +42,41 @@ def is_small(size: tuple[int, int]) -> bool:
 
 def read_image(path: str) -> torch.Tensor:
     """One file as RGB uint8 [3, H, W] (grayscale and CMYK converted, EXIF orientation ignored
-    as PIL's loader ignores it)."""
+    as PIL's loader ignores it). A 16-bit PNG, which torchvision decodes to uint16, is scaled to
+    8 bits (its high byte, the pixels :func:`pil_image` gives in memory)."""
     from torchvision.io import ImageReadMode, decode_image, read_file
+    from torchvision.transforms.v2.functional import to_dtype
 
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", _DEPRECATED, DeprecationWarning)
             data = read_file(path)
-            return decode_image(data, mode=ImageReadMode.RGB)
+            image = decode_image(data, mode=ImageReadMode.RGB)
     except RuntimeError:  # a format torchvision does not decode (BMP, TIFF, PPM, ...): PIL
-        from torchvision.datasets.folder import pil_loader
-        from torchvision.transforms.v2.functional import pil_to_tensor
+        return pil_image(path)
+    return image if image.dtype == torch.uint8 else to_dtype(image, torch.uint8, scale=True)
 
-        try:
-            return pil_to_tensor(pil_loader(path))
-        except OSError as err:
-            raise DataError(f"cannot decode image {path}: {err}") from err
+
+def pil_image(path: str) -> torch.Tensor:
+    """One file decoded by PIL as RGB uint8 [3, H, W]: how the in-memory path reads every file.
+
+    PIL reads 16-bit RGB(A) as its high bytes, but converts 16-bit grayscale (modes ``I;16*``,
+    ``I``) to RGB by clipping at 255: those are scaled to their high byte too, as
+    :func:`read_image` scales torchvision's uint16.
+    """
+    import numpy as np
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            if img.mode.startswith("I;16") or img.mode == "I":
+                gray = np.clip(np.asarray(img).astype(np.int64), 0, 65535) >> 8
+                return torch.from_numpy(gray.astype(np.uint8)).unsqueeze(0).repeat(3, 1, 1)
+            rgb = np.asarray(img.convert("RGB"))
+    except OSError as err:
+        raise DataError(f"cannot decode image {path}: {err}") from err
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
 
 
 def make_batch(

@@ -26,6 +26,7 @@ as ``(M, B, K)``. To predict with all members on one batch, tile it M times
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -34,7 +35,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
-from ensc.errors import ConfigError
+from ensc.errors import ConfigError, one_line
 
 __all__ = [
     "BE_LAYERS",
@@ -379,7 +380,9 @@ class BatchEnsemble(nn.Module):
         return f"members={self.members}"
 
 
-def to_batchensemble(model: nn.Module, *, members: int, init: str = "ones") -> BatchEnsemble:
+def to_batchensemble(
+    model: nn.Module, *, members: int, init: str = "ones", example: Tensor | None = None
+) -> BatchEnsemble:
     """A BatchEnsemble of ``members`` members built on a deep copy of ``model``.
 
     Which layers get fast weights (docs/method.md §8): every ``nn.Conv2d`` (grouped and depthwise
@@ -391,9 +394,12 @@ def to_batchensemble(model: nn.Module, *, members: int, init: str = "ones") -> B
     (timm's ``StdConv2d``, ``Conv2dSame``), other layer types (``Conv1d``, ``ConvTranspose2d``,
     ``Embedding``, ...), and Conv2d/Linear layers that the network may not call on its batch
     axis: inside ``nn.MultiheadAttention`` (it uses ``out_proj.weight`` directly) or any module
-    with ``batch_first=False``, with forward hooks (old-style weight/spectral norm), or whose
-    weight is also registered in another module (tied). A network with uninitialized lazy
-    layers or TorchScript submodules is refused (:class:`~ensc.errors.ConfigError`).
+    with ``batch_first=False``, with forward hooks (old-style weight/spectral norm), whose
+    weight is also registered in another module (tied), or, given an ``example`` input, that a
+    forward pass on it never calls (the network uses their weight itself, as torchvision Swin's
+    ``ShiftedWindowAttention`` passes ``qkv.weight`` to ``F.linear``: fast weights there would
+    get no gradient and break the fold). A network with uninitialized lazy layers or
+    TorchScript submodules is refused (:class:`~ensc.errors.ConfigError`).
     ``model`` is not modified. Extra parameters: Σ_layers M·(in + out [+ out if biased])
     (docs/method.md §3).
 
@@ -402,6 +408,9 @@ def to_batchensemble(model: nn.Module, *, members: int, init: str = "ones") -> B
         members: ensemble size M >= 1.
         init: fast-weight init, ``"ones"`` ([WA]; members start as the base model) or
             ``"normal"`` ([DM]; N(1, 0.5²) from the global torch RNG).
+        example: a batch the network takes (e.g. 2 images); one eval-mode forward pass on it,
+            without gradients, finds the layers never called. Without it, such layers get fast
+            weights that do nothing: pass one for networks not written for BatchEnsemble.
     """
     members = _check_members(members)
     init = _check_init(init)
@@ -413,6 +422,8 @@ def to_batchensemble(model: nn.Module, *, members: int, init: str = "ones") -> B
     _refuse_unsupported(model)
     net = copy.deepcopy(model)
     keep = _kept_shared(net)
+    if example is not None:
+        keep |= _never_called(net, example, keep)
     converted: dict[int, nn.Module] = {}  # id(plain layer) -> its BE layer (for shared modules)
     # remove_duplicate=False: a layer registered under two names is replaced under both.
     for name, module in list(net.named_modules(remove_duplicate=False)):
@@ -486,6 +497,34 @@ def _kept_shared(net: nn.Module) -> set[int]:
         if hooked or tied or not isinstance(module._parameters.get("weight"), nn.Parameter):
             keep.add(id(module))
     return keep
+
+
+def _never_called(net: nn.Module, example: Tensor, keep: set[int]) -> set[int]:
+    """ids of the Conv2d/Linear layers of ``net`` (besides ``keep``) that one eval-mode forward
+    pass on ``example`` does not call; every module's train/eval mode is restored."""
+    candidates = {id(m): m for m in net.modules() if type(m) in _BE_TYPES and id(m) not in keep}
+    called: set[int] = set()
+    hooks = [
+        m.register_forward_hook(lambda module, args, out: called.add(id(module)))
+        for m in candidates.values()
+    ]
+    modes = [(m, m.training) for m in net.modules()]
+    first = next(itertools.chain(net.parameters(), net.buffers()), example)
+    try:
+        net.eval()
+        with torch.no_grad():
+            net(example.to(first.device))
+    except Exception as err:  # the caller's network on the caller's data: say which failed
+        raise ConfigError(
+            f"{type(net).__name__} fails on an example batch of shape {tuple(example.shape)} "
+            f"({type(err).__name__}: {one_line(err)})"
+        ) from err
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for module, mode in modes:
+            module.training = mode
+    return set(candidates) - called
 
 
 def _sequence_first(module: nn.Module) -> bool:

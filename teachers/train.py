@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +99,9 @@ def train_teacher(
     """
     check_output_folder(config)
     check_arch_kwargs(config.arch_kwargs)
+    config = _resumed_mode(config)
     data = data or load_dataset(config.data)
+    config = _mode_used(config, data)  # what every member records: later loads reuse it
     out = Path(config.out)
     if config.resume and out.is_dir():
         _check_resumable(config, data)  # before anything is trained or removed
@@ -130,6 +132,35 @@ def _clean(config: TeacherTrainConfig) -> None:
             path.unlink(missing_ok=True)
         elif found[3] and member_path(config.out, int(found[3])).exists():
             path.unlink(missing_ok=True)  # interrupted after the member was saved
+
+
+def _resumed_mode(config: TeacherTrainConfig) -> TeacherTrainConfig:
+    """``--resume`` with ``--data-mode auto``: the mode the folder's members were trained in (a
+    finished member's record, else an interrupted one's state), so that the rest are trained, and
+    checked, with the same preprocessing whatever memory is free now; ``config`` when none says."""
+    out = Path(config.out)
+    if not (config.resume and config.data.mode == "auto" and out.is_dir()):
+        return config
+    for k in range(config.members):
+        path, state = member_path(out, k), _state_path(out, k)
+        if path.exists():
+            recorded, key = load_checkpoint(path).info.get("data"), "mode"
+        elif state.exists():
+            recorded, key = torch_load(state).get("identity"), "data_mode"
+        else:
+            continue
+        mode = recorded.get(key) if isinstance(recorded, dict) else None
+        if mode in ("memory", "stream"):
+            log.info("--resume: --data-mode %s, as the members trained so far", mode)
+            return replace(config, data=replace(config.data, mode=mode))
+    return config
+
+
+def _mode_used(config: TeacherTrainConfig, data: ImageDataset) -> TeacherTrainConfig:
+    """``config`` with the data mode ``data`` was loaded in (``--data-mode auto`` resolved)."""
+    if config.data.mode != "auto" or data.config is None:
+        return config
+    return replace(config, data=replace(config.data, mode=data.config.mode))
 
 
 def _check_resumable(config: TeacherTrainConfig, data: ImageDataset) -> None:
@@ -206,7 +237,10 @@ def _difference(recorded: dict[str, Any], wanted: dict[str, Any]) -> tuple[str, 
                 continue
             default = jsonable(f.default_factory() if callable(f.default_factory) else f.default)
             label = _FLAGS[group].get(f.name, f"{group} {f.name}")
-            pairs.append((label, recorded[group].get(f.name, default), wanted[group][f.name]))
+            was = recorded[group].get(f.name, default)
+            if label == "--data-mode" and was == "auto":  # recorded before the mode was: unknown
+                continue
+            pairs.append((label, was, wanted[group][f.name]))
     for label, was, now in pairs:
         if was != now:
             return _show(label, was), _show(label, now)
@@ -225,6 +259,8 @@ def _identity(config: TeacherTrainConfig, data: ImageDataset, k: int) -> dict[st
         "dataset": data.name,
         "n_train": len(data.train),
         "seed": config.seed + k,
+        # an image folder's mode (memory or stream): --resume of --data-mode auto keeps it
+        **({"data_mode": config.data.mode} if data.name == "imagefolder" else {}),
     }
 
 

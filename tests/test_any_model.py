@@ -197,6 +197,32 @@ def test_layers_that_cannot_take_fast_weights_stay_shared(caplog):
             assert (fold(be, m)(x) - want[m]).abs().max() < 1e-5
 
 
+def test_layers_the_network_never_calls_stay_shared_given_an_example(caplog):
+    """torchvision's Swin passes attn.qkv.weight / attn.proj.weight to F.linear itself: given an
+    example batch, those Linear layers stay plain (fast weights there would get no gradient and
+    make the fold inexact) and every member folds exactly with init "normal"."""
+    from torchvision.models import swin_t
+
+    torch.manual_seed(0)
+    net = swin_t(num_classes=5)
+    x = torch.rand(2, 3, 64, 64)
+    with caplog.at_level(logging.WARNING, logger="ensc.models.batchensemble"):
+        be = to_batchensemble(net, members=2, init="normal", example=x)
+    lines = [r.getMessage() for r in caplog.records if "stay shared" in r.getMessage()]
+    assert len(lines) == 1 and "24 Linear (features.1.0.attn.qkv" in lines[0]
+    block = be.net.features[1][0]
+    assert type(block.attn.qkv) is nn.Linear and type(block.attn.proj) is nn.Linear
+    assert type(block.mlp[0]) is not nn.Linear  # called on the batch: fast weights
+    assert all(m.training for m in be.modules())  # the probe's eval mode is undone
+    be.eval()
+    with torch.no_grad():
+        want = be.forward_members(x)
+        for m in range(2):
+            assert (fold(be, m)(x) - want[m]).abs().max() < 1e-4
+    with pytest.raises(ConfigError, match=r"fails on an example batch of shape \(2, 3\)"):
+        to_batchensemble(net, members=2, example=torch.rand(2, 3))
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 def test_unsupported_layer_is_refused_in_one_line(work, tv_teacher, code_dir):
     lazy = nn.Sequential(nn.Flatten(), nn.LazyLinear(5))

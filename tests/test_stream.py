@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -242,3 +243,90 @@ def test_cli_imagenet_layout_stream_224_train_eval_compress(imagenet_folder: Pat
     assert report["n_test"] == 40 and report["dataset"] == "imagefolder"
     result = run_cli("eval", "--student", str(run / "student.pt"), *common)
     assert result.exit_code == 0, result.output
+
+
+def test_auto_mode_is_resolved_recorded_and_reused(small_folder: Path, tmp_path: Path, monkeypatch):
+    """The mode `auto` chose is what a loaded dataset, a trained member, a compress run's
+    config.json record, and what later loads and --resume reuse, whatever memory is free then."""
+    import json
+
+    import ensc.data.mode as mode
+    from ensc import rundir
+    from ensc.compress.config import compress_config, with_recorded_data_mode
+    from ensc.data.source import data_config_for
+    from ensc.engine.loop import OptimConfig
+    from ensc.engine.runtime import resolve_runtime
+    from ensc.models.checkpoint import load_checkpoint
+    from ensc.teachers.train import TeacherTrainConfig, member_path, train_teacher
+
+    monkeypatch.setattr(mode, "available_memory", lambda: 1000)  # auto streams
+    auto = DataConfig("imagefolder", root=small_folder, workers=0)
+    data = load_dataset(auto)
+    assert isinstance(data.train, StreamSplit) and data.config == DataConfig(
+        "imagefolder", root=small_folder, workers=0, mode="stream"
+    )
+    assert load_dataset(DataConfig("fashion-mnist", train_subset=20)).config.mode == "memory"
+    config = TeacherTrainConfig(arch="resnet8", data=auto, out=tmp_path / "ckpts", members=1,
+                                optim=OptimConfig(epochs=1, batch_size=16, max_steps=1))  # fmt: skip
+    train_teacher(config, resolve_runtime("cpu"))
+    member = load_checkpoint(member_path(config.out, 0))
+    assert member.info["data"]["mode"] == "stream"
+    # later: memory to spare, but the member's loads and a --resume keep streaming
+    monkeypatch.setattr(mode, "available_memory", lambda: 2**40)
+    again = data_config_for(member.spec, member.info["data"])
+    assert again.mode == "stream" and isinstance(load_dataset(again).train, StreamSplit)
+    assert data_config_for(member.spec, member.info["data"], mode="memory").mode == "memory"
+    train_teacher(replace(config, members=2, resume=True), resolve_runtime("cpu"))
+    assert load_checkpoint(member_path(config.out, 1)).info["data"]["mode"] == "stream"
+    # compress --resume: the mode its config.json records, unless --data-mode names one
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / rundir.CONFIG).write_text(json.dumps({"data": {"mode": "stream"}}))
+    resumed = compress_config(teacher=config.out, arch="resnet8", resume=True)
+    assert with_recorded_data_mode(resumed, run).data_overrides["mode"] == "stream"
+    fresh = replace(resumed, resume=False)
+    assert with_recorded_data_mode(fresh, run) == fresh  # a new run chooses
+    asked = compress_config(teacher=config.out, arch="resnet8", resume=True, data_mode="memory")
+    assert with_recorded_data_mode(asked, run).data_overrides["mode"] == "memory"
+    assert with_recorded_data_mode(resumed, tmp_path) == resumed  # no config.json yet
+
+
+def _png16_rgb(path: Path, pixels) -> None:
+    """A 16-bit RGB PNG (PIL cannot write one): ``pixels`` uint16 [H, W, 3]."""
+    import struct
+    import zlib
+
+    import numpy as np
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    h, w, _ = pixels.shape
+    rows = b"".join(b"\0" + np.ascontiguousarray(row, dtype=">u2").tobytes() for row in pixels)
+    header = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)  # 16 bits per channel, RGB
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+                     + chunk(b"IEND", b""))  # fmt: skip
+
+
+@pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision 0.29
+def test_16_bit_pngs_decode_to_the_same_scaled_pixels_in_memory_and_streamed(tmp_path: Path):
+    import numpy as np
+    from PIL import Image
+
+    from ensc.data.datasets import _decode_images
+    from ensc.data.transforms import read_image
+
+    values = (np.arange(64, dtype=np.int64).reshape(8, 8) * 1031 + 7).astype(np.uint16)
+    Image.fromarray(values).save(tmp_path / "gray.png")  # PIL mode I;16
+    with Image.open(tmp_path / "gray.png") as img:
+        assert img.mode.startswith("I;16")  # which PIL's RGB conversion clips at 255
+    rgb = np.stack([values, values // 3, 65535 - values], axis=-1)
+    _png16_rgb(tmp_path / "rgb.png", rgb)
+    for name, want in (("gray", np.stack([values] * 3)), ("rgb", rgb.transpose(2, 0, 1))):
+        expected = torch.from_numpy((want >> 8).astype(np.uint8))  # the high byte
+        streamed = read_image(str(tmp_path / f"{name}.png"))
+        memory = _decode_images([str(tmp_path / f"{name}.png")])[0]
+        assert streamed.dtype == memory.dtype == torch.uint8
+        assert torch.equal(streamed, expected) and torch.equal(memory, expected), name
