@@ -157,7 +157,7 @@ def load_dataset(config: DataConfig) -> ImageDataset:
             full, test, classes = _load_cifar(config)
         train_idx, val_idx = split_indices(full.labels, config, gen)
         train, val = full.subset(train_idx), full.subset(val_idx)
-        test = _take_subset(test, config.test_subset, gen, "--test-subset")
+        test = take_subset(test, config.test_subset, gen, "--test-subset")
     mean, std = split_stats(train, seed=config.seed)
     log.info("%s: %d train / %d val / %d test", config.name, len(train), len(val), len(test))
     return ImageDataset(
@@ -253,7 +253,9 @@ def split_indices(
     return rest.sort().values, val_idx.sort().values
 
 
-def _take_subset(split: Split, n: int | None, gen: torch.Generator, flag: str) -> Split:
+def take_subset(split: Split, n: int | None, gen: torch.Generator, flag: str) -> Split:
+    """A class-balanced, seeded subset of ``n`` images of ``split`` (all of it if ``n`` is None or
+    not smaller); ``flag`` names the option in the error for ``n < 1``."""
     if n is None or n >= len(split):
         return split
     if n < 1:
@@ -559,7 +561,7 @@ def load_test_split(config: DataConfig) -> Split:
             f"load_test_split reads fashion-mnist, cifar10 or cifar100, not {config.name!r}"
         )
     gen = torch.Generator().manual_seed(config.seed)
-    return _take_subset(test, config.test_subset, gen, "--test-subset")
+    return take_subset(test, config.test_subset, gen, "--test-subset")
 
 
 def load_image_files(

@@ -16,8 +16,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ensc.data.datasets import DataConfig, ImageDataset, Split, channel_stats, split_indices
-from ensc.data.datasets import _take_subset as take_subset
+from ensc.data.datasets import (
+    DataConfig,
+    ImageDataset,
+    Split,
+    channel_stats,
+    split_indices,
+    take_subset,
+)
 from ensc.errors import DataError
 
 log = logging.getLogger(__name__)
