@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ensc.compress.config import compress_config
+from ensc.compress.config import compress_config, with_recorded_data_mode
 from ensc.compress.pipeline import CompressResult, Sources, run_compress
 from ensc.data.catalog import PYTHON_DATA
 from ensc.data.datasets import DataConfig, ImageDataset, balanced_indices, load_dataset
@@ -66,10 +66,14 @@ def compress_ensemble(
             accepts them.
         train_data, test_data, val_data: torch Datasets (or DataLoaders over them) of
             ``(image, label)``, images as PIL images, uint8 tensors or [0, 1] float tensors of one
-            size; read into memory (a DataLoader's batch size is used unless ``batch_size=``
-            is given; ensc shuffles and augments itself). Without ``val_data`` validation is
-            carved from ``train_data``.
-            Without any: the data the teacher was trained on, or ``dataset=``/``data_root=``.
+            size (a DataLoader's batch size is used unless ``batch_size=`` is given; ensc
+            shuffles and augments itself). Read into memory, or streamed when they would not fit
+            comfortably (``data_mode="auto"|"memory"|"stream"``, ``workers=``;
+            :mod:`ensc.data.from_torch`): a torchvision ImageFolder then streams from its files
+            at ``image_size=`` (its own transform is not applied), any other Dataset item by
+            item through ``__getitem__``. Without ``val_data`` validation is carved from
+            ``train_data``. Without any: the data the teacher was trained on, or
+            ``dataset=``/``data_root=``.
         out: write the run folder there as it goes (resumable with ``resume=True``); without it
             nothing touches the disk (no teacher-logits cache either) until
             :meth:`CompressResult.save`.
@@ -96,7 +100,9 @@ def compress_ensemble(
                              **options)  # fmt: skip
     sources = Sources(build_student=build)
     if teacher_path is None or any(d is not None for d in (train_data, test_data, val_data)):
-        data, data_config = _data(config, train_data, test_data, val_data, hflip)
+        # resumed: the data mode the run started with (auto would choose again from free memory)
+        resolved = with_recorded_data_mode(config, config.out)
+        data, data_config = _data(resolved, train_data, test_data, val_data, hflip)
         sources = replace(sources, data=data, data_config=data_config)
     if teacher_path is None:
         from ensc.teachers.from_modules import teacher_from_modules

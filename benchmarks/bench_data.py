@@ -2,6 +2,7 @@
 
     python benchmarks/bench_data.py                 # CIFAR-10 JPEGs; writes docs/bench-data.{json,md}
     python benchmarks/bench_data.py --feed-batches 20 --train-steps 4 --no-write   # a quick look
+    python benchmarks/bench_data.py --rss-cases torch:5000,torch:50000   # rerun only these rows
 
 On the CIFAR-10 JPEG folder (``$ENSC_SHARED/data/cifar10-jpeg``; skipped, saying so, when absent),
 side by side in one run:
@@ -15,7 +16,10 @@ side by side in one run:
    of the step spent waiting for data;
 3. peak resident memory (``ru_maxrss``) of a fresh process per case that loads the data and runs
    one training pass over it: streamed 5,000 vs 50,000 training images (the whole train folder)
-   next to the in-memory path on the same images.
+   next to the in-memory path on the same images, and a generic torch Dataset making 5,000 vs
+   50,000 32×32 images on the fly handed to ``ensc.data.from_torch`` with ``data_mode="stream"``
+   (``torch:N``; needs no image folder). ``--rss-cases`` reruns only the cases named and merges
+   their rows into docs/bench-data.{json,md}, leaving the timing part as it was measured.
 
 Everything runs under the allocator the ``ensc`` command uses (tcmalloc when installed: the
 script re-executes itself with it preloaded, as ``ensc`` does; else glibc tuned by ``mallopt``).
@@ -43,7 +47,8 @@ SHARED = Path(os.environ.get("ENSC_SHARED", ROOT.parent / "shared"))
 CIFAR_JPEG = SHARED / "data" / "cifar10-jpeg"
 BATCH = 128
 WORKERS = (0, 1, 2)
-RSS_CASES = ("stream:5000", "stream:50000", "memory:5000", "memory:50000")
+RSS_CASES = ("stream:5000", "stream:50000", "memory:5000", "memory:50000", "torch:5000",
+             "torch:50000")  # fmt: skip
 TARGET = 0.20  # streamed training throughput within 20 % of the in-memory path's
 
 
@@ -146,14 +151,42 @@ def measure_training(
     return out
 
 
+def _on_the_fly(n: int, offset: int = 0) -> Any:
+    """A map-style Dataset of ``n`` random 32×32 RGB uint8 images, each made from its index when
+    asked for, with labels ``index % 10`` and no ``.targets`` (ensc reads the labels in a pass)."""
+    import torch
+    from torch.utils.data import Dataset
+
+    class OnTheFly(Dataset):
+        def __len__(self) -> int:
+            return n
+
+        def __getitem__(self, i: int) -> tuple[Any, int]:
+            gen = torch.Generator().manual_seed(offset + i)
+            return torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=gen), i % 10
+
+    return OnTheFly()
+
+
+def _load_case(mode: str, n: int) -> Any:
+    """The data of an RSS case: the CIFAR-10 folder's ``n`` images, or ``n`` made on the fly."""
+    if mode == "torch":
+        from ensc.data.datasets import DataConfig
+        from ensc.data.from_torch import dataset_from_torch
+
+        config = DataConfig("python", mode="stream", workers=2)
+        return dataset_from_torch(_on_the_fly(n), _on_the_fly(1000, offset=n), config=config)
+    from ensc.data.datasets import load_dataset
+
+    return load_dataset(_config(mode, None if n >= 50000 else n, workers=2))
+
+
 def rss_case(case: str) -> dict[str, Any]:
     """In this (fresh) process: load ``mode:n`` training images and run one training pass over
     them (no model), then the peak RSS of this process and of its largest reader process."""
-    from ensc.data.datasets import load_dataset
-
     mode, n = case.split(":")
     start = time.perf_counter()
-    data = load_dataset(_config(mode, None if int(n) >= 50000 else int(n), workers=2))
+    data = _load_case(mode, int(n))
     loaded = time.perf_counter() - start
     images = sum(len(x) for x, _ in _batches(data.train))
     return {
@@ -167,9 +200,10 @@ def rss_case(case: str) -> dict[str, Any]:
     }
 
 
-def measure_rss() -> list[dict[str, Any]]:
+def measure_rss(cases: tuple[str, ...] = RSS_CASES) -> list[dict[str, Any]]:
+    """:func:`rss_case` of each case, each in a fresh process."""
     rows = []
-    for case in RSS_CASES:
+    for case in cases:
         done = subprocess.run([sys.executable, __file__, "--rss-case", case], capture_output=True,
                               text=True, check=True)  # fmt: skip
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
@@ -234,7 +268,7 @@ def render(result: dict[str, Any], meta: dict[str, Any]) -> str:
         "---|---:|---:|---:|---:|---:",
     ]
     for r in rss:
-        worker = f"{r['worker_maxrss_mb']:.0f}" if r["case"].startswith("stream") else "-"
+        worker = f"{r['worker_maxrss_mb']:.0f}" if not r["case"].startswith("memory") else "-"
         lines.append(
             f"{r['case'].replace(':', ' ')} | {r['train_images']:,} | {r['load_s']:.1f} | "
             f"{r['pass_s']:.1f} | {r['main_maxrss_mb']:.0f} | {worker}"
@@ -250,7 +284,49 @@ def render(result: dict[str, Any], meta: dict[str, Any]) -> str:
         "`channel_stats` converts 2,048 images at a time to float64 (it converted the whole split "
         "before, which peaked at 2,962 MB for the 45,000 images).",
     ]
+    if any(r["case"].startswith("torch") for r in rss):
+        lines += [
+            "",
+            "torch N: a generic map-style torch Dataset making N random 32×32 RGB images from "
+            "their index as they are asked for (no `.targets`, so ensc reads every item once for "
+            'its label), handed to `ensc.data.from_torch` with `data_mode="stream"` (test data: '
+            "1,000 more); the pass reads its items through a DataLoader with 2 workers. Its "
+            "peak does not grow with the data either: ensc holds the items' indices and labels.",
+        ]
+    for rerun in result.get("rss_reruns", []):
+        lines += [
+            "",
+            f"Rows {', '.join(rerun['cases'])}: `{rerun['command']}` ({rerun['date']}; load "
+            f"average {rerun['load_before']} before, {rerun['load_after']} after), run alone "
+            "after the rest of this page.",
+        ]
     return "\n".join(lines) + "\n"
+
+
+def rerun_rss(cases: tuple[str, ...], write: bool) -> None:
+    """Measure only ``cases`` and merge their rows into docs/bench-data.{json,md} (the timing
+    part and the other rows stay as they were measured)."""
+    load_before = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    rows = measure_rss(cases)
+    print(json.dumps(rows, indent=2))
+    if not write:
+        return
+    path = ROOT / "docs" / "bench-data.json"
+    saved = json.loads(path.read_text())
+    meta = saved.pop("meta")
+    kept = [r for r in saved["rss"] if r["case"] not in cases]
+    saved["rss"] = kept + rows
+    rerun = {
+        "command": " ".join(["python", "benchmarks/bench_data.py", *sys.argv[1:]]),
+        "date": datetime.now().strftime("%Y-%m-%d"),
+        "cases": list(cases),
+        "load_before": load_before,
+        "load_after": " ".join(f"{v:.2f}" for v in os.getloadavg()),
+    }
+    reruns = [r for r in saved.get("rss_reruns", []) if set(r["cases"]) - set(cases)]
+    saved["rss_reruns"] = reruns + [rerun]
+    path.write_text(json.dumps({"meta": meta, **saved}, indent=2) + "\n")
+    (ROOT / "docs" / "bench-data.md").write_text(render(saved, meta))
 
 
 def main() -> None:
@@ -259,9 +335,17 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=5, help="timed steps per block")
     parser.add_argument("--rounds", type=int, default=5, help="runs (blocks) per feeder")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
+    parser.add_argument("--rss-cases", help="comma-separated peak-memory cases to run alone "
+                        f"(of {', '.join(RSS_CASES)}), merged into docs/bench-data.*")  # fmt: skip
     parser.add_argument("--rss-case", help=argparse.SUPPRESS)  # internal: one fresh-process case
     args = parser.parse_args()
-    if not (CIFAR_JPEG / "train").is_dir():
+    cases = tuple(args.rss_cases.split(",")) if args.rss_cases else RSS_CASES
+    if set(cases) - set(RSS_CASES):
+        parser.error(f"unknown --rss-cases {', '.join(sorted(set(cases) - set(RSS_CASES)))}")
+    needs_folder = any(
+        not c.startswith("torch") for c in ([args.rss_case] if args.rss_case else cases)
+    )
+    if needs_folder and not (CIFAR_JPEG / "train").is_dir():
         print(f"skipped: the CIFAR-10 JPEG folder is not at {CIFAR_JPEG} (set ENSC_SHARED)")
         return
     from ensc.engine.allocator import preload_env, tune_malloc
@@ -272,6 +356,9 @@ def main() -> None:
     allocator = tune_malloc()
     if args.rss_case:
         print(json.dumps(rss_case(args.rss_case)))
+        return
+    if args.rss_cases:
+        rerun_rss(cases, write=not args.no_write)
         return
     start = time.perf_counter()
     load_before = " ".join(f"{v:.2f}" for v in os.getloadavg())

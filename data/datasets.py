@@ -5,8 +5,9 @@ ensc decodes them a single time into a ``uint8 [N, C, H, W]`` tensor and augment
 the fly: no per-sample PIL work in the training loop. Pixels reach models in [0, 1]; the
 normalization lives inside the model (docs/method.md §1), so ``mean``/``std`` here are only
 *measured* on the training split and handed to the model builder. An image folder too large for
-that is streamed from disk instead (:mod:`ensc.data.stream`, chosen by :mod:`ensc.data.mode`);
-both kinds of split answer ``len``, ``labels``, ``channels``, ``image_size``, ``subset``, ``take``
+that is streamed from disk instead (:mod:`ensc.data.stream`, chosen by :mod:`ensc.data.mode`), and
+a large torch Dataset handed over from Python is read item by item (:mod:`ensc.data.torch_stream`);
+every kind of split answers ``len``, ``labels``, ``channels``, ``image_size``, ``subset``, ``take``
 (the pixels, in memory) and :func:`iterate_batches`.
 
 An image folder may hold images of several sizes; they are stacked at one size (H, W): the size
@@ -39,6 +40,9 @@ from ensc.fileio import not_a_folder
 
 if TYPE_CHECKING:
     from ensc.data.stream import StreamSplit
+    from ensc.data.torch_stream import TorchStreamSplit
+
+    Streamed = StreamSplit | TorchStreamSplit  # image files, or a torch Dataset's items
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +107,9 @@ class ImageDataset:
     """The three splits of a dataset plus what a model needs to know about its inputs."""
 
     name: str
-    train: Split | StreamSplit
-    val: Split | StreamSplit
-    test: Split | StreamSplit
+    train: Split | Streamed
+    val: Split | Streamed
+    test: Split | Streamed
     class_names: tuple[str, ...]
     mean: tuple[float, ...]  # per-channel pixel mean of the training split, in [0, 1] units
     std: tuple[float, ...]
@@ -174,7 +178,7 @@ def load_dataset(config: DataConfig) -> ImageDataset:
 
 
 def split_stats(
-    split: Split | StreamSplit, *, seed: int = 0
+    split: Split | Streamed, *, seed: int = 0
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """:func:`channel_stats` of a split's images; of a seeded sample of them when streamed."""
     if isinstance(split, Split):
@@ -253,7 +257,9 @@ def split_indices(
     return rest.sort().values, val_idx.sort().values
 
 
-def take_subset(split: Split, n: int | None, gen: torch.Generator, flag: str) -> Split:
+def take_subset(
+    split: Split | Streamed, n: int | None, gen: torch.Generator, flag: str
+) -> Split | Streamed:
     """A class-balanced, seeded subset of ``n`` images of ``split`` (all of it if ``n`` is None or
     not smaller); ``flag`` names the option in the error for ``n < 1``."""
     if n is None or n >= len(split):
@@ -409,7 +415,7 @@ def _load_imagefolder(
         test_idx = balanced_indices(test_labels, config.test_subset, gen)
     size = tuple(config.image_size) if config.image_size else None
     if config.mode != "memory":
-        sizes = Counter({size: 1}) if size else _sampled_sizes(scans["train"].samples, config.seed)
+        sizes = Counter({size: 1}) if size else sampled_sizes(scans["train"].samples, config.seed)
         stream_size = sizes.most_common(1)[0][0]  # ties: the size seen first
         n_images = len(train_idx) + len(val_idx) + len(test_idx)
         if choose_mode(config.mode, n_images, 3 * stream_size[0] * stream_size[1]) == "stream":
@@ -431,7 +437,7 @@ def _load_imagefolder(
     )
 
 
-def _sampled_sizes(
+def sampled_sizes(
     samples: list[tuple[str, int]], seed: int, n: int = 200
 ) -> Counter[tuple[int, int]]:
     """How many of a seeded sample of ``n`` files have each (H, W), read from their headers: a
@@ -638,7 +644,7 @@ def augment(
 
 
 def iterate_batches(
-    split: Split | StreamSplit,
+    split: Split | Streamed,
     batch_size: int,
     *,
     gen: torch.Generator | None = None,

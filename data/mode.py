@@ -53,13 +53,13 @@ def choose_mode(mode: str, n_images: int, image_bytes: int) -> str:
     if mode != "auto":
         return mode
     need = n_images * image_bytes
-    available = available_memory()
+    choice, available = auto_mode(need)
     gib = 2**30
     if available is None:
         log.info("data: decoding %d images into memory (%.2f GiB; available memory unknown; "
                  "--data-mode stream to read them from disk instead)", n_images, need / gib)  # fmt: skip
         return "memory"
-    if need > MEMORY_SHARE * available:
+    if choice == "stream":
         log.info("data: streaming %d images from disk: decoded they would take %.2f GiB, more than "
                  "%d %% of the %.1f GiB available (--data-mode memory to decode them anyway)",
                  n_images, need / gib, round(100 * MEMORY_SHARE), available / gib)  # fmt: skip
@@ -68,3 +68,12 @@ def choose_mode(mode: str, n_images: int, image_bytes: int) -> str:
              "available (--data-mode stream to read them from disk instead)",
              n_images, need / gib, round(100 * MEMORY_SHARE), available / gib)  # fmt: skip
     return "memory"
+
+
+def auto_mode(need: int) -> tuple[str, int | None]:
+    """What ``auto`` chooses for ``need`` bytes of decoded images (``stream`` above
+    :data:`MEMORY_SHARE` of the memory available), and the bytes available (None: unknown)."""
+    available = available_memory()
+    if available is not None and need > MEMORY_SHARE * available:
+        return "stream", available
+    return "memory", available

@@ -22,6 +22,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -30,6 +31,9 @@ from torch.utils.data import DataLoader, Dataset
 from ensc.data.datasets import Split
 from ensc.data.transforms import make_batch
 from ensc.errors import DataError
+
+if TYPE_CHECKING:
+    from ensc.data.torch_stream import TorchStreamSplit
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +62,50 @@ def file_array(paths: list[str], root: Path) -> np.ndarray:
     )  # fmt: skip
 
 
+class StreamedBatches:
+    """What every streamed split shares (:class:`StreamSplit`, ``data.torch_stream.TorchStreamSplit``):
+    ``take``, ``batches`` and the plain pass over its images, built on what each provides:
+    ``labels``, ``channels``, ``image_size``, ``subset`` and ``_uint8_batches`` (batches ``start``
+    … ``n_batches`` − 1 of an epoch, given its order and seed, read by DataLoader workers)."""
+
+    def take(self, index: torch.Tensor | None = None) -> Split:
+        """The images at ``index`` (all when None) decoded into an in-memory :class:`Split`, as
+        evaluation sees them (no augmentation): for the few places that need pixels."""
+        part = self if index is None else self.subset(index)
+        out = torch.empty((len(part), self.channels, *self.image_size), dtype=torch.uint8)
+        done = 0
+        for images, _ in part._plain_batches():
+            out[done : done + len(images)] = images
+            done += len(images)
+        return Split(out, part.labels.clone())
+
+    def batches(
+        self,
+        batch_size: int,
+        *,
+        gen: torch.Generator | None = None,
+        shuffle: bool = False,
+        augment_hflip: bool | None = None,
+        drop_last: bool = False,
+        start: int = 0,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """:func:`ensc.data.datasets.iterate_batches` of this split (same arguments, same
+        meaning): ``(images float32 [B, C, H, W] in [0, 1], labels int64 [B])``."""
+        order, seed, n_batches = epoch_draws(len(self), batch_size, gen=gen, shuffle=shuffle,
+                                             augment=augment_hflip is not None,
+                                             drop_last=drop_last)  # fmt: skip
+        yield from self._uint8_batches(batch_size, order=order, epoch_seed=seed,
+                                       hflip=augment_hflip, n_batches=n_batches, start=start,
+                                       as_float=True)  # fmt: skip
+
+    def _plain_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Every image in split order, uint8, as evaluation sees it, :data:`READ_BATCH` at a time."""
+        return self._uint8_batches(READ_BATCH, order=None, epoch_seed=None, hflip=None,
+                                   n_batches=-(-len(self) // READ_BATCH))  # fmt: skip
+
+
 @dataclass(frozen=True, eq=False)
-class StreamSplit:
+class StreamSplit(StreamedBatches):
     """One split as files: ``root``/``files[i]`` has label ``labels[i]``; images come out at
     ``size`` (H, W) with 3 channels."""
 
@@ -91,44 +137,6 @@ class StreamSplit:
         index = torch.as_tensor(index, dtype=torch.int64)
         return StreamSplit(self.root, self.files[index.numpy()], self.labels[index], self.size,
                            self.workers)  # fmt: skip
-
-    def take(self, index: torch.Tensor | None = None) -> Split:
-        """The images at ``index`` (all when None) decoded into an in-memory :class:`Split`, as
-        evaluation sees them (no augmentation): for the few places that need pixels."""
-        part = self if index is None else self.subset(index)
-        out = torch.empty((len(part), 3, *self.size), dtype=torch.uint8)
-        done = 0
-        for images, _ in part._plain_batches():
-            out[done : done + len(images)] = images
-            done += len(images)
-        return Split(out, part.labels.clone())
-
-    def batches(
-        self,
-        batch_size: int,
-        *,
-        gen: torch.Generator | None = None,
-        shuffle: bool = False,
-        augment_hflip: bool | None = None,
-        drop_last: bool = False,
-        start: int = 0,
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """:func:`ensc.data.datasets.iterate_batches` of this split (same arguments, same
-        meaning): ``(images float32 [B, 3, H, W] in [0, 1], labels int64 [B])``."""
-        n = len(self)
-        order = torch.randperm(n, generator=gen) if shuffle else None
-        seed = None
-        if augment_hflip is not None:
-            seed = int(torch.randint(0, 2**62, (), generator=gen))
-        n_batches = n // batch_size if drop_last and n >= batch_size else -(-n // batch_size)
-        yield from self._uint8_batches(batch_size, order=order, epoch_seed=seed,
-                                       hflip=augment_hflip, n_batches=n_batches, start=start,
-                                       as_float=True)  # fmt: skip
-
-    def _plain_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Every image in file order, uint8, as evaluation sees it, :data:`READ_BATCH` at a time."""
-        return self._uint8_batches(READ_BATCH, order=None, epoch_seed=None, hflip=None,
-                                   n_batches=-(-len(self) // READ_BATCH))  # fmt: skip
 
     def _uint8_batches(
         self, batch_size: int, *, order: torch.Tensor | None, epoch_seed: int | None,
@@ -179,11 +187,7 @@ class _Batches(Dataset):
         return -(-len(self.split) // self.batch_size)
 
     def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor] | str:
-        first = k * self.batch_size
-        if self.order is not None:
-            index = self.order[first : first + self.batch_size]
-        else:
-            index = torch.arange(first, min(first + self.batch_size, len(self.split)))
+        index = batch_index(self.order, len(self.split), self.batch_size, k)
         gen = None
         if self.epoch_seed is not None:
             gen = torch.Generator().manual_seed(batch_seed(self.epoch_seed, k))
@@ -197,21 +201,42 @@ class _Batches(Dataset):
         return images, self.split.labels[index]
 
 
+def epoch_draws(
+    n: int, batch_size: int, *, gen: torch.Generator | None, shuffle: bool, augment: bool,
+    drop_last: bool,
+) -> tuple[torch.Tensor | None, int | None, int]:  # fmt: skip
+    """(shuffle order, epoch seed, number of batches) of an epoch over ``n`` streamed images:
+    the order then the seed drawn from ``gen``, the only draws a streamed epoch makes."""
+    order = torch.randperm(n, generator=gen) if shuffle else None
+    seed = int(torch.randint(0, 2**62, (), generator=gen)) if augment else None
+    n_batches = n // batch_size if drop_last and n >= batch_size else -(-n // batch_size)
+    return order, seed, n_batches
+
+
+def batch_index(order: torch.Tensor | None, n: int, batch_size: int, k: int) -> torch.Tensor:
+    """The positions in the split of batch ``k`` of an epoch (``order`` None: in split order)."""
+    first = k * batch_size
+    if order is not None:
+        return order[first : first + batch_size]
+    return torch.arange(first, min(first + batch_size, n))
+
+
 def batch_seed(epoch_seed: int, k: int) -> int:
     """The seed of batch ``k``'s augmentation: (epoch seed, k) mixed by numpy's SeedSequence."""
     return int(np.random.SeedSequence([epoch_seed, k]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def sample_stats(
-    split: StreamSplit, *, n: int = STATS_SAMPLE, seed: int = 0
+    split: StreamSplit | TorchStreamSplit, *, n: int = STATS_SAMPLE, seed: int = 0
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std in [0, 1] units, as :func:`ensc.data.datasets.channel_stats`
-    computes them, on a seeded sample of ``n`` images (evaluation view: no augmentation)."""
+    computes them, on a seeded sample of ``n`` images (evaluation view: no augmentation) of any
+    streamed split (image files, or a torch Dataset's items)."""
     gen = torch.Generator().manual_seed(seed)
     index = torch.randperm(len(split), generator=gen)[:n].sort().values
     part = split.subset(index)
-    s1 = torch.zeros(3, dtype=torch.float64)
-    s2 = torch.zeros(3, dtype=torch.float64)
+    s1 = torch.zeros(split.channels, dtype=torch.float64)
+    s2 = torch.zeros(split.channels, dtype=torch.float64)
     count = 0
     for images, _ in part._plain_batches():
         x = images.to(torch.float64).div_(255).transpose(0, 1).flatten(1)  # [C, B*H*W]
