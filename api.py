@@ -267,14 +267,16 @@ def _data(
 def _exportable(model: Any, images: torch.Tensor | None) -> Exportable:
     """The export wrapper of a CompressResult's averaged network (its student.pt the source once
     saved), or of a bare network."""
-    from ensc.export.sources import Exportable
+    from ensc import rundir
     from ensc.export.wrappers import SingleNetwork
 
     if isinstance(model, CompressResult):
-        return _result_exportables(model)["student"] if model.run_dir else Exportable(
-            module=SingleNetwork(copy.deepcopy(model.network).cpu()).eval(), spec=model._files.spec,
-            what="student", members=1, sources=(), archs=(model._files.spec.arch,),
-            recorded_data=None, default_out=Path("student.onnx"),
+        run_dir = model.run_dir
+        saved = run_dir is not None
+        return _in_memory(
+            SingleNetwork(model.network), model._files.spec, "student",
+            sources=(run_dir / rundir.STUDENT,) if saved else (),
+            default_out=rundir.onnx_file(run_dir, "student") if saved else Path("student.onnx"),
         )  # fmt: skip
     if not isinstance(model, nn.Module):
         raise ConfigError(
@@ -289,41 +291,44 @@ def _exportable(model: Any, images: torch.Tensor | None) -> Exportable:
         k = net(_as_float(images[:1])).shape[-1]
     spec = ModelSpec(arch=_qualified(type(model)), num_classes=int(k), in_channels=images.shape[1],
                      image_size=tuple(images.shape[2:]), mean=(), std=())  # fmt: skip
-    return Exportable(module=SingleNetwork(copy.deepcopy(net).cpu()).eval(), spec=spec,
-                      what="model", members=1, sources=(), archs=(spec.arch,),
-                      recorded_data=None, default_out=Path("model.onnx"))  # fmt: skip
+    return _in_memory(SingleNetwork(net), spec, "model", default_out=Path("model.onnx"))
 
 
 def _result_exportables(result: CompressResult) -> dict[str, Exportable]:
     """A saved result's three networks as they are in memory, each with the files it was saved
     to (or, for teachers handed over from Python, none) as its sources."""
     from ensc import rundir
-    from ensc.export.sources import Exportable
-    from ensc.export.wrappers import BatchEnsembleMean, EnsembleMean, SingleNetwork
+    from ensc.export.wrappers import BatchEnsembleMean, EnsembleMean
 
     run_dir, files = result.run_dir, result._files
     assert run_dir is not None
     teacher = files.teacher
     teacher_files = tuple(p for p in teacher.paths if p.is_file())
-    made = {
-        "student": (SingleNetwork(result.network), files.spec, 1, (run_dir / rundir.STUDENT,)),
-        "student-be": (BatchEnsembleMean(result.student), files.be_spec, files.be_spec.members,
-                       (run_dir / rundir.STUDENT_BE,)),
-        "teacher": (EnsembleMean(teacher.members), teacher.spec, len(teacher), teacher_files),
-    }  # fmt: skip
     return {
-        what: Exportable(
-            module=copy.deepcopy(module).cpu().eval(),
-            spec=spec,
-            what=what,
-            members=members,
-            sources=sources,
-            archs=(spec.arch,),
-            recorded_data=None,
-            default_out=rundir.onnx_file(run_dir, what),
-        )  # fmt: skip
-        for what, (module, spec, members, sources) in made.items()
-    }
+        "student": _exportable(result, None),
+        "student-be": _in_memory(
+            BatchEnsembleMean(result.student), files.be_spec, "student-be",
+            members=files.be_spec.members, sources=(run_dir / rundir.STUDENT_BE,),
+            default_out=rundir.onnx_file(run_dir, "student-be"),
+        ),
+        "teacher": _in_memory(
+            EnsembleMean(teacher.members), teacher.spec, "teacher", members=len(teacher),
+            sources=teacher_files, default_out=rundir.onnx_file(run_dir, "teacher"),
+        ),
+    }  # fmt: skip
+
+
+def _in_memory(
+    module: nn.Module, spec: ModelSpec, what: str, *, members: int = 1,
+    sources: tuple[Path, ...] = (), default_out: Path,
+) -> Exportable:  # fmt: skip
+    """An export wrapper around a CPU copy of ``module`` as it is in memory (not rebuilt from files;
+    ``sources``: the files it was saved to, whose sha256 an ONNX file records)."""
+    from ensc.export.sources import Exportable
+
+    return Exportable(module=copy.deepcopy(module).cpu().eval(), spec=spec, what=what,
+                      members=members, sources=sources, archs=(spec.arch,), recorded_data=None,
+                      default_out=default_out)  # fmt: skip
 
 
 def _check_images(

@@ -165,8 +165,8 @@ def run_compress(
         run_dir = runtime.broadcast(writer.path if writer is not None else None) if write else None
         stack.enter_context(rundir.run_log(writer.path if writer is not None else None))
         run = _set_up(with_recorded_data_mode(config, run_dir), runtime, sources)
+        record = _config_record(run, identity)
         if writer is not None:
-            record = _config_record(run, identity)
             atomic_write_text(writer.path / rundir.CONFIG, json.dumps(record, indent=2) + "\n")
         faults.point("compress.after_config")
         history = _distill(
@@ -175,7 +175,7 @@ def run_compress(
         run.student.eval()
         if not runtime.is_main:  # rank 0 evaluates, reports and writes the run folder
             return None
-        result = _evaluate(run, runtime, history, identity, started)
+        result = _evaluate(run, runtime, history, identity, record, started)
         if writer is not None:
             result.report_md = _write_results(result, writer.path)
             faults.point("compress.before_commit")
@@ -185,8 +185,9 @@ def run_compress(
 
 
 def _evaluate(
-    run: _Run, runtime: Runtime, history: dict[str, Any], identity: dict[str, Any], started: float
-) -> CompressResult:
+    run: _Run, runtime: Runtime, history: dict[str, Any], identity: dict[str, Any],
+    record: dict[str, Any], started: float,
+) -> CompressResult:  # fmt: skip
     """Average the trained student, evaluate every model and build the report."""
     config, data = run.config, run.data
     clock = _Clock()
@@ -211,7 +212,7 @@ def _evaluate(
             "recalibrated_bn": single.bn_statistics == "re-estimated"}  # fmt: skip
     files = _RunFiles(
         spec=run.spec, be_spec=be_spec, info=info, be_info={"seed": config.seed, "init": config.init},
-        record=_config_record(run, identity), identity=identity, preds=preds,
+        record=record, identity=identity, preds=preds,
         test_split=data.test, teacher=run.teacher, ood_scores=ood_scores,
     )  # fmt: skip
     md = _render_report(report, Path(config.out or "compress"))

@@ -123,7 +123,7 @@ def build_model(
     if is_library_arch(name):
         return _build_library_model(name, **common, **kwargs)
     if ":" in name:
-        return _build_user_model(name, **common, **kwargs)
+        return call_builder(user_callable(name), name, **common, **kwargs)
     if name in _MODELS:
         return _MODELS[name](**common, **kwargs)
     if match := _RESNET_RE.fullmatch(name):
@@ -134,21 +134,6 @@ def build_model(
         f"Unknown model {name!r}. Available: {', '.join(list_models())}; also resnet{{D}} "
         "for any depth D = 6n+2, wrn{D}x{W} for any depth D = 6n+4 and width W, "
         "torchvision:NAME or timm:NAME, or 'package.module:callable' for your own architecture"
-    )
-
-
-def _build_user_model(
-    name: str,
-    *,
-    num_classes: int,
-    in_channels: int,
-    mean: Sequence[float] | None,
-    std: Sequence[float] | None,
-    **kwargs: Any,
-) -> nn.Module:
-    fn = user_callable(name)
-    return call_builder(
-        fn, name, num_classes=num_classes, in_channels=in_channels, mean=mean, std=std, **kwargs
     )
 
 
