@@ -14,7 +14,7 @@ from typing import Any
 
 from ensc import rundir
 from ensc.compress.distill import DistillConfig
-from ensc.compress.names import COMPRESS_METHODS
+from ensc.compress.names import BASELINES, COMPRESS_METHODS, SINGLE_NETWORK_METHODS
 from ensc.compress.perturb import PerturbConfig
 from ensc.engine.loop import OptimConfig
 from ensc.errors import ConfigError
@@ -57,9 +57,12 @@ class CompressConfig:
     # architecture ("auto": the averaged network then starts as that member), or "scratch"
     student_init: int | str = "auto"
     # "batchensemble": distill into BE-M and average it (the product); "kd-single": plain KD of
-    # the ensemble's mean prediction into one network of --arch, everything else the same (the
-    # baseline a user would otherwise deploy)
+    # the ensemble's mean prediction into one network of --arch; "finetune": that network on the
+    # labels alone, no teacher in the step; everything else the same (the baselines a user would
+    # otherwise deploy)
     method: str = "batchensemble"
+    # baselines trained beside the run at its budget and seed, compared in its report (--baselines)
+    baselines: tuple[str, ...] = ()
     # extra evaluations of the finished networks, as `ensc eval` makes them (they cost time):
     corruptions: bool = False  # under the CIFAR-10-C corruptions: report["corruptions"]
     corruption_subset: int | None = None  # ... of a class-balanced subset of N test images
@@ -93,6 +96,7 @@ def compress_config(
     data_mode: str | None = None,
     workers: int | None = None,
     image_size: tuple[int, int] | None = None,
+    baselines: str | tuple[str, ...] | list[str] | None = None,
     **rest: Any,
 ) -> CompressConfig:
     """A :class:`CompressConfig` from flat options (the CLI's flags), with the method's rules applied.
@@ -125,6 +129,7 @@ def compress_config(
         init=init,
         bn_recal_batches=bn_recal_batches or None,
         cache_teacher_logits=teacher_cache,
+        baselines=parse_baselines(baselines),
         **rest,
     )  # fmt: skip
     check_config(config)
@@ -145,6 +150,12 @@ def check_config(config: CompressConfig) -> None:
             "--method kd-single trains one network, and tdiv-sdiv needs at least 2 student "
             "members: use --perturb ods, confods, gaussian or none"
         )
+    if config.method == "finetune" and config.distill.perturb.kind != "none":
+        raise ConfigError(
+            f"--method finetune trains on the labels alone, and --perturb {config.distill.perturb.kind} "
+            "needs the teachers: drop --perturb (or use --method kd-single)"
+        )
+    _check_baselines(config)
     if config.corruption_subset is not None and not config.corruptions:
         raise ConfigError("--corruption-subset needs --corruptions")
     if config.corruption_subset is not None and config.corruption_subset < 1:
@@ -153,6 +164,39 @@ def check_config(config: CompressConfig) -> None:
         raise ConfigError(
             f"bn_recal_batches must be at least 1 (or None for the whole training split); got {config.bn_recal_batches}"
         )
+
+
+def _check_baselines(config: CompressConfig) -> None:
+    for name in config.baselines:
+        if name not in BASELINES:
+            raise ConfigError(
+                f"unknown baseline {name!r} in --baselines: choose from {', '.join(BASELINES)} "
+                "(comma-separated)"
+            )
+    if config.method in config.baselines:
+        raise ConfigError(
+            f"--baselines {config.method} is this run's own --method: drop it from --baselines"
+        )
+
+
+def parse_baselines(value: str | tuple[str, ...] | list[str] | None) -> tuple[str, ...]:
+    """``"finetune,kd-single"`` (the CLI's flag) or a sequence of names -> a tuple, in order,
+    without repeats; ``None``/``""``/``"none"`` -> ``()``."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [] if value.strip() in ("", "none") else value.split(",")
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(
+            f"baselines must be a comma-separated string or a list of names from "
+            f"{', '.join(BASELINES)}; got {value!r}"
+        )
+    return tuple(dict.fromkeys(v.strip() for v in value if v.strip()))
+
+
+def is_single_network(method: str) -> bool:
+    """Whether ``method`` trains one plain network (a baseline) rather than a BatchEnsemble."""
+    return method in SINGLE_NETWORK_METHODS
 
 
 def with_recorded_data_mode(config: CompressConfig, run_dir: Path | None) -> CompressConfig:

@@ -6,5 +6,8 @@ from __future__ import annotations
 PERTURBATIONS = ("none", "gaussian", "ods", "confods", "tdiv-sdiv")
 
 # batchensemble: distill into BE-M and average it (the product); kd-single: plain KD into one
-# network (the baseline), everything else the same
-COMPRESS_METHODS = ("batchensemble", "kd-single")
+# network; finetune: one network on the labels alone, no teacher in the step (the two baselines a
+# user would otherwise deploy), everything else the same
+COMPRESS_METHODS = ("batchensemble", "kd-single", "finetune")
+SINGLE_NETWORK_METHODS = ("kd-single", "finetune")  # the student is one plain network
+BASELINES = ("finetune", "kd-single")  # what --baselines may train beside a run

@@ -6,11 +6,10 @@ Everything a user needs afterwards goes into one run folder (its layout: :mod:`e
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -18,59 +17,39 @@ from typing import Any
 import torch
 
 from ensc import faults, rundir
-from ensc.compress.average import (
-    average,
-    fast_weight_spread,
-    fold_max_abs_diff,
-    recalibrate_bn,
+from ensc.compress.average import fast_weight_spread
+from ensc.compress.config import (
+    CompressConfig,
+    check_config,
+    is_single_network,
+    with_recorded_data_mode,
 )
-from ensc.compress.config import CompressConfig, check_config, with_recorded_data_mode
 from ensc.compress.distill import (
     fast_teachers,
     fast_weight_hook,
     make_distill_step,
     param_groups,
 )
-from ensc.compress.report import (
-    REPORT_UNITS,
-    Predictions,
-    all_rows,
-    build_report,
-    gaps_closed,
-    parity,
-    render_markdown,
-)
+from ensc.compress.finetune import make_label_step
+from ensc.compress.report import REPORT_UNITS, Predictions, build_report, gaps_closed, parity
 from ensc.compress.robustness import OodScores, corruption_report, ood_report
+from ensc.compress.run_report import (
+    draw_pictures,
+    name_single_rows,
+    render_run_report,
+    timing_line,
+)
+from ensc.compress.single import SingleNetwork, single_network
 from ensc.compress.warmstart import WARM_START_LR, init_from_member, matching_member
-from ensc.data.datasets import DataConfig, ImageDataset, Split, iterate_batches, load_dataset
+from ensc.data.datasets import DataConfig, ImageDataset, Split, load_dataset
 from ensc.data.source import check_compatible, data_config_for, ood_split
 from ensc.engine.loop import BackwardFn, StepResult, steady_seconds_per_step, train
-from ensc.engine.predict import (
-    eval_copy,
-    eval_member_networks,
-    predict_logits_many,
-    predict_member_logits,
-    probe_batch,
-)
+from ensc.engine.predict import probe_batch
 from ensc.engine.runtime import Runtime
 from ensc.engine.seeding import seeded
-from ensc.engine.timing import PhaseTimer
-from ensc.errors import (
-    CheckpointError,
-    CompressParityError,
-    ConfigError,
-    MissingExtraError,
-    one_line,
-    plural,
-)
-from ensc.evaluation.evaluate import member_logits
-from ensc.evaluation.logits_cache import (
-    cache_dir_for,
-    cached_teacher_logits,
-    split_sha256,
-    weights_sha256,
-)
-from ensc.evaluation.metrics import nll, reliability_bins
+from ensc.engine.timing import PhaseTimer, StageClock
+from ensc.errors import CheckpointError, CompressParityError, ConfigError, one_line, plural
+from ensc.evaluation.logits_cache import split_sha256, weights_sha256
 from ensc.fileio import atomic_write_text, file_sha256, jsonable
 from ensc.models.batchensemble import BatchEnsemble, to_batchensemble
 from ensc.models.checkpoint import ModelSpec, save_checkpoint
@@ -190,8 +169,8 @@ def _evaluate(
 ) -> CompressResult:  # fmt: skip
     """Average the trained student, evaluate every model and build the report."""
     config, data = run.config, run.data
-    clock = _Clock()
-    single = _single_network(config, run.teacher, run.student, data, runtime, clock, run.ood)
+    clock = StageClock()
+    single = single_network(config, run.teacher, run.student, data, runtime, clock, run.ood)
     averaged, preds = single.averaged, single.preds
     clock.start("report_seconds")
     report = build_report(preds, data.val.labels, data.test.labels)
@@ -204,7 +183,7 @@ def _evaluate(
     clock.stop()
     report["timing"] = {"train_seconds": round(history["seconds"], 1), **clock.rounded()}
     report["wall_seconds"] = round(time.perf_counter() - started, 1)
-    log.info("after training: %s", _timing_line(report["timing"], single.teacher_cache))
+    log.info("after training: %s", timing_line(report["timing"], single.teacher_cache))
     be_spec = replace(run.spec, kind="batchensemble", members=run.members,
                       arch_kwargs={**run.spec.arch_kwargs})  # fmt: skip
     info = {"seed": config.seed, "data": jsonable(asdict(run.data_config)), "source": "ensc compress",
@@ -215,7 +194,7 @@ def _evaluate(
         record=record, identity=identity, preds=preds,
         test_split=data.test, teacher=run.teacher, ood_scores=ood_scores,
     )  # fmt: skip
-    md = _render_report(report, Path(config.out or "compress"))
+    md = render_run_report(report, Path(config.out or "compress"))
     return CompressResult(averaged, run.student, report, md, None, files)
 
 
@@ -226,16 +205,16 @@ def _write_results(result: CompressResult, run_dir: Path) -> str:
     metrics = {k: report["student_avg"][k] for k in ("acc", "nll", "bs", "ece")}
     save_checkpoint(run_dir / rundir.STUDENT, result.network, files.spec, metrics=metrics,
                     info=files.info)  # fmt: skip
-    md = _render_report(report, run_dir)
+    md = render_run_report(report, run_dir)
     faults.point("compress.before_report")
-    md += _draw_pictures(run_dir, files.preds, files.test_split.labels, report, files.ood_scores)
+    md += draw_pictures(run_dir, files.preds, files.test_split.labels, report, files.ood_scores)
     atomic_write_text(run_dir / rundir.REPORT_JSON, json.dumps(report, indent=2) + "\n")
     atomic_write_text(run_dir / rundir.REPORT_MD, md)
     return md
 
 
 def _robustness(
-    report: dict[str, Any], run: _Run, single: _Single, runtime: Runtime, clock: _Clock
+    report: dict[str, Any], run: _Run, single: SingleNetwork, runtime: Runtime, clock: StageClock
 ) -> dict[str, Any] | None:
     """``--ood-data`` and ``--corruptions`` into ``report``; returns the OOD scores (pictures)."""
     config, ood_scores = run.config, None
@@ -259,7 +238,7 @@ class _Run:
     teacher: Teacher
     data_config: DataConfig
     data: ImageDataset
-    members: int  # the student's M (1 for kd-single)
+    members: int  # the student's M (1 for kd-single and finetune)
     student: BatchEnsemble
     spec: ModelSpec  # of one student network
     init_member: int | None  # the teacher member the student starts from
@@ -280,7 +259,7 @@ def _set_up(config: CompressConfig, runtime: Runtime, sources: Sources) -> _Run:
         data = load_dataset(data_config)
     data_config = data.config or data_config  # with the mode --data-mode auto chose
     check_compatible(teacher.spec, data)
-    members = 1 if config.method == "kd-single" else config.members or len(teacher)
+    members = 1 if is_single_network(config.method) else config.members or len(teacher)
     with user_code(config.code_path, unsafe=config.unsafe_load):  # the student may be user code
         student, spec, init_member = _build_student(
             config, teacher, data, members, runtime, sources.build_student
@@ -303,8 +282,8 @@ def _add_run_facts(
 ) -> None:  # fmt: skip
     """The parity gate, gaps closed, fast-weight spread, sizes and training time, into ``report``."""
     config = run.config
-    if config.method == "kd-single":  # one network, no members: name the rows for what they are
-        _name_kd_rows(report)
+    if is_single_network(config.method):  # one network, no members: name the rows for what they are
+        name_single_rows(report, config.method)
     report["parity"] = parity(report, config.max_acc_drop, fold_diff, config.fold_tolerance)
     report["init_member"] = run.init_member
     report["gap_closed"] = gaps_closed(report, run.init_member)
@@ -315,8 +294,10 @@ def _add_run_facts(
         "student_avg": sum(p.numel() for p in averaged.parameters()),
     }
     steady = steady_seconds_per_step(history)  # leaves the first step's one-off costs out
+    phases = {name: round(s, 2) for name, s in history.get("phase_seconds", {}).items()}
     report["train"] = {"steps": history["steps"], "seconds": round(history["seconds"], 1),
-                       "s_per_step": None if steady is None else round(steady, 3)}  # fmt: skip
+                       "s_per_step": None if steady is None else round(steady, 3),
+                       "phase_seconds": phases}  # fmt: skip
     report["dataset"] = run.data.name
     report["n_train"] = len(run.data.train)
     report["method"] = config.method
@@ -338,52 +319,6 @@ def _settings(run: _Run, runtime: Runtime) -> dict[str, Any]:
         "temperature": distill.temperature,
         "device": str(runtime.device),
     }
-
-
-@dataclass(frozen=True)
-class _Single:
-    """The averaged network and every model's predictions (:func:`_single_network`)."""
-
-    averaged: torch.nn.Module  # kept: student.pt
-    other: torch.nn.Module | None  # with the other BN statistics (reported beside it), if any
-    fold_diff: float  # the fold's max |Δlogit| against the BE student
-    preds: Predictions
-    bn_statistics: str  # which the kept network has: "re-estimated" or "as trained"
-    teacher_cache: str  # whether the teacher's logits came from the cache
-
-
-def _single_network(
-    config: CompressConfig,
-    teacher: Teacher,
-    student: BatchEnsemble,
-    data: ImageDataset,
-    runtime: Runtime,
-    clock: _Clock,
-    ood: Split | None = None,
-) -> _Single:
-    """Average the student into one network and evaluate every model on validation and test
-    (and on ``ood``, the --ood-data images, when given).
-
-    Of the averaged network's BN statistics as trained and re-estimated (``--recalibrate-bn``),
-    the one with the lower validation NLL is kept; the other is reported beside it.
-    """
-    with clock("average_seconds"):
-        averaged, fold_diff = _average_student(student, data, runtime)
-    raw = copy.deepcopy(averaged) if config.recalibrate_bn else None  # reported side by side
-    with clock("bn_recal_seconds"):
-        if config.recalibrate_bn:
-            _recalibrate_bn(config, averaged, data, runtime)
-    with clock("eval_seconds"):
-        preds, teacher_cache = _predict_all(
-            config, teacher, student, averaged, data, runtime, raw, ood
-        )
-    bn_statistics = "re-estimated" if config.recalibrate_bn else "as trained"
-    if raw is not None and _keeps_trained_bn(preds, data.val.labels):
-        averaged, raw, bn_statistics = raw, averaged, "as trained"
-        preds = replace(preds, avg_val=preds.alt_val, avg_test=preds.alt_test, avg_ood=preds.alt_ood,
-                        alt_val=preds.avg_val, alt_test=preds.avg_test, alt_ood=preds.avg_ood,
-                        alt_name="averaged, BN re-estimated (not kept)")  # fmt: skip
-    return _Single(averaged, raw, fold_diff, preds, bn_statistics, teacher_cache)
 
 
 def with_warm_start_lr(config: CompressConfig, warm: bool) -> CompressConfig:
@@ -409,10 +344,13 @@ def _distill(
     gen = torch.Generator().manual_seed(config.seed + 10_000)
     wd = config.optim.weight_decay
     timer = PhaseTimer(synchronize=runtime.device.type == "cuda")  # phase shares in the log
-    teachers = fast_teachers(teacher.members, runtime, probe_batch([data.val], runtime))
-    distill_step = make_distill_step(
-        student, teachers, config.distill, gen, net=runtime.wrap(student), timer=timer
-    )
+    if config.method == "finetune":  # the labels alone: no teacher runs in the step
+        distill_step = make_label_step(runtime.wrap(student), timer=timer)
+    else:
+        teachers = fast_teachers(teacher.members, runtime, probe_batch([data.val], runtime))
+        distill_step = make_distill_step(
+            student, teachers, config.distill, gen, net=runtime.wrap(student), timer=timer
+        )
 
     def step(images: torch.Tensor, labels: torch.Tensor, backward: BackwardFn) -> StepResult:
         result = distill_step(images, labels, backward)
@@ -421,17 +359,19 @@ def _distill(
 
     state_path = run_dir / rundir.STATE if run_dir is not None else None  # None: not resumable
     try:
-        return train(
+        history = train(
             student, step, data.train, config.optim, runtime,
             param_groups=param_groups(student, config.distill.fast_weights, wd), hflip=data.hflip,
             seed=config.seed, state_path=state_path, resume=config.resume,
-            desc=f"distill BE-{student.members}",
+            desc="fine-tune" if config.method == "finetune" else f"distill BE-{student.members}",
             after_backward=fast_weight_hook(student, config.distill.fast_weights, wd),
             identity={"teacher": identity["teacher_files"], "arch": config.arch, "members": student.members,
                       "distill": asdict(config.distill), "init": config.init, "n_train": len(data.train)},
             timer=timer, save_every=config.save_every, generators=[gen],  # perturbations resume too
             after_save=lambda steps: faults.point("compress.step_saved"),
         )  # fmt: skip
+        # where this process's steps spent their time (data, perturb, teacher, student, ...)
+        return {**history, "phase_seconds": dict(timer.seconds)}
     except CheckpointError as err:  # .state.pt does not load (the folder's check only sees a zip)
         if not (config.resume and str(state_path) in str(err)):
             raise
@@ -439,134 +379,6 @@ def _distill(
             f"{state_path} is damaged ({one_line(err.__cause__ or err)}), so {run_dir} cannot be "
             "resumed: pass --force to start it over"
         ) from err
-
-
-def _average_student(
-    student: BatchEnsemble, data: ImageDataset, runtime: Runtime
-) -> tuple[torch.nn.Module, float]:
-    """The folded single network (eval mode) and the fold's max |Δlogit| against the BE student."""
-    averaged = average(student).to(runtime.device)
-    probe = probe_batch([data.test], runtime, n=64)  # a streamed split decodes only these
-    fold_diff = fold_max_abs_diff(student, averaged, probe)
-    return averaged.eval(), fold_diff
-
-
-def _recalibrate_bn(
-    config: CompressConfig, averaged: torch.nn.Module, data: ImageDataset, runtime: Runtime
-) -> None:
-    """Re-estimate the averaged network's BN statistics on shuffled training batches, in place.
-
-    Shuffled with a fixed seed, so that a bounded number of batches is a random sample of the
-    training split (an ImageFolder split is sorted by class), and augmented as in training (crop,
-    flip): the weights were learned against statistics of augmented batches, and statistics of
-    plain images cost the averaged CIFAR-10 ResNet-32 of ``docs/results.md`` 3 points of
-    validation accuracy (86.7 vs 89.9 %).
-    """
-    gen = torch.Generator().manual_seed(config.seed + 20_000)
-    batches = iterate_batches(
-        data.train, config.optim.batch_size, gen=gen, shuffle=True, drop_last=True,
-        augment_hflip=data.hflip,
-    )  # fmt: skip
-    seen = 0
-
-    def images():
-        nonlocal seen
-        for x, _ in batches:
-            seen += len(x)
-            yield x
-
-    started = time.perf_counter()
-    recalibrate_bn(
-        averaged, images(), device=runtime.device, max_batches=config.bn_recal_batches,
-        channels_last=runtime.device.type == "cpu" or runtime.channels_last,
-    )  # fmt: skip
-    averaged.eval()
-    log.info(
-        "BN statistics of the averaged network re-estimated on %d training images in %.1f s",
-        seen, time.perf_counter() - started,
-    )  # fmt: skip
-
-
-def _render_report(report: dict[str, Any], run_dir: Path) -> str:
-    """report.md: the metrics table with what was run, on what, and how long it took; every
-    number in it read from ``report`` (report.json)."""
-    settings, train = report["settings"], report["train"]
-    details = {
-        "teacher": f"{settings['teacher_arch']} from {settings['teacher']}",
-        "student": (
-            f"KD into one {settings['student_arch']} (baseline: ensemble-mean targets)"
-            if report["method"] == "kd-single"
-            else f"BE-{settings['members']} {settings['student_arch']} (init {settings['init']})"
-        )
-        + f", perturbation {settings['perturbation']} "
-        f"(step {settings['perturbation_step']}/255), α={settings['alpha']}, T={settings['temperature']}",
-        "data": f"{report['dataset']}: {report['n_train']} train / {report['n_val']} val / {report['n_test']} test",
-        "training": f"{plural(train['steps'], 'step')}, {train['seconds']:.0f} s on {settings['device']}; run total {report['wall_seconds']:.0f} s",
-        "after training": _timing_line(report["timing"], report["teacher_logits_cache"]),
-        "BatchNorm statistics of the single network": (
-            f"{report['bn_statistics']} (kept: the lower validation NLL of the two)"
-            if "student_avg_alternative" in report
-            else report["bn_statistics"]
-        ),
-    }
-    return render_markdown(
-        report, title=f"ensc compress: {run_dir.name}", command=settings["command"], details=details
-    )
-
-
-def _draw_pictures(
-    run_dir: Path, preds: Predictions, labels: torch.Tensor, report: dict[str, Any],
-    ood_scores: OodScores | None = None,
-) -> str:  # fmt: skip
-    """A reliability diagram (DE-M, BE-M, the single network), the DEE curve and, with
-    ``--ood-data`` / ``--corruptions``, the OOD score histograms and the accuracy and cNLL against
-    corruption severity into the run folder; returns report.md's section linking them, or one line
-    saying why there are none."""
-    from ensc.evaluation import plots
-
-    try:
-        plots.require_matplotlib()
-    except MissingExtraError as err:
-        return f"\n## Pictures\n\nNo pictures: {err}\n"
-    probs = {"teacher": preds.teacher_test.mean(0), "student_be": preds.student_test.mean(0),
-             "student_avg": preds.avg_test}  # fmt: skip
-    bins = {report[k]["name"]: reliability_bins(p, labels) for k, p in probs.items()}
-    points = {report[k]["name"]: report[k]["cnll"] for k in ("student_be", "student_avg")}
-    plots.reliability_diagram(bins, run_dir / rundir.RELIABILITY_PNG, force=True)
-    plots.dee_curve(report["de_cnll_curve"], points, run_dir / rundir.DEE_PNG, force=True)
-    links = [("reliability diagram", rundir.RELIABILITY_PNG), ("DEE curve", rundir.DEE_PNG)]
-    if ood_scores is not None:
-        plots.ood_histograms(ood_scores, run_dir / rundir.OOD_PNG, out_name=report["ood"]["data"],
-                             force=True)  # fmt: skip
-        links.append(("OOD scores", rundir.OOD_PNG))
-    if "corruptions" in report:
-        section = report["corruptions"]
-        # severity 0 (clean) only when the corrupted images are the whole test split, as in eval
-        whole = section["n_test"] == report["n_test"]
-        clean = {r["name"]: r for r in all_rows(report)} if whole else None
-        plots.corruption_curves(section, run_dir / rundir.CORRUPTIONS_PNG, clean=clean, force=True)
-        links.append(("accuracy and cNLL under corruption", rundir.CORRUPTIONS_PNG))
-    return "\n## Pictures\n\n" + "\n\n".join(f"![{alt}]({name})" for alt, name in links) + "\n"
-
-
-def _keeps_trained_bn(preds: Predictions, val_labels: torch.Tensor) -> bool:
-    """Whether the averaged network's BN statistics as trained (``preds.alt_*``) beat the
-    re-estimated ones on validation NLL: ensc keeps the better of the two, chosen without test.
-    (Re-estimating fixes statistics that describe a mix of members; where there was no mix to
-    fix, a 20-batch estimate can be the noisier one.)"""
-    assert preds.alt_val is not None
-    return nll(preds.alt_val, val_labels) < nll(preds.avg_val, val_labels)
-
-
-def _name_kd_rows(report: dict[str, Any]) -> None:
-    """Row names of the kd-single baseline: the student is one plain network, not a BE."""
-    report["student_be"]["name"] = "KD student (one network)"
-    report["student_members"] = []  # the same network again
-    report["student_avg"]["name"] = f"KD student, BN {report['bn_statistics']}"
-    if "student_avg_alternative" in report:
-        report["student_avg_alternative"]["name"] = report["student_avg_alternative"][
-            "name"
-        ].replace("averaged", "KD student")
 
 
 def _enforce_gate(gate: dict[str, Any], run_dir: Path | None) -> None:
@@ -610,119 +422,10 @@ def _build_student(
         probe = data.val.take(torch.arange(min(2, len(data.val)))).images.float().div(255)
         # layers the network never calls (their weight used directly) stay shared
         student = to_batchensemble(net, members=members, init=config.init, example=probe)
-    if config.method == "kd-single":  # one member with r = s = 1 frozen: the plain network itself
+    if is_single_network(config.method):  # one member, r = s = 1 frozen: the plain network itself
         for p in student.fast_weight_parameters():
             p.requires_grad_(False)
     return runtime.prepare_model(student), spec, k if isinstance(k, int) else None
-
-
-def _predict_all(
-    config: CompressConfig,
-    teacher: Teacher,
-    student: BatchEnsemble,
-    averaged: torch.nn.Module,
-    data: ImageDataset,
-    runtime: Runtime,
-    raw: torch.nn.Module | None = None,
-    ood: Split | None = None,
-) -> tuple[Predictions, str]:
-    """Every model's probabilities on validation and test (and ``ood``, when given), each from
-    one pass per split.
-
-    ``raw`` is the averaged network before BN recalibration, evaluated too when given.
-
-    The teachers' logits come from the cache when an earlier run computed them on the same data;
-    the BE student's members and the averaged network run as fast evaluation copies (BatchNorm
-    folded into the convolutions, checked against the originals on a probe batch), side by side
-    on a CPU (``predict_logits_many``). The second value says whether the teacher cache was used
-    (see ``cached_teacher_logits``).
-    """
-    splits = {"val": data.val, "test": data.test}
-    # keyed by the member files: teachers handed over from Python have none
-    cached = config.cache_teacher_logits and config.teacher is not None
-    cache_dir = cache_dir_for(config.runs_dir) if cached else None
-    t_logits, cache = cached_teacher_logits(teacher, splits, runtime, cache_dir)
-    probe = probe_batch(splits.values(), runtime)
-    assert probe is not None  # the data loader refuses empty splits
-    if ood is not None:  # not cached: the OOD images are the user's choice of the day
-        t_logits["ood"] = member_logits(teacher, {"ood": ood}, runtime)["ood"]
-        splits = {**splits, "ood": ood}
-    nets = eval_member_networks(student, runtime, probe)
-    singles = [eval_copy(averaged, runtime, probe)]
-    if raw is not None:
-        singles.append(eval_copy(raw, runtime, probe))
-    outs = predict_logits_many([*(nets or []), *singles], splits, runtime)
-    s_nets, a_logits = outs[: len(nets or [])], outs[len(nets or [])]
-    r_logits = outs[-1] if raw is not None else None
-    s_logits = {
-        name: torch.stack([per_net[name] for per_net in s_nets])
-        if nets is not None
-        else predict_member_logits(student, split, runtime)  # one BE forward per batch
-        for name, split in splits.items()
-    }
-
-    def probs(logits: dict[str, torch.Tensor] | None, split: str) -> torch.Tensor | None:
-        return None if logits is None or split not in logits else logits[split].softmax(-1)
-
-    return Predictions(
-        teacher_val=t_logits["val"].softmax(-1),
-        teacher_test=t_logits["test"].softmax(-1),
-        student_val=s_logits["val"].softmax(-1),
-        student_test=s_logits["test"].softmax(-1),
-        avg_val=a_logits["val"].softmax(-1),
-        avg_test=a_logits["test"].softmax(-1),
-        alt_val=probs(r_logits, "val"),
-        alt_test=probs(r_logits, "test"),
-        alt_name="averaged, BN as trained (not kept)",
-        teacher_ood=probs(t_logits, "ood"),
-        student_ood=probs(s_logits, "ood"),
-        avg_ood=probs(a_logits, "ood"),
-        alt_ood=probs(r_logits, "ood"),
-    ), cache
-
-
-class _Clock:
-    """Seconds per stage: ``with clock("eval_seconds"): ...`` or ``start(name)`` ... ``stop()``."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-        self._open: tuple[str, float] | None = None
-
-    def start(self, name: str) -> None:
-        self.stop()
-        self._open = (name, time.perf_counter())
-
-    def stop(self) -> None:
-        if self._open is not None:
-            name, since = self._open
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - since
-            self._open = None
-
-    @contextlib.contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        self.start(name)
-        try:
-            yield
-        finally:
-            self.stop()
-
-    def rounded(self) -> dict[str, float]:
-        return {name: round(s, 2) for name, s in self.seconds.items()}
-
-
-def _timing_line(timing: dict[str, float], teacher_cache: str) -> str:
-    """E.g. ``average 0.3 s, BN recalibration 2.3 s, evaluation 25.0 s (teacher logits cache: hit), report 0.1 s``
-    (and ``corruptions 80.2 s`` with --corruptions)."""
-    corruptions = (
-        f", corruptions {timing['corruptions_seconds']:.1f} s"
-        if "corruptions_seconds" in timing
-        else ""
-    )
-    return (
-        f"average {timing.get('average_seconds', 0):.1f} s, BN recalibration "
-        f"{timing.get('bn_recal_seconds', 0):.1f} s, evaluation {timing.get('eval_seconds', 0):.1f} s "
-        f"(teacher logits cache: {teacher_cache}){corruptions}, report {timing.get('report_seconds', 0):.1f} s"
-    )
 
 
 def run_identity(
@@ -767,7 +470,7 @@ def _open_run_dir(
     elif config.resume:
         run_dir = rundir.latest_to_resume(config.runs_dir)
     else:
-        kind = "kd-single-" if config.method == "kd-single" else ""
+        kind = f"{config.method}-" if is_single_network(config.method) else ""
         run_dir = rundir.default_run_dir(
             config.runs_dir, f"{kind}{config.arch}-{config.distill.perturb.kind}"
         )

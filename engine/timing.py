@@ -58,3 +58,32 @@ class _NoTimer:
 
 
 NO_TIMER: PhaseTimer = _NoTimer()  # type: ignore[assignment]
+
+
+class StageClock:
+    """Seconds per stage: ``with clock("eval_seconds"): ...`` or ``start(name)`` ... ``stop()``."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._open: tuple[str, float] | None = None
+
+    def start(self, name: str) -> None:
+        self.stop()
+        self._open = (name, time.perf_counter())
+
+    def stop(self) -> None:
+        if self._open is not None:
+            name, since = self._open
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - since
+            self._open = None
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        self.start(name)
+        try:
+            yield
+        finally:
+            self.stop()
+
+    def rounded(self) -> dict[str, float]:
+        return {name: round(s, 2) for name, s in self.seconds.items()}
