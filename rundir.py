@@ -30,7 +30,8 @@ How `compress` moves a folder between them (:class:`RunWriter`), always holding 
   cleared;
 - unfinished ``--resume`` with the same identity → unfinished: a folder whose clearing was
   interrupted is cleared first; otherwise its previous outputs are deleted (the resumed run
-  rewrites them) and ``.state.pt``, ``config.json`` and ``log.txt`` are kept. A refused resume
+  rewrites them) and ``.state.pt``, ``config.json``, ``log.txt`` and ``baselines/`` (the
+  ``--baselines`` runs, each a run folder of its own) are kept. A refused resume
   (other identity, finished run, damaged ``.state.pt``) writes nothing;
 - unfinished → finished (:meth:`RunWriter.commit`): after every file is written, ``.state.pt``
   is removed, then the marker; then ``runs/latest`` is repointed;
@@ -77,6 +78,7 @@ RELIABILITY_PNG = "reliability.png"  # pictures linked from report.md (with matp
 DEE_PNG = "dee.png"
 OOD_PNG = "ood_scores.png"  # with --ood-data
 CORRUPTIONS_PNG = "corruptions.png"  # with --corruptions
+BASELINES = "baselines"  # --baselines: one finished or unfinished run folder per baseline method
 STATE = ".state.pt"  # resumable training state; removed when the run finishes
 MARKER = ".incomplete"  # written first, removed last: the folder holds an unfinished run
 LOCK = ".lock"  # held by the one process that writes the folder
@@ -200,7 +202,7 @@ class RunWriter:
                 "resumed: pass --force to start it over"
             )
         if marker.get("cleared"):  # the outputs of the earlier attempt are rewritten
-            self._clear(keep=(MARKER, STATE, CONFIG, LOG))
+            self._clear(keep=(MARKER, STATE, CONFIG, LOG, BASELINES))
         else:  # an interrupted --force: finish clearing the folder first
             self._clear(keep=(MARKER,))
             self._write_marker(cleared=True)

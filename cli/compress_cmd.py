@@ -27,6 +27,7 @@ from ensc.data.catalog import DATASETS
     epilog="""\b
 Examples:
   ensc compress --teacher ckpts/ --arch wrn28x5
+  ensc compress --teacher ckpts/ --arch resnet20 --steps 1000 --baselines finetune,kd-single
   ensc compress --teacher ckpts/ --arch resnet8 --epochs 1 --train-subset 2000 --test-subset 1000
   ensc compress --teacher ckpts/ --arch resnet20 --perturb ods --step 2 --alpha 0.9 --temperature 1 --init normal
   ensc compress --teacher zoo/ensemble.json --code-path src/ --dataset cifar10 --arch resnet20 --student-init member:0
@@ -131,9 +132,16 @@ Examples:
     type=click.Choice(COMPRESS_METHODS),
     default="batchensemble",
     show_default=True,
-    help="batchensemble: distill into BE-M and average it into one network; kd-single: the "
-    "baseline, plain KD of the ensemble's mean prediction into one network of --arch (same data, "
-    "init, steps, loss and evaluation), to compare with.",
+    help="batchensemble: distill into BE-M and average it into one network; the baselines, one "
+    "network of --arch with the same data, init, steps and evaluation: kd-single, plain KD of the "
+    "ensemble's mean prediction; finetune, the labels alone (no teacher in the step).",
+)
+@click.option(
+    "--baselines",
+    metavar="LIST",
+    help="Also train these baselines at this run's budget and seed (comma-separated: finetune, "
+    "kd-single), each in RUN/baselines/<name>/, and compare the single network with them in the "
+    "report (rows and a verdict).",
 )
 @click.option(
     "--member-batch",

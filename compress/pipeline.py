@@ -10,7 +10,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ import torch
 
 from ensc import faults, rundir
 from ensc.compress.average import fast_weight_spread
+from ensc.compress.baselines import baseline_section, run_baselines, teacher_warning
 from ensc.compress.config import (
     CompressConfig,
     check_config,
@@ -119,7 +120,12 @@ class _RunFiles:
 
 
 def run_compress(
-    config: CompressConfig, runtime: Runtime, sources: Sources | None = None, *, write: bool = True
+    config: CompressConfig,
+    runtime: Runtime,
+    sources: Sources | None = None,
+    *,
+    write: bool = True,
+    latest: bool = True,
 ) -> CompressResult | None:
     """Distill, average and evaluate; with ``write``, into the run folder ``config`` names, which
     stays unfinished (and locked) until every file is written, then is committed
@@ -127,7 +133,9 @@ def run_compress(
 
     Without ``write`` nothing touches the disk (no resumable state either): the result holds
     everything, and :meth:`CompressResult.save` writes the same folder. Returns None on the
-    non-main processes of a data-parallel run.
+    non-main processes of a data-parallel run. ``latest``: point ``runs/latest`` at the finished
+    run (not for the ``--baselines`` runs inside it). The baselines train after the run's own
+    training, before its evaluation (:mod:`ensc.compress.baselines`).
     """
     started = time.perf_counter()
     check_config(config)
@@ -152,13 +160,15 @@ def run_compress(
             run.config, runtime, run.student, run.teacher, run.data, run_dir, identity
         )
         run.student.eval()
+        run = _with_baselines(run, config, runtime, sources, run_dir, write)
         if not runtime.is_main:  # rank 0 evaluates, reports and writes the run folder
             return None
         result = _evaluate(run, runtime, history, identity, record, started)
         if writer is not None:
             result.report_md = _write_results(result, writer.path)
             faults.point("compress.before_commit")
-            writer.commit(config.runs_dir)  # finished: the marker goes, runs/latest points here
+            # finished: the marker goes, runs/latest points here
+            writer.commit(config.runs_dir if latest else None)
             result.run_dir = writer.path
         return result
 
@@ -176,12 +186,15 @@ def _evaluate(
     report = build_report(preds, data.val.labels, data.test.labels)
     report["bn_statistics"] = single.bn_statistics  # of the kept network (student.pt)
     _add_run_facts(report, run, averaged, single.fold_diff, history)
+    _add_baselines(report, run)
     report["teacher_logits_cache"] = single.teacher_cache
     report["settings"] = _settings(run, runtime)
     report["units"] = dict(REPORT_UNITS)
     ood_scores = _robustness(report, run, single, runtime, clock)
     clock.stop()
     report["timing"] = {"train_seconds": round(history["seconds"], 1), **clock.rounded()}
+    if run.baselines:
+        report["timing"]["baselines_seconds"] = round(run.baseline_seconds, 1)
     report["wall_seconds"] = round(time.perf_counter() - started, 1)
     log.info("after training: %s", timing_line(report["timing"], single.teacher_cache))
     be_spec = replace(run.spec, kind="batchensemble", members=run.members,
@@ -211,6 +224,34 @@ def _write_results(result: CompressResult, run_dir: Path) -> str:
     atomic_write_text(run_dir / rundir.REPORT_JSON, json.dumps(report, indent=2) + "\n")
     atomic_write_text(run_dir / rundir.REPORT_MD, md)
     return md
+
+
+def _with_baselines(
+    run: _Run, config: CompressConfig, runtime: Runtime, sources: Sources, run_dir: Path | None,
+    write: bool,
+) -> _Run:  # fmt: skip
+    """``--baselines``: each trained (or reused) as a run of its own inside ``run_dir``."""
+    if not config.baselines:
+        return run
+    started = time.perf_counter()
+
+    def train_one(sub: CompressConfig) -> dict[str, Any] | None:
+        result = run_compress(sub, runtime, sources, write=write, latest=False)
+        return None if result is None else result.report
+
+    reports = run_baselines(config, run_dir, train_one)
+    return replace(run, baselines=reports, baseline_seconds=time.perf_counter() - started)
+
+
+def _add_baselines(report: dict[str, Any], run: _Run) -> None:
+    """report["baselines"] (rows and verdict, or a note that none ran) and the teacher warning."""
+    method = run.config.method
+    report["baselines"] = baseline_section(report, method, run.baselines)
+    report["teacher_warning"] = teacher_warning(report, method)
+    if report["baselines"]["methods"]:
+        log.info("verdict: %s", report["baselines"]["note"])
+    if report["teacher_warning"]:
+        log.warning("%s", report["teacher_warning"])
 
 
 def _robustness(
@@ -243,6 +284,8 @@ class _Run:
     spec: ModelSpec  # of one student network
     init_member: int | None  # the teacher member the student starts from
     ood: Split | None = None  # the --ood-data images, shaped as the models take them
+    baselines: dict[str, dict[str, Any]] = field(default_factory=dict)  # report.json by method
+    baseline_seconds: float = 0.0  # what training (or reading) them took
 
 
 def _set_up(config: CompressConfig, runtime: Runtime, sources: Sources) -> _Run:
@@ -457,9 +500,11 @@ def run_identity(
 
 
 # where the run goes, how it is told and what it may touch: not what it computes
-# nor the extra evaluations of the finished networks: a resumed run may add or drop them
+# nor the extra evaluations of the finished networks or the baselines beside it: a resumed run
+# may add or drop them
 _NOT_IN_IDENTITY = ("teacher", "out", "runs_dir", "resume", "force", "command", "cache_teacher_logits",
-                    "unsafe_load", "corruptions", "corruption_subset", "ood_data", "save_every")  # fmt: skip
+                    "unsafe_load", "corruptions", "corruption_subset", "ood_data", "save_every",
+                    "baselines")  # fmt: skip
 
 
 def _open_run_dir(

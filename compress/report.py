@@ -175,10 +175,17 @@ def all_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
+def table_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """report.md's table: every model of the run, then the baselines trained beside it."""
+    return [*all_rows(report), *report.get("baselines", {}).get("rows", [])]
+
+
 def render_markdown(
-    report: dict[str, Any], *, title: str, command: str, details: dict[str, str]
-) -> str:
-    """The report a user can paste: setup, the metrics table, the parity verdict."""
+    report: dict[str, Any], *, title: str, command: str, details: dict[str, str],
+    sections: list[str] = (),  # type: ignore[assignment]
+) -> str:  # fmt: skip
+    """The report a user can paste: setup, the metrics table, the parity verdict, then
+    ``sections`` (lines: the baselines), OOD and corruptions."""
     gate = report["parity"]
     lines = [
         f"# {title}",
@@ -188,7 +195,7 @@ def render_markdown(
         *(f"- {k}: {v}" for k, v in details.items()),
         f"- test images: {report['n_test']}, temperature fitted on {report['n_val']} validation images",
         "",
-        markdown_table(all_rows(report), REPORT_COLUMNS),
+        markdown_table(table_rows(report), REPORT_COLUMNS),
         "",
         "ACC and agreement with the teacher ensemble (agree DE) in %; NLL, Brier (BS), ECE and the",
         "temperature-scaled cNLL/cECE raw; DEE in teacher members; KL/disagreement = member diversity.",
@@ -220,7 +227,11 @@ def render_markdown(
             f"- fast weights: max |r − 1| {fw['max_abs_from_one']:.2f}, max spread across members "
             f"{fw['max_member_spread']:.2f} (the farther apart the members, the more averaging loses)"
         )
-    lines += _ood_lines(report.get("ood")) + _corruption_lines(report.get("corruptions"))
+    lines += [
+        *sections,
+        *_ood_lines(report.get("ood")),
+        *_corruption_lines(report.get("corruptions")),
+    ]
     return "\n".join([*lines, ""])
 
 

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from ensc import rundir
+from ensc.compress.baselines import baseline_lines
 from ensc.compress.report import Predictions, all_rows, render_markdown
 from ensc.compress.robustness import OodScores
 from ensc.errors import MissingExtraError, plural
@@ -31,8 +32,9 @@ def render_run_report(report: dict[str, Any], run_dir: Path) -> str:
         ),
     }
     return render_markdown(
-        report, title=f"ensc compress: {run_dir.name}", command=settings["command"], details=details
-    )
+        report, title=f"ensc compress: {run_dir.name}", command=settings["command"], details=details,
+        sections=baseline_lines(report) if "baselines" in report else [],
+    )  # fmt: skip
 
 
 def _student_line(method: str, settings: dict[str, Any]) -> str:
