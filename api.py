@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader
 from ensc.compress.config import compress_config, with_recorded_data_mode
 from ensc.compress.pipeline import CompressResult, Sources, run_compress
 from ensc.data.catalog import PYTHON_DATA
-from ensc.data.datasets import DataConfig, ImageDataset, balanced_indices, load_dataset
+from ensc.data.datasets import load_dataset
+from ensc.data.splits import DataConfig, ImageDataset, balanced_indices
 from ensc.engine.runtime import resolve_runtime
 from ensc.errors import ConfigError
 from ensc.models.checkpoint import ModelSpec

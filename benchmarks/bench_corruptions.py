@@ -39,7 +39,8 @@ TARGET = 0.20
 def _images(n: int):
     import torch
 
-    from ensc.data.datasets import DataConfig, Split, load_dataset
+    from ensc.data.datasets import load_dataset
+    from ensc.data.splits import DataConfig, Split
 
     if (CIFAR_JPEG / "test").is_dir():
         config = DataConfig("imagefolder", root=CIFAR_JPEG, train_subset=200, test_subset=n)

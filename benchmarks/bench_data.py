@@ -53,7 +53,7 @@ TARGET = 0.20  # streamed training throughput within 20 % of the in-memory path'
 
 
 def _config(mode: str, train_subset: int | None = None, workers: int = 0, test_subset: int = 1000):
-    from ensc.data.datasets import DataConfig
+    from ensc.data.splits import DataConfig
 
     return DataConfig("imagefolder", root=CIFAR_JPEG, mode=mode, workers=workers,
                       train_subset=train_subset, test_subset=test_subset)  # fmt: skip
@@ -62,7 +62,7 @@ def _config(mode: str, train_subset: int | None = None, workers: int = 0, test_s
 def _batches(split, seed: int = 0):
     import torch
 
-    from ensc.data.datasets import iterate_batches
+    from ensc.data.batches import iterate_batches
 
     gen = torch.Generator().manual_seed(seed)
     return iterate_batches(split, BATCH, gen=gen, shuffle=True, augment_hflip=True, drop_last=True)
@@ -171,8 +171,8 @@ def _on_the_fly(n: int, offset: int = 0) -> Any:
 def _load_case(mode: str, n: int) -> Any:
     """The data of an RSS case: the CIFAR-10 folder's ``n`` images, or ``n`` made on the fly."""
     if mode == "torch":
-        from ensc.data.datasets import DataConfig
         from ensc.data.from_torch import dataset_from_torch
+        from ensc.data.splits import DataConfig
 
         config = DataConfig("python", mode="stream", workers=2)
         return dataset_from_torch(_on_the_fly(n), _on_the_fly(1000, offset=n), config=config)

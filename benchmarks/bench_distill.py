@@ -104,7 +104,7 @@ def run_ensc(cfg: dict[str, Any]) -> dict[str, Any]:
         param_groups,
     )
     from ensc.compress.perturb import PerturbConfig
-    from ensc.data.datasets import Split
+    from ensc.data.splits import Split
     from ensc.engine.loop import OptimConfig, train
     from ensc.engine.runtime import resolve_runtime
     from ensc.engine.timing import PhaseTimer

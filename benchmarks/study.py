@@ -27,7 +27,8 @@ from ensc.compress.average import average, fast_weight_spread
 from ensc.compress.config import compress_config
 from ensc.compress.distill import DistillConfig
 from ensc.compress.pipeline import run_compress
-from ensc.data.datasets import DataConfig, load_dataset
+from ensc.data.datasets import load_dataset
+from ensc.data.splits import DataConfig
 from ensc.engine.loop import OptimConfig
 from ensc.engine.runtime import resolve_runtime
 from ensc.evaluation.evaluate import evaluate

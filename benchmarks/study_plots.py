@@ -69,7 +69,8 @@ def reliability_data(plan: str, kd_row: str, avg_row: str, work: Path) -> dict[s
     """Bins of the member, KD, averaged network and DE-4 on the test split (runs evaluated here)."""
     import torch
 
-    from ensc.data.datasets import DataConfig, load_dataset
+    from ensc.data.datasets import load_dataset
+    from ensc.data.splits import DataConfig
     from ensc.engine.predict import predict_logits_many
     from ensc.engine.runtime import resolve_runtime
     from ensc.evaluation.metrics import reliability_bins

@@ -263,7 +263,8 @@ def member_with_bn_reestimated(work: Path, plan: str, batches: int = 20) -> dict
     re-estimated on (augmented) training batches of the new data, as ensc re-estimates them."""
     from ensc.compress.pipeline import CompressConfig, _recalibrate_bn
     from ensc.compress.report import validation_metrics
-    from ensc.data.datasets import DataConfig, load_dataset
+    from ensc.data.datasets import load_dataset
+    from ensc.data.splits import DataConfig
     from ensc.engine.predict import predict_logits_many
     from ensc.engine.runtime import resolve_runtime
     from ensc.evaluation.metrics import evaluate_predictions

@@ -14,7 +14,7 @@ import click
 from ensc.data.catalog import DATASETS
 
 if TYPE_CHECKING:
-    from ensc.data.datasets import DataConfig
+    from ensc.data.splits import DataConfig
 
 
 def data_options(required: bool) -> Callable:
@@ -42,7 +42,7 @@ def data_options(required: bool) -> Callable:
 def data_config(dataset: str, data_root: Path | None, val_size: int | None, train_subset: int | None,
                 test_subset: int | None, data_seed: int, download: bool, data_mode: str | None = None,
                 workers: int | None = None, image_size: tuple[int, int] | None = None) -> DataConfig:  # fmt: skip
-    from ensc.data.datasets import DataConfig
+    from ensc.data.splits import DataConfig
 
     return DataConfig(
         name=dataset,

@@ -42,8 +42,9 @@ from ensc.compress.run_report import (
 )
 from ensc.compress.single import SingleNetwork, single_network
 from ensc.compress.warmstart import WARM_START_LR, init_from_member, matching_member
-from ensc.data.datasets import DataConfig, ImageDataset, Split, load_dataset
+from ensc.data.datasets import load_dataset
 from ensc.data.source import check_compatible, data_config_for, ood_split
+from ensc.data.splits import DataConfig, ImageDataset, Split
 from ensc.engine.loop import BackwardFn, StepResult, steady_seconds_per_step, train
 from ensc.engine.predict import probe_batch
 from ensc.engine.runtime import Runtime

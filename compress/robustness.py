@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ensc.compress.report import Predictions
-from ensc.data.datasets import ImageDataset
+from ensc.data.splits import ImageDataset
 from ensc.engine.runtime import Runtime
 from ensc.evaluation.evaluate import evaluate_corruptions, ood_detection
 from ensc.models.batchensemble import BatchEnsemble

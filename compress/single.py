@@ -14,7 +14,8 @@ import torch
 from ensc.compress.average import average, fold_max_abs_diff, recalibrate_bn
 from ensc.compress.config import CompressConfig
 from ensc.compress.report import Predictions
-from ensc.data.datasets import ImageDataset, Split, iterate_batches
+from ensc.data.batches import iterate_batches
+from ensc.data.splits import ImageDataset, Split
 from ensc.engine.predict import (
     eval_copy,
     eval_member_networks,

@@ -24,25 +24,29 @@ from __future__ import annotations
 import gzip
 import logging
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ensc.data.catalog import DATASETS
 from ensc.data.mode import check_mode, choose_mode
-from ensc.errors import DataError, plural
+from ensc.data.splits import (
+    DataConfig,
+    ImageDataset,
+    Split,
+    balanced_indices,
+    split_indices,
+    take_subset,
+)
+from ensc.errors import DataError
 from ensc.fileio import not_a_folder
 
 if TYPE_CHECKING:
+    from ensc.data.splits import Streamed
     from ensc.data.stream import StreamSplit
-    from ensc.data.torch_stream import TorchStreamSplit
-
-    Streamed = StreamSplit | TorchStreamSplit  # image files, or a torch Dataset's items
 
 log = logging.getLogger(__name__)
 
@@ -51,85 +55,6 @@ FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )  # fmt: skip
-VAL_FRACTION = 0.1  # validation carved from train: 10 % ...
-VAL_CAP = 5000  # ... capped at 5,000 images
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Which dataset to load and how to cut it."""
-
-    name: str  # one of DATASETS
-    root: Path | None = None  # where the files are; None = the dataset's default location
-    val_size: int | None = None  # images carved from train for validation; None = 10 %, max 5,000
-    train_subset: int | None = None  # class-balanced training subset (validation taken from it)
-    test_subset: int | None = None  # class-balanced test subset
-    seed: int = 0  # seeds the validation split and the subsets (not training)
-    download: bool = False  # allow torchvision to download fashion-mnist / cifar when missing
-    # imagefolder: (H, W) every image is resized to; None = the most common size in the training split
-    image_size: tuple[int, int] | None = None
-    # imagefolder: "memory" decodes every image once, "stream" reads them while iterating
-    # (ensc.data.stream), "auto" streams what would not fit comfortably in memory (ensc.data.mode);
-    # a loaded dataset's ImageDataset.config holds the mode used (never "auto"): record that one
-    mode: str = "auto"
-    workers: int | None = None  # stream: reader processes; None = one per core, at most 8
-
-
-@dataclass(frozen=True)
-class Split:
-    """One split: ``images`` uint8 [N, C, H, W], ``labels`` int64 [N]."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-
-    def __len__(self) -> int:
-        return int(self.labels.numel())
-
-    def subset(self, index: torch.Tensor) -> Split:
-        return Split(self.images[index], self.labels[index])
-
-    @property
-    def channels(self) -> int:
-        return int(self.images.shape[1])
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        return int(self.images.shape[2]), int(self.images.shape[3])
-
-    def take(self, index: torch.Tensor | None = None) -> Split:
-        """The images at ``index`` (all when None) as an in-memory split: the one way to get
-        pixels from any split (a :class:`~ensc.data.stream.StreamSplit` decodes them)."""
-        return self if index is None else self.subset(index)
-
-
-@dataclass(frozen=True)
-class ImageDataset:
-    """The three splits of a dataset plus what a model needs to know about its inputs."""
-
-    name: str
-    train: Split | Streamed
-    val: Split | Streamed
-    test: Split | Streamed
-    class_names: tuple[str, ...]
-    mean: tuple[float, ...]  # per-channel pixel mean of the training split, in [0, 1] units
-    std: tuple[float, ...]
-    hflip: bool  # whether horizontal flips are a valid augmentation for this data
-    # what load_dataset loaded, with ``mode`` as used ("memory" or "stream", never "auto"): the
-    # DataConfig to record with a model, so that later loads preprocess its images the same way;
-    # None for data made elsewhere (torch datasets)
-    config: DataConfig | None = None
-
-    @property
-    def channels(self) -> int:
-        return self.train.channels
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        return self.train.image_size
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
 
 
 def load_dataset(config: DataConfig) -> ImageDataset:
@@ -206,67 +131,6 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
     squares = sum(x.square_().sum((0, 2, 3)) for x in centred)
     std = (squares / max(1, n - 1)).sqrt()
     return tuple(mean.tolist()), tuple(std.clamp_min(1e-3).tolist())
-
-
-def balanced_indices(labels: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
-    """``n`` seeded indices spread evenly over the classes (the first ``n % K`` get one more)."""
-    classes = labels.unique()
-    per_class, extra = divmod(n, len(classes))
-    picked = []
-    for i, c in enumerate(classes.tolist()):
-        members = (labels == c).nonzero().flatten()
-        want = min(per_class + (i < extra), len(members))
-        picked.append(members[torch.randperm(len(members), generator=gen)[:want]])
-    return torch.cat(picked).sort().values
-
-
-def split_indices(
-    labels: torch.Tensor, config: DataConfig, gen: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training and validation indices into the full training set.
-
-    Validation is drawn from a fixed pool — the first min(10 %, 5,000) images of a seeded
-    permutation (or ``val_size`` if larger) — and training images from the rest. So validation
-    never overlaps a training subset drawn with the same seed, whatever ``train_subset`` is: a
-    student distilled on another subset than its teacher still gets a held-out validation split.
-    ``train_subset`` N counts both (N − val_size class-balanced training images).
-    """
-    n_full = len(labels)
-    n = min(config.train_subset or n_full, n_full)
-    val_size = (
-        config.val_size if config.val_size is not None else min(int(n * VAL_FRACTION), VAL_CAP)
-    )
-    if n < 2 or (config.val_size is None and val_size < 1):  # 10 % of n is under one image
-        cut = config.train_subset is not None and config.train_subset < n_full
-        what = f"--train-subset {n}" if cut else f"the training set ({plural(n, 'image')})"
-        smallest = config.val_size + 1 if config.val_size else round(1 / VAL_FRACTION)
-        fix = f"use --train-subset {smallest} or more" if cut else "add images"
-        if n >= 2:
-            fix += f", or pass --val-size between 1 and {n - 1}"
-        raise DataError(f"{what} is too small to carve a validation split from: {fix}")
-    if not 0 < val_size < n:
-        raise DataError(
-            f"--val-size must be between 1 and {n - 1} for {n} training images, got {val_size}"
-        )
-    pool = max(min(int(n_full * VAL_FRACTION), VAL_CAP), val_size)
-    order = torch.randperm(n_full, generator=gen)
-    val_idx, rest = order[:val_size], order[pool:]
-    n_train = n - val_size
-    if n_train < len(rest):
-        rest = rest[balanced_indices(labels[rest], n_train, gen)]
-    return rest.sort().values, val_idx.sort().values
-
-
-def take_subset(
-    split: Split | Streamed, n: int | None, gen: torch.Generator, flag: str
-) -> Split | Streamed:
-    """A class-balanced, seeded subset of ``n`` images of ``split`` (all of it if ``n`` is None or
-    not smaller); ``flag`` names the option in the error for ``n < 1``."""
-    if n is None or n >= len(split):
-        return split
-    if n < 1:
-        raise DataError(f"{flag} must be a positive number of images, got {n}")
-    return split.subset(balanced_indices(split.labels, n, gen))
 
 
 # --- Fashion-MNIST ---------------------------------------------------------------------------
@@ -617,85 +481,3 @@ def to_input_shape(images: torch.Tensor, channels: int, size: tuple[int, int]) -
 
         images = resize(images, list(size), antialias=True)
     return images.contiguous()
-
-
-# --- batches ---------------------------------------------------------------------------------
-
-
-def augment(
-    images: torch.Tensor, gen: torch.Generator, *, pad: int = 4, hflip: bool = True
-) -> torch.Tensor:
-    """Standard CIFAR augmentation on a batch: zero-pad, random crop per image, random h-flip.
-
-    Works on any dtype [B, C, H, W]; each image gets its own crop offset and flip.
-    """
-    b, _, h, w = images.shape
-    padded = F.pad(images, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (b, 1, 1), generator=gen)
-    dx = torch.randint(0, 2 * pad + 1, (b, 1, 1), generator=gen)
-    rows = (torch.arange(h).view(1, h, 1) + dy).expand(b, h, w)  # [B, H, W]
-    cols = torch.arange(w).view(1, 1, w) + dx
-    if hflip:
-        flip = torch.rand(b, 1, 1, generator=gen) < 0.5
-        cols = torch.where(flip, cols.flip(-1), cols)
-    cols = cols.expand(b, h, w)
-    batch = torch.arange(b).view(b, 1, 1).expand(b, h, w)
-    return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
-
-
-def iterate_batches(
-    split: Split | Streamed,
-    batch_size: int,
-    *,
-    gen: torch.Generator | None = None,
-    shuffle: bool = False,
-    augment_hflip: bool | None = None,
-    drop_last: bool = False,
-    start: int = 0,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield ``(images float32 [B, C, H, W] in [0, 1], labels int64 [B])``.
-
-    ``augment_hflip=None`` means no augmentation; True/False augments with/without flips.
-    ``start`` skips the first ``start`` batches, leaving ``gen`` exactly as if they had been
-    drawn (a run resumed mid-epoch sees the batches an uninterrupted run would). A streamed
-    split reads its batches as they are asked for (:meth:`~ensc.data.stream.StreamSplit.batches`).
-    """
-    if not isinstance(split, Split):
-        return split.batches(batch_size, gen=gen, shuffle=shuffle, augment_hflip=augment_hflip,
-                             drop_last=drop_last, start=start)  # fmt: skip
-    return _memory_batches(split, batch_size, gen=gen, shuffle=shuffle,
-                           augment_hflip=augment_hflip, drop_last=drop_last, start=start)  # fmt: skip
-
-
-def _memory_batches(
-    split: Split,
-    batch_size: int,
-    *,
-    gen: torch.Generator | None,
-    shuffle: bool,
-    augment_hflip: bool | None,
-    drop_last: bool,
-    start: int,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """:func:`iterate_batches` of a split held in memory."""
-    n = len(split)
-    order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
-    stop = n - n % batch_size if drop_last and n >= batch_size else n
-    for k, first in enumerate(range(0, stop, batch_size)):
-        idx = order[first : first + batch_size]
-        if k < start:  # skipped: draw its augmentation, so later batches get the same draws
-            if augment_hflip is not None:
-                augment(split.images[idx[:0]].new_empty((len(idx), 1, 1, 1)), gen,
-                        hflip=augment_hflip)  # fmt: skip
-            continue
-        images = split.images[idx]
-        if augment_hflip is not None:
-            images = augment(images, gen, hflip=augment_hflip)
-        yield images.float().div_(255), split.labels[idx]
-
-
-def steps_per_epoch(n: int, batch_size: int, drop_last: bool = True) -> int:
-    """Number of batches ``iterate_batches`` yields for ``n`` images."""
-    if drop_last and n >= batch_size:
-        return n // batch_size
-    return -(-n // batch_size)

@@ -33,16 +33,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ensc.data.datasets import (
-    DataConfig,
-    ImageDataset,
-    Split,
-    sampled_sizes,
-    split_indices,
-    split_stats,
-    take_subset,
-)
+from ensc.data.datasets import sampled_sizes, split_stats
 from ensc.data.mode import MEMORY_SHARE, MODES, auto_mode
+from ensc.data.splits import DataConfig, ImageDataset, Split, split_indices, take_subset
 from ensc.data.stream import StreamSplit, auto_workers, file_array
 from ensc.data.torch_stream import TorchStreamSplit, item_image, item_label, stream_dataset
 from ensc.errors import ConfigError, DataError
@@ -64,7 +57,7 @@ def dataset_from_torch(
 ) -> ImageDataset:
     """The splits, in memory or streamed (``config.mode``, see the module docstring); without
     ``val``, validation is carved from ``train`` by index (no image read) as
-    :func:`ensc.data.datasets.split_indices` does for ensc's own datasets (``config``: its
+    :func:`ensc.data.splits.split_indices` does for ensc's own datasets (``config``: its
     ``val_size``, ``train_subset`` and ``seed``); ``test_subset`` (and, with ``val``,
     ``train_subset``) take class-balanced subsets as for ensc's datasets."""
     sets = {name: torch_dataset(data, name) for name, data in

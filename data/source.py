@@ -10,14 +10,12 @@ from typing import Any
 from ensc.data.catalog import DATASETS, PYTHON_DATA
 from ensc.data.datasets import (
     FASHION_MNIST_SYSTEM_DIR,
-    DataConfig,
-    ImageDataset,
-    Split,
     default_data_root,
     load_image_files,
     load_test_split,
     to_input_shape,
 )
+from ensc.data.splits import DataConfig, ImageDataset, Split
 from ensc.errors import ConfigError, DataError
 from ensc.fileio import not_a_folder
 from ensc.models.checkpoint import ModelSpec

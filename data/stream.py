@@ -2,7 +2,7 @@
 
 A :class:`StreamSplit` holds only file names (one numpy bytes array, so that reader processes
 share it instead of copying a list of Python strings) and int64 labels. Iterating it
-(:meth:`StreamSplit.batches`, reached through :func:`ensc.data.datasets.iterate_batches`) reads,
+(:meth:`StreamSplit.batches`, reached through :func:`ensc.data.batches.iterate_batches`) reads,
 decodes and augments whole batches in ``workers`` DataLoader processes
 (:func:`ensc.data.transforms.make_batch`) and yields float32 [B, C, H, W] pixels in [0, 1] as the
 in-memory path does (pinned when CUDA is in use).
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ensc.data.datasets import Split
+from ensc.data.splits import Split
 from ensc.data.transforms import make_batch
 from ensc.errors import DataError
 
@@ -89,7 +89,7 @@ class StreamedBatches:
         drop_last: bool = False,
         start: int = 0,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """:func:`ensc.data.datasets.iterate_batches` of this split (same arguments, same
+        """:func:`ensc.data.batches.iterate_batches` of this split (same arguments, same
         meaning): ``(images float32 [B, C, H, W] in [0, 1], labels int64 [B])``."""
         order, seed, n_batches = epoch_draws(len(self), batch_size, gen=gen, shuffle=shuffle,
                                              augment=augment_hflip is not None,

@@ -6,11 +6,11 @@ A :class:`TorchStreamSplit` holds the dataset, the indices of the split's items 
 int64 labels: the dataset's ``.targets`` when it (or a ``Subset`` it is wrapped in) has them, else
 read in one pass through ``__getitem__`` (which decodes every image too, and says so in the log).
 Iterating it (:meth:`TorchStreamSplit.batches`, reached through
-:func:`ensc.data.datasets.iterate_batches`) reads each batch with a ``DataLoader`` over the
+:func:`ensc.data.batches.iterate_batches`) reads each batch with a ``DataLoader`` over the
 dataset (``workers`` processes; 0 reads in the calling process) whose batch sampler yields the
 epoch's index batches; in the workers each item's image becomes uint8 (:func:`to_uint8`; every
 image must have the first one's size) and the batch gets the in-memory augmentation (pad-4 crop +
-flip, :func:`ensc.data.datasets.augment`, at any image size).
+flip, :func:`ensc.data.batches.augment`, at any image size).
 
 Deterministic as a :class:`~ensc.data.stream.StreamSplit` is, with the same draws: the shuffle
 order and one epoch seed come from the caller's generator when the first batch is asked for, and
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ensc.data.datasets import augment
+from ensc.data.batches import augment
 from ensc.data.stream import READ_BATCH, StreamedBatches, batch_index, batch_seed
 from ensc.errors import DataError
 

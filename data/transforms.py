@@ -5,7 +5,7 @@ call. Two regimes, by the model's input size (H, W):
 
 - small (both sides ≤ :data:`SMALL_MAX`, CIFAR-like): every image is resized (bilinear,
   antialiased, aspect ratio not kept) to (H, W), as the in-memory loader does; training adds the
-  same pad-4 random crop + flip (:func:`ensc.data.datasets.augment`);
+  same pad-4 random crop + flip (:func:`ensc.data.batches.augment`);
 - large (ImageNet-like): training takes a RandomResizedCrop (area 8–100 %, aspect 3/4–4/3) to
   (H, W) plus a flip; evaluation resizes the image (aspect ratio kept) to cover (H, W) × 256/224
   and takes the centre (H, W).
@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ensc.data.datasets import augment
+from ensc.data.batches import augment
 from ensc.errors import DataError
 
 SMALL_MAX = 64  # sides up to this use the CIFAR recipe, larger ones the ImageNet recipe

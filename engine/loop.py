@@ -26,7 +26,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ensc.data.datasets import Split, iterate_batches, steps_per_epoch
+from ensc.data.batches import iterate_batches, steps_per_epoch
+from ensc.data.splits import Split
 from ensc.engine.runtime import Runtime
 from ensc.engine.schedule import default_warmup_epochs, scaled_lr, warmup_cosine
 from ensc.engine.timing import NO_TIMER, PhaseTimer

@@ -27,7 +27,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from torch import nn
 
-from ensc.data.datasets import Split, iterate_batches
+from ensc.data.batches import iterate_batches
+from ensc.data.splits import Split
 from ensc.data.stream import StreamSplit
 from ensc.engine.runtime import Runtime
 from ensc.models.batchensemble import BatchEnsemble

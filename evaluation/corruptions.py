@@ -54,7 +54,7 @@ import torchvision.io
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from ensc.data.datasets import Split
+from ensc.data.splits import Split
 from ensc.data.stream import StreamSplit
 from ensc.evaluation.table import render_table
 

@@ -15,8 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ensc.data.datasets import ImageDataset, Split, balanced_indices, load_dataset
+from ensc.data.datasets import load_dataset
 from ensc.data.source import check_compatible, data_config_for, ood_split
+from ensc.data.splits import ImageDataset, Split, balanced_indices
 from ensc.engine.predict import eval_copy, predict_logits_many, probe_batch
 from ensc.engine.runtime import Runtime
 from ensc.errors import ConfigError
@@ -342,7 +343,7 @@ def evaluate_saved(
     ``corruptions`` (`--corruptions`) adds ``result["corruptions"]``
     (:func:`evaluate_corruptions` on ``corruption_subset`` test images, all when None).
     ``data_mode``, ``workers``, ``image_size``: `--data-mode`, `--workers`, `--image-size`
-    (:class:`~ensc.data.datasets.DataConfig`; None keeps the recorded one).
+    (:class:`~ensc.data.splits.DataConfig`; None keeps the recorded one).
     """
     ckpts = {str(path): load_checkpoint(path) for path in student_paths}
     first = next(iter(ckpts.values()), None)

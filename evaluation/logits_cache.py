@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from ensc.data.datasets import Split
+from ensc.data.splits import Split
 from ensc.data.stream import StreamSplit
 from ensc.engine.runtime import Runtime
 from ensc.errors import CheckpointError

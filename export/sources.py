@@ -173,8 +173,9 @@ def load_check_images(
     """Test images (the model's recorded test split, at most ``test_samples``) and calibration images."""
     import torch
 
-    from ensc.data.datasets import balanced_indices, load_dataset
+    from ensc.data.datasets import load_dataset
     from ensc.data.source import check_compatible, data_config_for
+    from ensc.data.splits import balanced_indices
 
     if test_samples < 1:
         raise ConfigError(f"the parity check needs at least one test image; got {test_samples}")

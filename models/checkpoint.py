@@ -21,7 +21,7 @@ from ensc.fileio import atomic_write, torch_load
 from ensc.models.modes import eval_mode
 
 if TYPE_CHECKING:
-    from ensc.data.datasets import ImageDataset
+    from ensc.data.splits import ImageDataset
     from ensc.models.batchensemble import BatchEnsemble
 
 FORMAT = "ensc-checkpoint"
@@ -39,7 +39,7 @@ class ModelSpec:
     mean: tuple[float, ...]  # normalization applied inside the model (pixels in [0, 1])
     std: tuple[float, ...]
     class_names: tuple[str, ...] = ()
-    dataset: str = ""  # dataset name (see ensc.data.datasets.DATASETS)
+    dataset: str = ""  # dataset name (see ensc.data.catalog.DATASETS)
     data_root: str = ""  # --data-root it was trained from, "" for the default location
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
     kind: str = "model"  # "model" (a plain network) or "batchensemble"

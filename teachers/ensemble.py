@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ensc.data.datasets import Split
+from ensc.data.splits import Split
 from ensc.engine.runtime import Runtime
 from ensc.errors import CheckpointError, ConfigError
 from ensc.models.checkpoint import ModelSpec

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ensc.data.datasets import ImageDataset
+from ensc.data.splits import ImageDataset
 from ensc.errors import ConfigError
 from ensc.models.checkpoint import ModelSpec
 from ensc.teachers.ensemble import Teacher

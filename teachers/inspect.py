@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ensc.data.datasets import DataConfig, load_dataset
+from ensc.data.datasets import load_dataset
 from ensc.data.source import check_compatible
+from ensc.data.splits import DataConfig
 from ensc.engine.runtime import Runtime
 from ensc.teachers.ensemble import Teacher, sanity_check
 

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from ensc import faults
-from ensc.data.datasets import DataConfig, ImageDataset, load_dataset
+from ensc.data.datasets import load_dataset
+from ensc.data.splits import DataConfig, ImageDataset
 from ensc.engine.loop import BackwardFn, OptimConfig, StepResult, train
 from ensc.engine.predict import predict_probs
 from ensc.engine.runtime import Runtime

@@ -14,7 +14,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import ensc
-from ensc.data.datasets import DataConfig, load_dataset
+from ensc.data.datasets import load_dataset
+from ensc.data.splits import DataConfig
 from ensc.errors import ConfigError, DataError
 from ensc.models.checkpoint import load_checkpoint
 from ensc.teachers.ensemble import load_teacher

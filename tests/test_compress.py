@@ -11,7 +11,8 @@ import torch
 from ensc.compress.pipeline import CompressConfig, run_compress
 from ensc.compress.report import gap_closed, gaps_closed, parity
 from ensc.compress.warmstart import WARM_START_LR
-from ensc.data.datasets import DataConfig, load_dataset
+from ensc.data.datasets import load_dataset
+from ensc.data.splits import DataConfig
 from ensc.engine.loop import OptimConfig
 from ensc.engine.runtime import resolve_runtime
 from ensc.errors import CompressParityError

@@ -17,7 +17,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ensc.data.datasets import DataConfig, Split, balanced_indices, iterate_batches, load_dataset
+from ensc.data.batches import iterate_batches
+from ensc.data.datasets import load_dataset
+from ensc.data.splits import DataConfig, Split, balanced_indices
 from ensc.engine.predict import predict_logits
 from ensc.engine.runtime import resolve_runtime
 from ensc.engine.seeding import seeded

@@ -8,14 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ensc.data.datasets import (
-    DataConfig,
-    augment,
-    balanced_indices,
-    iterate_batches,
-    load_dataset,
-    steps_per_epoch,
-)
+from ensc.data.batches import augment, iterate_batches, steps_per_epoch
+from ensc.data.datasets import load_dataset
+from ensc.data.splits import DataConfig, balanced_indices
 from ensc.errors import DataError
 from tests.conftest import CIFAR_JPEG, needs_cifar_jpeg
 
@@ -154,7 +149,7 @@ def test_imagefolder_errors(tmp_path: Path):
 def test_validation_stays_held_out_across_train_subsets():
     # a teacher trained on 3,000 images and a student distilled on 1,000 (or all) share no image
     # between the student's validation split and the teacher's training images
-    from ensc.data.datasets import split_indices
+    from ensc.data.splits import split_indices
 
     labels = torch.arange(10).repeat(2000)  # 20,000 images
     teacher_train, teacher_val = split_indices(

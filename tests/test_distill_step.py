@@ -205,7 +205,7 @@ def test_unknown_member_batch_mode_is_refused() -> None:
 def test_loop_logs_progress_without_a_terminal(monkeypatch, caplog, timed: bool) -> None:
     """Every LOG_EVERY_SECONDS a line with s/step and ETA; phase shares when a timer is given
     (`ensc train` passes none: its progress lines crashed once)."""
-    from ensc.data.datasets import Split
+    from ensc.data.splits import Split
     from ensc.engine import loop
     from ensc.engine.runtime import resolve_runtime
     from ensc.engine.timing import PhaseTimer

@@ -25,7 +25,8 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
-    from ensc.data.datasets import DataConfig, load_dataset
+    from ensc.data.datasets import load_dataset
+    from ensc.data.splits import DataConfig
     from ensc.engine.loop import OptimConfig, StepResult, train
     from ensc.engine.runtime import resolve_runtime
     from ensc.models import build_model
@@ -95,7 +96,7 @@ def _distill_worker(rank: int, world: int, port: int, out: str) -> None:
 
     from ensc.compress.distill import DistillConfig, make_distill_step
     from ensc.compress.perturb import PerturbConfig
-    from ensc.data.datasets import Split
+    from ensc.data.splits import Split
     from ensc.engine.loop import OptimConfig, train
     from ensc.engine.runtime import resolve_runtime
     from ensc.models.batchensemble import to_batchensemble

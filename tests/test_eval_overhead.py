@@ -15,7 +15,8 @@ from torch import nn
 
 from ensc.compress.average import recalibrate_bn
 from ensc.compress.pipeline import CompressConfig, _recalibrate_bn, run_compress
-from ensc.data.datasets import DataConfig, Split, load_dataset
+from ensc.data.datasets import load_dataset
+from ensc.data.splits import DataConfig, Split
 from ensc.engine.loop import OptimConfig
 from ensc.engine.predict import (
     eval_copy,

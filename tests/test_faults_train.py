@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from ensc.data.datasets import Split
+from ensc.data.splits import Split
 from ensc.engine.loop import OptimConfig, StepResult, train
 from ensc.engine.runtime import resolve_runtime
 from ensc.errors import DivergenceError

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ensc.data.datasets import DataConfig, Split, load_dataset
+from ensc.data.datasets import load_dataset
+from ensc.data.splits import DataConfig, Split
 from ensc.engine import loop
 from ensc.engine.loop import OptimConfig, StepResult, train
 from ensc.engine.runtime import resolve_runtime

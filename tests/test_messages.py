@@ -17,8 +17,9 @@ from PIL import Image
 from torchvision.transforms.v2.functional import pil_to_tensor, resize
 
 from ensc import fileio
-from ensc.data.datasets import DataConfig, _decode_images, load_dataset, split_indices
+from ensc.data.datasets import _decode_images, load_dataset
 from ensc.data.source import data_config_for
+from ensc.data.splits import DataConfig, split_indices
 from ensc.errors import DataError, WriteError, plural
 from ensc.models.checkpoint import ModelSpec, load_checkpoint
 from tests.conftest import run_cli

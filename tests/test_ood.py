@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ensc.data.datasets import DataConfig, load_dataset, load_image_files, to_input_shape
+from ensc.data.datasets import load_dataset, load_image_files, to_input_shape
 from ensc.data.source import data_config_for, ood_split
+from ensc.data.splits import DataConfig
 from ensc.errors import DataError
 from ensc.evaluation.ood import (
     auroc,

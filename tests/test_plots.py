@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ensc.data.datasets import DataConfig, load_dataset
+from ensc.data.datasets import load_dataset
+from ensc.data.splits import DataConfig
 from ensc.errors import ConfigError
 from ensc.evaluation import corruptions, plots
 from ensc.evaluation.metrics import accuracy as acc_of

@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ensc.data.datasets import DataConfig, augment, iterate_batches, load_dataset, steps_per_epoch
+from ensc.data.batches import augment, iterate_batches, steps_per_epoch
+from ensc.data.datasets import load_dataset
+from ensc.data.splits import DataConfig
 from ensc.data.stream import StreamSplit, batch_seed
 from ensc.errors import ConfigError, DataError
 from tests.conftest import run_cli

@@ -285,7 +285,8 @@ def test_inspect_prints_one_row_per_member(zoo):
 
 def test_sanity_pass_warns_about_a_misnormalized_member(zoo, tmp_path: Path, caplog):
     """A nearest-centroid classifier is good with its own normalization and at chance with a wrong one."""
-    from ensc.data.datasets import DataConfig, load_dataset
+    from ensc.data.datasets import load_dataset
+    from ensc.data.splits import DataConfig
 
     data = load_dataset(DataConfig("fashion-mnist", train_subset=2000, test_subset=500))
     mean, std = data.mean[0], data.std[0]

@@ -16,8 +16,10 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 import ensc
-from ensc.data.datasets import DataConfig, Split, augment, iterate_batches, load_dataset
+from ensc.data.batches import augment, iterate_batches
+from ensc.data.datasets import load_dataset
 from ensc.data.from_torch import dataset_from_torch
+from ensc.data.splits import DataConfig, Split
 from ensc.data.stream import StreamSplit, batch_seed
 from ensc.data.torch_stream import TorchStreamSplit
 from ensc.errors import ConfigError, DataError
