@@ -17,6 +17,7 @@ from ensc.cli.options import (
     runtime_options,
     save_every_option,
     teacher_options,
+    val_root_option,
 )
 from ensc.compress.names import COMPRESS_METHODS, PERTURBATIONS
 from ensc.data.catalog import DATASETS
@@ -63,6 +64,7 @@ Examples:
 @click.option(
     "--test-subset", type=click.IntRange(min=1), help="Class-balanced subset of N test images."
 )
+@val_root_option
 @data_mode_options
 @click.option("--epochs", type=click.IntRange(min=1), default=200, show_default=True)
 @click.option(

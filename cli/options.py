@@ -17,8 +17,17 @@ if TYPE_CHECKING:
     from ensc.data.splits import DataConfig
 
 
+val_root_option = click.option(
+    "--val-root",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Validate on this folder of held-out images (one subfolder per class) instead of images "
+    "carved from the training folder, which a teacher from elsewhere may have trained on.",
+)
+
+
 def data_options(required: bool) -> Callable:
-    """--dataset, --data-root, --val-size, --train-subset, --test-subset, --data-seed, --download."""
+    """--dataset, --data-root, --val-size, --val-root, --train-subset, --test-subset, --data-seed,
+    --download."""
 
     def decorate(f: Callable) -> Callable:
         opts = [
@@ -27,6 +36,7 @@ def data_options(required: bool) -> Callable:
             click.option("--data-root", type=click.Path(path_type=Path, file_okay=False),
                          help="Dataset folder (imagefolder: with train/ and test/). Default: the dataset's usual place."),
             click.option("--val-size", type=click.IntRange(min=1), help="Validation images carved from train. Default: 10 %, max 5,000."),
+            val_root_option,
             click.option("--train-subset", type=click.IntRange(min=1), help="Use a class-balanced subset of N training images (validation included)."),
             click.option("--test-subset", type=click.IntRange(min=1), help="Use a class-balanced subset of N test images."),
             click.option("--data-seed", type=int, default=0, show_default=True, help="Seed of the validation split and the subsets."),
@@ -41,13 +51,15 @@ def data_options(required: bool) -> Callable:
 
 def data_config(dataset: str, data_root: Path | None, val_size: int | None, train_subset: int | None,
                 test_subset: int | None, data_seed: int, download: bool, data_mode: str | None = None,
-                workers: int | None = None, image_size: tuple[int, int] | None = None) -> DataConfig:  # fmt: skip
+                workers: int | None = None, image_size: tuple[int, int] | None = None,
+                val_root: Path | None = None) -> DataConfig:  # fmt: skip
     from ensc.data.splits import DataConfig
 
     return DataConfig(
         name=dataset,
         root=data_root,
         val_size=val_size,
+        val_root=val_root,
         train_subset=train_subset,
         test_subset=test_subset,
         seed=data_seed,

@@ -68,7 +68,7 @@ Example:
 @save_every_option
 @code_options
 @runtime_options
-def train_cmd(dataset, data_root, val_size, train_subset, test_subset, data_seed, download, data_mode, workers,
+def train_cmd(dataset, data_root, val_size, val_root, train_subset, test_subset, data_seed, download, data_mode, workers,
               image_size, arch, arch_kwargs, members,
               epochs, batch_size, lr, weight_decay, warmup_epochs, max_steps, seed, out, force, resume,
               save_every, code_path, unsafe_load, device, amp, channels_last) -> None:  # fmt: skip
@@ -82,7 +82,7 @@ def train_cmd(dataset, data_root, val_size, train_subset, test_subset, data_seed
         arch=arch,
         arch_kwargs=json_object(arch_kwargs),
         data=data_config(dataset, data_root, val_size, train_subset, test_subset, data_seed, download,
-                         data_mode, workers, image_size),
+                         data_mode, workers, image_size, val_root),
         out=out,
         members=members,
         optim=OptimConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,

@@ -77,6 +77,7 @@ def compress_config(
     data_root: Path | None = None,
     train_subset: int | None = None,
     test_subset: int | None = None,
+    val_root: Path | None = None,
     epochs: int = 200,
     batch_size: int = 128,
     lr: float | None = None,
@@ -113,6 +114,8 @@ def compress_config(
         "train_subset": train_subset,
         "test_subset": test_subset,
     }
+    if val_root is not None:  # only when given, so that runs without it keep their identity
+        data["val_root"] = Path(val_root)
     # --data-mode / --workers / --image-size (DataConfig's mode, workers, image_size): only when
     # given, so that runs without them keep their identity
     streaming = {"mode": data_mode, "workers": workers, "image_size": image_size}

@@ -40,7 +40,7 @@ from ensc.compress.run_report import (
     render_run_report,
     timing_line,
 )
-from ensc.compress.single import SingleNetwork, single_network
+from ensc.compress.single import SingleNetwork, single_network, validation_record
 from ensc.compress.warmstart import WARM_START_LR, init_from_member, matching_member
 from ensc.data.datasets import load_dataset
 from ensc.data.source import check_compatible, data_config_for, ood_split
@@ -344,6 +344,7 @@ def _add_run_facts(
                        "phase_seconds": phases}  # fmt: skip
     report["dataset"] = run.data.name
     report["n_train"] = len(run.data.train)
+    report["validation"] = validation_record(run.data_config, run.data.name, run.teacher)
     report["method"] = config.method
 
 

@@ -23,6 +23,7 @@ def render_run_report(report: dict[str, Any], run_dir: Path) -> str:
         "teacher": f"{settings['teacher_arch']} from {settings['teacher']}",
         "student": _student_line(report["method"], settings),
         "data": f"{report['dataset']}: {report['n_train']} train / {report['n_val']} val / {report['n_test']} test",
+        "validation": _validation_line(report["validation"]),
         "training": f"{plural(train['steps'], 'step')}, {train['seconds']:.0f} s on {settings['device']}; run total {report['wall_seconds']:.0f} s",
         "after training": timing_line(report["timing"], report["teacher_logits_cache"]),
         "BatchNorm statistics of the single network": (
@@ -35,6 +36,13 @@ def render_run_report(report: dict[str, Any], run_dir: Path) -> str:
         report, title=f"ensc compress: {run_dir.name}", command=settings["command"], details=details,
         sections=baseline_lines(report) if "baselines" in report else [],
     )  # fmt: skip
+
+
+def _validation_line(validation: dict[str, Any]) -> str:
+    where = {"val_root": f"held-out images from {validation['path']} (--val-root)",
+             "python": "the images handed over from Python (val_data, or carved from train_data)",
+             "carved from train": "carved from the training images"}[validation["source"]]  # fmt: skip
+    return where + (f". **Warning:** {validation['warning']}" if validation["warning"] else "")
 
 
 def _student_line(method: str, settings: dict[str, Any]) -> str:

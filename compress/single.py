@@ -8,6 +8,7 @@ import copy
 import logging
 import time
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -15,7 +16,8 @@ from ensc.compress.average import average, fold_max_abs_diff, recalibrate_bn
 from ensc.compress.config import CompressConfig
 from ensc.compress.report import Predictions
 from ensc.data.batches import iterate_batches
-from ensc.data.splits import ImageDataset, Split
+from ensc.data.catalog import PYTHON_DATA
+from ensc.data.splits import DataConfig, ImageDataset, Split
 from ensc.engine.predict import (
     eval_copy,
     eval_member_networks,
@@ -198,3 +200,23 @@ def predict_all(
         avg_ood=probs(a_logits, "ood"),
         alt_ood=probs(r_logits, "ood"),
     ), cache
+
+
+def validation_record(config: DataConfig, dataset: str, teacher: Teacher) -> dict[str, Any]:
+    """report["validation"]: where the validation images come from, and a warning when they were
+    carved from the training images of a teacher ensc did not train (which may have trained on
+    them: it then looks better there than on held-out images, and whatever is chosen or fitted
+    on validation favours copying it)."""
+    if config.val_root is not None:
+        return {"source": "val_root", "path": str(config.val_root), "warning": None}
+    if dataset == PYTHON_DATA:
+        return {"source": "python", "path": None, "warning": None}
+    warning = None
+    if teacher.data_record is None:  # not trained by ensc: nothing says which images it saw
+        warning = (
+            "the validation images are carved from the training images, and the teacher was not "
+            "trained by ensc, so it may have trained on them: its validation numbers look better "
+            "than on held-out images, and the BN choice and the temperatures fitted there favour "
+            "copying it; pass --val-root DIR with held-out images"
+        )
+    return {"source": "carved from train", "path": None, "warning": warning}

@@ -87,6 +87,8 @@ def load_dataset(config: DataConfig) -> ImageDataset:
         train_idx, val_idx = split_indices(full.labels, config, gen)
         train, val = full.subset(train_idx), full.subset(val_idx)
         test = take_subset(test, config.test_subset, gen, "--test-subset")
+    if config.val_root is not None:
+        val = _load_val_root(config, classes, train, gen)
     mean, std = split_stats(train, seed=config.seed)
     log.info("%s: %d train / %d val / %d test", config.name, len(train), len(val), len(test))
     return ImageDataset(
@@ -293,12 +295,63 @@ def _load_imagefolder(
     why = "the size the model takes" if size else "the most common size in the training split"
     train = decode("train", train_idx, "train", size, why)
     size = int(train.images.shape[2]), int(train.images.shape[3])  # val and test follow train
-    return (
-        train,
-        decode("train", val_idx, "val", size, why),
-        decode("test", test_idx, "test", size, why),
-        scans["train"].classes,
-    )
+    # with --val-root, validation comes from that folder (load_dataset): none carved here
+    val = decode("train", val_idx, "val", size, why) if len(val_idx) else train.subset(val_idx)
+    return train, val, decode("test", test_idx, "test", size, why), scans["train"].classes
+
+
+def _load_val_root(
+    config: DataConfig, classes: list[str] | tuple[str, ...], train: Split | Streamed,
+    gen: torch.Generator,
+) -> Split | Streamed:  # fmt: skip
+    """The validation split from ``config.val_root`` (class subfolders named as the training
+    classes), at the training images' size and channels; streamed when training is, and a
+    class-balanced ``val_size`` subset of it when given."""
+    from torchvision.datasets import ImageFolder
+
+    root = Path(config.val_root)
+    if not root.is_dir():
+        raise DataError(
+            f"--val-root {root} {not_a_folder(root)}: give a folder of held-out images with one "
+            "subfolder per class"
+        )
+    try:
+        scan = ImageFolder(str(root), loader=lambda p: p)  # scan only
+    except (FileNotFoundError, RuntimeError) as err:
+        raise DataError(f"no images found in --val-root {root}: {err}") from err
+    labels = torch.tensor(scan.targets, dtype=torch.int64)
+    labels = _val_root_labels(root, scan.classes, classes)[labels]  # folder order -> training order
+    index = torch.arange(len(labels))
+    if config.val_size is not None and config.val_size < len(labels):
+        index = balanced_indices(labels, config.val_size, gen)
+    paths = [scan.samples[i][0] for i in index.tolist()]
+    log.info("validation: %d images from --val-root %s (none carved from train)", len(paths), root)
+    if not isinstance(train, Split):  # streamed training: stream validation too
+        from ensc.data.stream import StreamSplit, file_array
+
+        files = file_array(paths, root)
+        return StreamSplit(root, files, labels[index], train.image_size, train.workers)
+    images = _decode_images(paths, train.image_size, split="--val-root", why="the training size")
+    return Split(to_input_shape(images, train.channels, train.image_size), labels[index])
+
+
+def _val_root_labels(
+    root: Path, folders: list[str], classes: list[str] | tuple[str, ...]
+) -> torch.Tensor:
+    """The training label of each class folder of ``--val-root`` (matched by name, a ``/`` in a
+    class name written ``_``); one line naming the folders that are no training class."""
+    index = {c.replace("/", "_"): k for k, c in enumerate(classes)}
+    unknown = [f for f in folders if f not in index]
+    if unknown:
+        raise DataError(
+            f"--val-root {root} has class folders that are no training class: "
+            f"{', '.join(unknown[:5])}; name them as the training classes "
+            f"({', '.join(index)})"
+        )
+    missing = sorted(set(index) - set(folders))
+    if missing:
+        log.warning("--val-root %s has no images of %s", root, ", ".join(missing))
+    return torch.tensor([index[f] for f in folders], dtype=torch.int64)
 
 
 def sampled_sizes(

@@ -50,6 +50,7 @@ def data_config_for(
             "from Python with the CompressResult"
         )
     base["root"] = Path(base["root"]) if base.get("root") else None
+    base["val_root"] = Path(base["val_root"]) if base.get("val_root") else None
     base["image_size"] = tuple(base["image_size"]) if base.get("image_size") else None
     config = DataConfig(**base)
     changes = {k: v for k, v in overrides.items() if v is not None}

@@ -36,6 +36,10 @@ class DataConfig:
     root: Path | None = None  # where the files are; None = the dataset's default location
     val_size: int | None = None  # images carved from train for validation; None = 10 %, max 5,000
     train_subset: int | None = None  # class-balanced training subset (validation taken from it)
+    # a folder of held-out images (one subfolder per class, the training classes) to validate on
+    # instead of carving validation from the training images (which a third-party teacher may
+    # have trained on); with it, val_size subsets it and train_subset counts training images only
+    val_root: Path | None = None
     test_subset: int | None = None  # class-balanced test subset
     seed: int = 0  # seeds the validation split and the subsets (not training)
     download: bool = False  # allow torchvision to download fashion-mnist / cifar when missing
@@ -127,8 +131,17 @@ def split_indices(
     never overlaps a training subset drawn with the same seed, whatever ``train_subset`` is: a
     student distilled on another subset than its teacher still gets a held-out validation split.
     ``train_subset`` N counts both (N − val_size class-balanced training images).
+
+    With ``config.val_root`` nothing is carved: every training image (or a class-balanced
+    ``train_subset`` of them) trains, and the validation indices are empty (the loader reads the
+    validation images from that folder).
     """
     n_full = len(labels)
+    if config.val_root is not None:
+        keep = torch.arange(n_full)
+        if config.train_subset is not None and config.train_subset < n_full:
+            keep = balanced_indices(labels, config.train_subset, gen)
+        return keep, torch.empty(0, dtype=torch.int64)
     n = min(config.train_subset or n_full, n_full)
     val_size = (
         config.val_size if config.val_size is not None else min(int(n * VAL_FRACTION), VAL_CAP)

@@ -63,7 +63,7 @@ _OURS = re.compile(
 )
 # the flag that sets each recorded setting (those without one are named by their field)
 _FLAGS = {
-    "data": {"name": "--dataset", "root": "--data-root", "val_size": "--val-size",
+    "data": {"name": "--dataset", "root": "--data-root", "val_size": "--val-size", "val_root": "--val-root",
              "train_subset": "--train-subset", "test_subset": "--test-subset", "seed": "--data-seed",
              "mode": "--data-mode", "image_size": "--image-size"},
     "optim": {"epochs": "--epochs", "batch_size": "--batch-size", "lr": "--lr",
