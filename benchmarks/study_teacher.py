@@ -65,6 +65,17 @@ def product(steps: int, seed: int = 0, **extra: Any) -> dict[str, Any]:
     return row("ensc", steps, seed, [], extra)
 
 
+def versus(steps: int, seed: int = 0, **extra: Any) -> dict[str, Any]:
+    """The product with both baselines beside it (`--baselines finetune,kd-single`): one row,
+    three networks trained at the same budget and seed, compared in the run's own report."""
+    return row("ensc", steps, seed, ["--baselines", "finetune,kd-single"], extra)
+
+
+def finetune(steps: int, seed: int = 0, **extra: Any) -> dict[str, Any]:
+    """`ensc compress --method finetune`: the start member on the labels alone, no teacher."""
+    return row("finetune", steps, seed, ["--method", "finetune"], extra)
+
+
 def baseline(steps: int, seed: int = 0, **extra: Any) -> dict[str, Any]:
     """`ensc compress --method kd-single` with the same defaults: plain KD into one network."""
     return row("kd", steps, seed, ["--method", "kd-single"], extra)
@@ -112,6 +123,18 @@ PLANS: dict[str, list[dict[str, Any]]] = {
         # the ensemble teaches from what training on the new data does by itself
         baseline(1000, alpha=0),
     ],
+    # the question on a teacher in its own domain (issue 21): a DE-4 of ResNet-20s that
+    # `ensc train` made on 10,000 CIFAR-10 JPEGs (benchmarks/teachers/, see its README), the
+    # student a ResNet-20 warm-started from member 0, both baselines beside every product row
+    "indomain": [
+        *(versus(300, seed=s) for s in (0, 1, 2)),
+        *(product(300, perturb=kind) for kind in ("ods", "confods", "gaussian", "tdiv-sdiv")),
+        product(300, member_batch="repeat"),
+        product(300, targets="member"),
+        *(versus(1000, seed=s) for s in (0, 1, 2)),
+    ],
+    # the first teacher again, with the fine-tune baseline: out of its domain on JPEGs
+    "outdomain": [finetune(300), finetune(1000)],
     # the same question on a teacher ensc trains itself (ResNet-8 DE-4, all of Fashion-MNIST)
     "fmnist": [
         product(300),
@@ -149,10 +172,16 @@ def fmnist_teacher(work: Path) -> Path:
     return out
 
 
+INDOMAIN_TEACHER = REPO / "benchmarks" / "teachers" / "cifar10jpeg-10k-resnet20"
+
+
 def teacher_flags(plan: str, work: Path) -> list[str]:
     """How the plan's rows get their teacher, data and student architecture."""
     if plan == "fmnist":
         return ["--teacher", str(work / "fmnist-teacher"), "--arch", "resnet8"]
+    if plan == "indomain":  # the members record their data; only where it lies here differs
+        return ["--teacher", str(INDOMAIN_TEACHER), "--arch", "resnet20",
+                "--data-root", str(CIFAR_JPEG)]  # fmt: skip
     return [
         "--teacher", str(work / "ensemble.json"), "--code-path", str(TEACHER_DIR / "code"),
         "--dataset", "imagefolder", "--data-root", str(CIFAR_JPEG), "--arch", STUDENT,
@@ -192,6 +221,7 @@ def summary(
         "init_member": report.get("init_member"),
         "gap_closed": report.get("gap_closed"),
         "train": report["train"],
+        "baselines": report.get("baselines"),
         "wall_seconds": round(wall, 1),
         "threads": threads,
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
@@ -261,9 +291,11 @@ def _commit(path: Path, message: str) -> None:
 def member_with_bn_reestimated(work: Path, plan: str, batches: int = 20) -> dict[str, Any]:
     """A reference that needs no training: the start member with its BatchNorm statistics
     re-estimated on (augmented) training batches of the new data, as ensc re-estimates them."""
-    from ensc.compress.pipeline import CompressConfig, _recalibrate_bn
+    from ensc.compress.config import CompressConfig
     from ensc.compress.report import validation_metrics
+    from ensc.compress.single import recalibrate_on_train
     from ensc.data.datasets import load_dataset
+    from ensc.data.source import data_config_for
     from ensc.data.splits import DataConfig
     from ensc.engine.predict import predict_logits_many
     from ensc.engine.runtime import resolve_runtime
@@ -273,11 +305,16 @@ def member_with_bn_reestimated(work: Path, plan: str, batches: int = 20) -> dict
     out = REPO / "docs" / "study" / plan / "_member-bn.json"
     if out.exists():
         return json.loads(out.read_text())
-    data = load_dataset(DataConfig("imagefolder", root=CIFAR_JPEG))
-    member = load_teacher(work / "ensemble.json", code_path=TEACHER_DIR / "code").members[1]
+    if plan == "indomain":  # the data the members record (10,000 train / 5,000 val), member 0
+        teacher = load_teacher(INDOMAIN_TEACHER)
+        data = load_dataset(data_config_for(teacher.spec, teacher.data_record, root=CIFAR_JPEG))
+        member = teacher.members[0]
+    else:
+        data = load_dataset(DataConfig("imagefolder", root=CIFAR_JPEG))
+        member = load_teacher(work / "ensemble.json", code_path=TEACHER_DIR / "code").members[1]
     runtime = resolve_runtime("cpu")
     config = CompressConfig(teacher=work / "ensemble.json", arch=STUDENT, bn_recal_batches=batches)
-    _recalibrate_bn(config, member, data, runtime)  # as `ensc compress` does it, seed 0
+    recalibrate_on_train(config, member, data, runtime)  # as `ensc compress` does it, seed 0
     splits = {"val": data.val, "test": data.test}
     probs = predict_logits_many([member], splits, runtime)[0]
     val, test = probs["val"].softmax(-1), probs["test"].softmax(-1)
@@ -304,6 +341,8 @@ def describe(flags: list[str]) -> str:
     extra += f", seed {opts['--seed']}" if opts.get("--seed", "0") != "0" else ""
     if opts.get("--method") == "kd-single":
         return f"KD into one network, {perturb}{extra}"
+    if opts.get("--method") == "finetune":
+        return f"fine-tune on the labels{extra}"
     batch, targets = opts.get("--member-batch", "split"), opts.get("--targets", "mean")
     return f"averaged BE-4 ({batch}, {targets} targets), {perturb}{extra}"
 
@@ -363,6 +402,15 @@ def table_rows(
         if "--method" not in r["flags"]:
             rows.append(line("  ↳ BE-4 student (4× the cost)", r["test"]["student_be"],
                              r["val"]["student_be"], None))  # fmt: skip
+        for b in (r.get("baselines") or {}).get("rows", []):  # --baselines, beside the row
+            rows.append(
+                line(
+                    f"  ↳ {b['name']}",
+                    b,
+                    None,
+                    {"train": b["train"], "wall_seconds": b["train"]["seconds"]},
+                )
+            )
     return rows
 
 
@@ -444,8 +492,12 @@ def main() -> None:
         if args.write_docs:
             write_docs(args.plan, render(args.plan))
         return
-    if args.plan != "fmnist" and not TEACHER_DIR.exists():
+    if args.plan != "fmnist" and not CIFAR_JPEG.exists():
+        sys.exit(f"no data at {CIFAR_JPEG}: this study needs the shared CIFAR-10 JPEGs")
+    if args.plan not in ("fmnist", "indomain") and not TEACHER_DIR.exists():
         sys.exit(f"no teacher at {TEACHER_DIR}: this study needs the shared CIFAR-10 DE-4")
+    if args.plan == "indomain" and not (INDOMAIN_TEACHER / "member3.pt").exists():
+        sys.exit(f"no teacher at {INDOMAIN_TEACHER}: see its README.md to make it")
     args.work.mkdir(parents=True, exist_ok=True)
     manifest(args.work)
     specs = PLANS[args.plan]
