@@ -206,6 +206,11 @@ def disk_kernel(radius: float, alias_blur: float) -> torch.Tensor:
     g /= g.sum()
     padded = F.pad(disk[None, None], (1, 1, 1, 1), mode="reflect")
     blurred = F.conv2d(padded, (g[:, None] * g[None, :])[None, None])[0, 0]  # [17, 17]
+    # symmetric by construction: every entry read from the octant 0 ≤ |dy| ≤ |dx| (a CPU's conv
+    # may round mirrored entries 1 ulp apart, e.g. AVX-512 vs AVX2 kernels)
+    d = grid.abs().long()
+    lo, hi = torch.minimum(d[:, None], d[None, :]), torch.maximum(d[:, None], d[None, :])
+    blurred = blurred[8 + lo, 8 + hi]
     used = blurred.abs().sum(1).nonzero().flatten()
     half = int(max(8 - int(used.min()), int(used.max()) - 8))  # the kernel is symmetric
     return blurred[8 - half : 9 + half, 8 - half : 9 + half].contiguous()

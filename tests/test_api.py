@@ -97,7 +97,8 @@ def test_teachers_as_modules_and_a_builder_without_num_classes(
     assert exported.passed and exported.path == run / "student.onnx"
 
 
-def test_student_network_and_out_writes_as_it_goes(tiny_teacher, fashion, tmp_path):
+def test_student_network_and_out_writes_as_it_goes(tiny_teacher, fashion, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # runs/latest and the logits cache go here, not into the checkout
     train, test = fashion
     student = load_teacher(tiny_teacher).members[0]  # a resnet8 network, used as the template
     result = ensc.compress_ensemble(tiny_teacher, student, train_data=train, test_data=test,
