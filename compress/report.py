@@ -133,13 +133,18 @@ def parity(
 GAP_METRICS = ("acc", "cnll")  # the gap a compressed network should close: accuracy, calibrated NLL
 
 
-def gap_closed(value: float, start: float, target: float) -> float | None:
+def gap_closed(
+    value: float, start: float, target: float, higher_is_better: bool | None = None
+) -> float | None:
     """Percent of the way from ``start`` (one member) to ``target`` (the ensemble) that ``value``
     covers: 100 · (value − start) / (target − start). 0 = no better than the member, 100 = as
     good as the ensemble, negative = worse than the member; the sign takes care of whether higher
-    (ACC) or lower (NLL) is better. None when the member is already as good as the ensemble."""
+    (ACC) or lower (NLL) is better. None when there is no gap: the ensemble is no better than the
+    member (``higher_is_better`` says which way is better; None: only an equal ensemble)."""
     if target == start:
         return None
+    if higher_is_better is not None and (target > start) != higher_is_better:
+        return None  # the teacher does not beat its member: a share of a negative gap means nothing
     return 100.0 * (value - start) / (target - start)
 
 
@@ -156,7 +161,8 @@ def gaps_closed(report: dict[str, Any], init_member: int | None) -> dict[str, An
         "from": f"teacher {init_member}" if init_member is not None else "the average member",
         **{
             name: {
-                k: gap_closed(report[name][k], start[k], report["teacher"][k]) for k in GAP_METRICS
+                k: gap_closed(report[name][k], start[k], report["teacher"][k], k == "acc")
+                for k in GAP_METRICS
             }
             for name in rows
             if name in report
@@ -214,7 +220,11 @@ def render_markdown(
 
         def share(name: str, metric: str) -> str:
             value = gaps.get(name, {}).get(metric)
-            return "-" if value is None else f"{value:.0f} %"
+            return (
+                "- (the teacher ensemble does not beat the member)"
+                if value is None
+                else f"{value:.0f} %"
+            )
 
         lines.append(
             f"- member → teacher ensemble gap closed (from {gaps['from']}): averaged network "

@@ -78,8 +78,10 @@ def test_compress_writes_run_folder_and_latest(tiny_teacher: Path, tmp_path: Pat
     # the member -> DE gap closed, from the member the student started from (teacher 0)
     gaps, start = report["gap_closed"], report["teacher_members"][0]
     assert report["init_member"] == 0 and gaps["from"] == "teacher 0"
-    expected = gap_closed(report["student_avg"]["acc"], start["acc"], report["teacher"]["acc"])
-    assert gaps["student_avg"]["acc"] == pytest.approx(expected)
+    expected = gap_closed(
+        report["student_avg"]["acc"], start["acc"], report["teacher"]["acc"], True
+    )
+    assert gaps["student_avg"]["acc"] == (None if expected is None else pytest.approx(expected))
     assert "gap closed (from teacher 0)" in (latest / "report.md").read_text()
     # warm start by default: the student has the members' architecture
     assert "student starts from teacher member 0" in (latest / "log.txt").read_text()
@@ -140,6 +142,10 @@ def test_gap_closed_arithmetic():
     assert gap_closed(0.58, 0.55, 0.48) < 0  # worse than the member
     assert gap_closed(86.0, 82.0, 86.0) == pytest.approx(100.0)
     assert gap_closed(80.0, 82.0, 82.0) is None  # no gap to close
+    # a teacher ensemble worse than its member (the demo's weak DE-4): no share of a negative gap
+    assert gap_closed(83.0, 82.6, 82.1, higher_is_better=True) is None
+    assert gap_closed(0.50, 0.55, 0.60, higher_is_better=False) is None
+    assert gap_closed(84.0, 82.0, 86.0, higher_is_better=True) == pytest.approx(50.0)
 
 
 def test_gaps_closed_from_the_average_member_without_a_warm_start():
