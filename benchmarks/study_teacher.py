@@ -134,6 +134,14 @@ PLANS: dict[str, list[dict[str, Any]]] = {
         product(300, targets="member"),
         *(versus(1000, seed=s) for s in (0, 1, 2)),
     ],
+    # the embedded default in its own domain: a DE-4 of ResNet-8s on 3,000 Fashion-MNIST images
+    "fmnist3k": [
+        *(versus(300, seed=s) for s in (0, 1, 2)),
+        versus(300, perturb="ods"),
+        *(product(300, perturb=kind) for kind in ("confods", "gaussian", "tdiv-sdiv")),
+        product(300, member_batch="repeat"),
+        product(300, targets="member"),
+    ],
     # the first teacher again, with the fine-tune baseline: out of its domain on JPEGs
     "outdomain": [finetune(300), finetune(1000)],
     # the same question on a teacher ensc trains itself (ResNet-8 DE-4, all of Fashion-MNIST)
@@ -174,12 +182,15 @@ def fmnist_teacher(work: Path) -> Path:
 
 
 INDOMAIN_TEACHER = REPO / "benchmarks" / "teachers" / "cifar10jpeg-10k-resnet20"
+FMNIST3K_TEACHER = REPO / "benchmarks" / "teachers" / "fmnist-3k-resnet8"
 
 
 def teacher_flags(plan: str, work: Path) -> list[str]:
     """How the plan's rows get their teacher, data and student architecture."""
     if plan == "fmnist":
         return ["--teacher", str(work / "fmnist-teacher"), "--arch", "resnet8"]
+    if plan == "fmnist3k":  # Fashion-MNIST comes from its Debian package: nothing to point at
+        return ["--teacher", str(FMNIST3K_TEACHER), "--arch", "resnet8"]
     if plan == "indomain":  # the members record their data; only where it lies here differs
         return ["--teacher", str(INDOMAIN_TEACHER), "--arch", "resnet20",
                 "--data-root", str(CIFAR_JPEG)]  # fmt: skip
@@ -358,7 +369,7 @@ def start_member(result: dict[str, Any]) -> dict[str, Any]:
 def kept_and_other(result: dict[str, Any]) -> tuple[str, str]:
     """Keys of the single network ensc keeps (the BN statistics with the lower validation NLL)
     and of the other; rows from before ensc chose by itself are chosen here by the same rule."""
-    if "student_avg_alternative" in result["val"]:
+    if "student_avg_no_recal" not in result["val"]:  # ensc chose (or a baseline's row)
         return "student_avg", "student_avg_alternative"
     val = result["val"]
     if val["student_avg_no_recal"]["nll"] < val["student_avg"]["nll"]:
@@ -415,12 +426,24 @@ def table_rows(
     return rows
 
 
+def baseline_results(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ``--baselines`` rows of a result, each shaped as a result of its own (its name: the
+    baseline's method in place of the row's prefix, e.g. ``finetune-s300-seed1``)."""
+    out = []
+    for b in (result.get("baselines") or {}).get("rows", []):
+        name = b["method"] + "-" + result["name"].split("-", 1)[1]
+        out.append({**result, "name": name, "flags": ["--method", b["method"]],
+                    "test": {**result["test"], "student_avg": b}, "val": {}, "baselines": None})  # fmt: skip
+    return out
+
+
 def seed_summary(results: list[dict[str, Any]]) -> str:
     """Mean and spread (max − min) over seeds of each setting run with several seeds, on test."""
     from ensc.compress.report import gap_closed
 
     groups: dict[str, list[dict[str, Any]]] = {}
-    for r in results:
+    expanded = [*results, *(b for result in results for b in baseline_results(result))]
+    for r in expanded:
         groups.setdefault(r["name"].split("-seed")[0], []).append(r)
     lines = ["| setting | seeds | ACC % | cNLL | NLL | gap ACC % | gap cNLL % |",
              "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
@@ -493,9 +516,9 @@ def main() -> None:
         if args.write_docs:
             write_docs(args.plan, render(args.plan))
         return
-    if args.plan != "fmnist" and not CIFAR_JPEG.exists():
+    if args.plan not in ("fmnist", "fmnist3k") and not CIFAR_JPEG.exists():
         sys.exit(f"no data at {CIFAR_JPEG}: this study needs the shared CIFAR-10 JPEGs")
-    if args.plan not in ("fmnist", "indomain") and not TEACHER_DIR.exists():
+    if args.plan not in ("fmnist", "fmnist3k", "indomain") and not TEACHER_DIR.exists():
         sys.exit(f"no teacher at {TEACHER_DIR}: this study needs the shared CIFAR-10 DE-4")
     if args.plan == "indomain" and not (INDOMAIN_TEACHER / "member3.pt").exists():
         sys.exit(f"no teacher at {INDOMAIN_TEACHER}: see its README.md to make it")
