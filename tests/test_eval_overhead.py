@@ -14,7 +14,9 @@ import torch
 from torch import nn
 
 from ensc.compress.average import recalibrate_bn
-from ensc.compress.pipeline import CompressConfig, _recalibrate_bn, run_compress
+from ensc.compress.config import CompressConfig
+from ensc.compress.pipeline import run_compress
+from ensc.compress.single import recalibrate_on_train
 from ensc.data.datasets import load_dataset
 from ensc.data.splits import DataConfig, Split
 from ensc.engine.loop import OptimConfig
@@ -234,10 +236,10 @@ def test_pipeline_recalibration_uses_at_most_n_shuffled_batches(data):
     config = CompressConfig(
         teacher=Path("unused"), arch="resnet8", optim=OptimConfig(batch_size=32), bn_recal_batches=4
     )
-    _recalibrate_bn(config, net, data, CPU)
+    recalibrate_on_train(config, net, data, CPU)
     assert batches == [32] * 4 and not net.training
     batches.clear()
-    _recalibrate_bn(replace(config, bn_recal_batches=None), net, data, CPU)
+    recalibrate_on_train(replace(config, bn_recal_batches=None), net, data, CPU)
     assert batches == [32] * (len(data.train) // 32)  # all of them (drop_last)
 
 
@@ -256,7 +258,7 @@ def test_bounded_recalibration_is_a_random_sample_augmented_as_in_training(data)
     config = CompressConfig(
         teacher=Path("unused"), arch="resnet8", optim=OptimConfig(batch_size=32), bn_recal_batches=2
     )
-    _recalibrate_bn(config, net, sorted_data, CPU)
+    recalibrate_on_train(config, net, sorted_data, CPU)
     assert len(seen) == 2
     centres = (seen[0][:, 0, 14, 14] * 255).round()
     assert len(set(centres.tolist())) > 1  # not just the first class's images
