@@ -351,7 +351,7 @@ def test_member_networks_match_the_batchensemble(data):
 def test_each_model_is_predicted_once_per_split(tiny_teacher: Path, tmp_path: Path, monkeypatch):
     """Every teacher member, student member and the averaged network (after and before BN
     recalibration): one pass per split."""
-    import ensc.compress.pipeline as pipeline_mod
+    import ensc.compress.single as pipeline_mod  # where the run's predictions are made
     import ensc.evaluation.evaluate as evaluate_mod
 
     passes: list[int] = []  # images of one split through one network
