@@ -134,8 +134,8 @@ PLANS: dict[str, list[dict[str, Any]]] = {
         product(300, targets="member"),
         *(versus(1000, seed=s) for s in (0, 1, 2)),
     ],
-    # the embedded default in its own domain: a DE-4 of ResNet-8s on 3,000 Fashion-MNIST images
-    "fmnist3k": [
+    # the embedded default in its own domain: a DE-4 of ResNet-8s on 1,000 Fashion-MNIST images
+    "fmnist1k": [
         *(versus(300, seed=s) for s in (0, 1, 2)),
         versus(300, perturb="ods"),
         *(product(300, perturb=kind) for kind in ("confods", "gaussian", "tdiv-sdiv")),
@@ -182,15 +182,15 @@ def fmnist_teacher(work: Path) -> Path:
 
 
 INDOMAIN_TEACHER = REPO / "benchmarks" / "teachers" / "cifar10jpeg-10k-resnet20"
-FMNIST3K_TEACHER = REPO / "benchmarks" / "teachers" / "fmnist-3k-resnet8"
+FMNIST1K_TEACHER = REPO / "benchmarks" / "teachers" / "fmnist-1k-resnet8"
 
 
 def teacher_flags(plan: str, work: Path) -> list[str]:
     """How the plan's rows get their teacher, data and student architecture."""
     if plan == "fmnist":
         return ["--teacher", str(work / "fmnist-teacher"), "--arch", "resnet8"]
-    if plan == "fmnist3k":  # Fashion-MNIST comes from its Debian package: nothing to point at
-        return ["--teacher", str(FMNIST3K_TEACHER), "--arch", "resnet8"]
+    if plan == "fmnist1k":  # Fashion-MNIST comes from its Debian package: nothing to point at
+        return ["--teacher", str(FMNIST1K_TEACHER), "--arch", "resnet8"]
     if plan == "indomain":  # the members record their data; only where it lies here differs
         return ["--teacher", str(INDOMAIN_TEACHER), "--arch", "resnet20",
                 "--data-root", str(CIFAR_JPEG)]  # fmt: skip
@@ -516,9 +516,9 @@ def main() -> None:
         if args.write_docs:
             write_docs(args.plan, render(args.plan))
         return
-    if args.plan not in ("fmnist", "fmnist3k") and not CIFAR_JPEG.exists():
+    if args.plan not in ("fmnist", "fmnist1k") and not CIFAR_JPEG.exists():
         sys.exit(f"no data at {CIFAR_JPEG}: this study needs the shared CIFAR-10 JPEGs")
-    if args.plan not in ("fmnist", "fmnist3k", "indomain") and not TEACHER_DIR.exists():
+    if args.plan not in ("fmnist", "fmnist1k", "indomain") and not TEACHER_DIR.exists():
         sys.exit(f"no teacher at {TEACHER_DIR}: this study needs the shared CIFAR-10 DE-4")
     if args.plan == "indomain" and not (INDOMAIN_TEACHER / "member3.pt").exists():
         sys.exit(f"no teacher at {INDOMAIN_TEACHER}: see its README.md to make it")
