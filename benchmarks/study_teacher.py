@@ -134,6 +134,15 @@ PLANS: dict[str, list[dict[str, Any]]] = {
         product(300, targets="member"),
         *(versus(1000, seed=s) for s in (0, 1, 2)),
     ],
+    # the recipe on the in-domain DE-4, chosen on its validation split (TDiv-SDiv won above)
+    "indomain-search": [
+        product(300, perturb="tdiv-sdiv", alpha=1),
+        product(300, perturb="tdiv-sdiv", temperature=4),
+        product(300, perturb="tdiv-sdiv", step=4),
+        product(300, perturb="tdiv-sdiv", lr=0.1),
+        product(300, perturb="tdiv-sdiv", alpha=1, temperature=4),
+        product(300, perturb="tdiv-sdiv", step=4, alpha=1),
+    ],
     # the embedded default in its own domain: a DE-4 of ResNet-8s on 1,000 Fashion-MNIST images
     "fmnist1k": [
         *(versus(300, seed=s) for s in (0, 1, 2)),
@@ -185,13 +194,18 @@ INDOMAIN_TEACHER = REPO / "benchmarks" / "teachers" / "cifar10jpeg-10k-resnet20"
 FMNIST1K_TEACHER = REPO / "benchmarks" / "teachers" / "fmnist-1k-resnet8"
 
 
+def in_domain(plan: str) -> bool:
+    """Plans on the in-domain DE-4 of ResNet-20s (benchmarks/teachers/cifar10jpeg-10k-resnet20)."""
+    return plan in ("indomain", "indomain-search")
+
+
 def teacher_flags(plan: str, work: Path) -> list[str]:
     """How the plan's rows get their teacher, data and student architecture."""
     if plan == "fmnist":
         return ["--teacher", str(work / "fmnist-teacher"), "--arch", "resnet8"]
     if plan == "fmnist1k":  # Fashion-MNIST comes from its Debian package: nothing to point at
         return ["--teacher", str(FMNIST1K_TEACHER), "--arch", "resnet8"]
-    if plan == "indomain":  # the members record their data; only where it lies here differs
+    if in_domain(plan):  # the members record their data; only where it lies here differs
         return ["--teacher", str(INDOMAIN_TEACHER), "--arch", "resnet20",
                 "--data-root", str(CIFAR_JPEG)]  # fmt: skip
     return [
@@ -317,7 +331,7 @@ def member_with_bn_reestimated(work: Path, plan: str, batches: int = 20) -> dict
     out = REPO / "docs" / "study" / plan / "_member-bn.json"
     if out.exists():
         return json.loads(out.read_text())
-    if plan == "indomain":  # the data the members record (10,000 train / 5,000 val), member 0
+    if in_domain(plan):  # the data the members record (10,000 train / 5,000 val), member 0
         teacher = load_teacher(INDOMAIN_TEACHER)
         data = load_dataset(data_config_for(teacher.spec, teacher.data_record, root=CIFAR_JPEG))
         member = teacher.members[0]
@@ -518,9 +532,13 @@ def main() -> None:
         return
     if args.plan not in ("fmnist", "fmnist1k") and not CIFAR_JPEG.exists():
         sys.exit(f"no data at {CIFAR_JPEG}: this study needs the shared CIFAR-10 JPEGs")
-    if args.plan not in ("fmnist", "fmnist1k", "indomain") and not TEACHER_DIR.exists():
+    if (
+        args.plan not in ("fmnist", "fmnist1k")
+        and not in_domain(args.plan)
+        and not TEACHER_DIR.exists()
+    ):
         sys.exit(f"no teacher at {TEACHER_DIR}: this study needs the shared CIFAR-10 DE-4")
-    if args.plan == "indomain" and not (INDOMAIN_TEACHER / "member3.pt").exists():
+    if in_domain(args.plan) and not (INDOMAIN_TEACHER / "member3.pt").exists():
         sys.exit(f"no teacher at {INDOMAIN_TEACHER}: see its README.md to make it")
     args.work.mkdir(parents=True, exist_ok=True)
     manifest(args.work)
