@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +23,7 @@ from ensc.engine.loop import BackwardFn, StepFn, StepResult
 from ensc.engine.runtime import Runtime
 from ensc.engine.timing import NO_TIMER, PhaseTimer
 from ensc.errors import ConfigError
-from ensc.models.batchensemble import BatchEnsemble
+from ensc.models.batchensemble import BE_LAYERS, BatchEnsemble
 from ensc.models.modes import eval_mode
 
 log = logging.getLogger(__name__)
@@ -81,21 +81,62 @@ def fast_teachers(
     return [eval_copy(t, runtime, probe) for t in teachers]
 
 
-def student_eval_logits_fn(student: BatchEnsemble) -> Callable[[torch.Tensor], torch.Tensor]:
-    """x [B, ...] -> student member logits [Ms, B, K] with running BN statistics (for TDiv-SDiv).
+def student_eval_logits_fn(student: BatchEnsemble) -> StudentMemberLogits:
+    """x [B, ...] -> student member logits [Ms, B, K] with running BN statistics (for TDiv-SDiv)."""
+    return StudentMemberLogits(student)
 
-    The student runs with detached parameters (``torch.func.functional_call``), so gradients
-    reach x only and autograd keeps none of what parameter gradients would need.
+
+class StudentMemberLogits:
+    """The BatchEns student in eval mode as a LogitsFn that can also run only some members.
+
+    ``fn(x)`` gives every member's logits [Ms, B, K]; ``fn(x, members=[i, j])`` only theirs
+    [2, B, K], from the rows i, j of each BE layer's fast weights, so TDiv-SDiv pays for two
+    members' passes instead of M. The student runs with detached parameters
+    (``torch.func.functional_call``), so gradients reach x only and autograd keeps none of what
+    parameter gradients would need.
     """
 
-    def logits(x: torch.Tensor) -> torch.Tensor:
-        with eval_mode(student):
-            state = {n: t.detach() for n, t in student.state_dict(keep_vars=True).items()}
-            tiled = x.repeat(student.members, *([1] * (x.dim() - 1)))  # [Ms*B, ...]
-            out = torch.func.functional_call(student, state, (tiled,))
-            return out.unflatten(0, (student.members, -1)).float()  # [Ms, B, K]
+    def __init__(self, student: BatchEnsemble) -> None:
+        self.student = student
+        self.layers = [
+            (name, module) for name, module in student.named_modules()
+            if isinstance(module, BE_LAYERS)
+        ]  # fmt: skip
 
-    return logits
+    def __len__(self) -> int:
+        return self.student.members
+
+    def __call__(self, x: torch.Tensor, members: list[int] | None = None) -> torch.Tensor:
+        student = self.student
+        chosen = list(range(student.members)) if members is None else list(members)
+        state = {n: t.detach() for n, t in student.state_dict(keep_vars=True).items()}
+        if members is not None:
+            index = torch.tensor(chosen, device=x.device)
+            for name, module in self.layers:
+                for fast in ("r", "s", "member_bias"):
+                    if getattr(module, fast, None) is not None:
+                        key = f"{name}.{fast}"
+                        state[key] = state[key].index_select(0, index)
+        tiled = x.repeat(len(chosen), *([1] * (x.dim() - 1)))  # [len(chosen)*B, ...]
+        with eval_mode(student), _member_count(student, self.layers, len(chosen)):
+            out = torch.func.functional_call(student, state, (tiled,))
+        return out.unflatten(0, (len(chosen), -1)).float()  # [len(chosen), B, K]
+
+
+@contextlib.contextmanager
+def _member_count(
+    student: BatchEnsemble, layers: list[tuple[str, nn.Module]], count: int
+) -> Iterator[None]:
+    """The student and its BE layers chunk their batches into ``count`` members meanwhile."""
+    modules = [student, *(module for _, module in layers)]
+    saved = [module.members for module in modules]
+    try:
+        for module in modules:
+            module.members = count
+        yield
+    finally:
+        for module, members in zip(modules, saved, strict=True):
+            module.members = members
 
 
 def make_distill_step(

@@ -178,12 +178,14 @@ def tdiv_sdiv_direction(
         subset = isinstance(teacher, MemberLogits)  # then run only teachers i and j
         t = None if subset else _member_logits(teacher, x_leaf, "teacher")  # [Mt, B, K]
         mt = len(teacher) if subset else t.shape[0]
-        s = _member_logits(student, x_leaf, "student")  # [Ms, B, K]
-        n = min(mt, s.shape[0])
+        # a student that can run only some members (StudentMemberLogits) runs only i and j
+        s = None if hasattr(student, "__len__") else _member_logits(student, x_leaf, "student")
+        ms = len(student) if s is None else s.shape[0]
+        n = min(mt, ms)
         if n < 2:
             raise ValueError(
                 f"tdiv-sdiv needs at least 2 teacher and 2 student members, got {mt} "
-                f"teacher(s) and {s.shape[0]} student member(s); use ods or gaussian instead"
+                f"teacher(s) and {ms} student member(s); use ods or gaussian instead"
             )
         i, j = (int(v) for v in torch.randperm(n, generator=gen)[:2])
         t_i, t_j = (
@@ -191,7 +193,12 @@ def tdiv_sdiv_direction(
             if subset
             else (t[i], t[j])
         )
-        objective = _cross_entropy(t_i, t_j) - _cross_entropy(s[i], s[j])
+        s_i, s_j = (
+            _member_logits(lambda v: student(v, members=[i, j]), x_leaf, "student")
+            if s is None
+            else (s[i], s[j])
+        )
+        objective = _cross_entropy(t_i, t_j) - _cross_entropy(s_i, s_j)
         (grad,) = torch.autograd.grad(objective, x_leaf)
     return TDivSDivDirection(grad, i, j)
 

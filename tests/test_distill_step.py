@@ -246,6 +246,34 @@ def test_student_eval_pass_gives_input_gradients_only() -> None:
     assert all(p.grad is None for p in student.parameters())
 
 
+def test_student_eval_pass_runs_only_the_members_asked_for() -> None:
+    from ensc.compress.distill import student_eval_logits_fn
+
+    student = _student().train()
+    x = torch.rand(B, 3, 8, 8)
+    fn = student_eval_logits_fn(student)
+    full = fn(x)
+    some = fn(x, members=[1])
+    assert some.shape == (1, B, full.shape[-1]) and len(fn) == M
+    torch.testing.assert_close(some, full[[1]])
+    torch.testing.assert_close(fn(x, members=[1, 0]), full.flip(0))
+    assert student.members == M and all(layer.members == M for layer in student.be_layers())
+
+
+def test_tdiv_sdiv_gradient_is_the_same_from_two_student_members() -> None:
+    from ensc.compress.distill import student_eval_logits_fn
+    from ensc.compress.perturb import MemberLogits, tdiv_sdiv_direction
+
+    student, teacher = _student(), MemberLogits(_teachers())
+    fn = student_eval_logits_fn(student)
+    x = torch.rand(B, 3, 8, 8)
+    two = tdiv_sdiv_direction(x, teacher, fn, torch.Generator().manual_seed(3))
+    every = tdiv_sdiv_direction(x, teacher, lambda v: fn(v), torch.Generator().manual_seed(3))
+    assert (two.i, two.j) == (every.i, every.j)
+    assert two.grad.abs().sum() > 0
+    torch.testing.assert_close(two.grad, every.grad)
+
+
 def test_fast_teachers_give_the_same_logits_and_input_gradients() -> None:
     from ensc.compress.distill import fast_teachers
     from ensc.engine.runtime import resolve_runtime
