@@ -79,6 +79,9 @@ DEE_PNG = "dee.png"
 OOD_PNG = "ood_scores.png"  # with --ood-data
 CORRUPTIONS_PNG = "corruptions.png"  # with --corruptions
 BASELINES = "baselines"  # --baselines: one finished or unfinished run folder per baseline method
+RESTART_HINT = (
+    "--force to start it over"  # how a refused run is started again (reworded for baselines)
+)
 STATE = ".state.pt"  # resumable training state; removed when the run finishes
 MARKER = ".incomplete"  # written first, removed last: the folder holds an unfinished run
 LOCK = ".lock"  # held by the one process that writes the folder
@@ -186,20 +189,20 @@ class RunWriter:
         if marker is None or not isinstance(marker.get("identity"), dict):
             raise ConfigError(
                 f"{path} holds an unfinished run that records no settings (an older ensc left "
-                "it), so --resume cannot check them: pass --force to start it over"
+                f"it), so --resume cannot check them: pass {RESTART_HINT}"
             )
         diffs = _differences(marker["identity"], self.identity)
         if diffs:
             more = f" (and {len(diffs) - 1} more differences)" if len(diffs) > 1 else ""
             raise ConfigError(
                 f"cannot resume {path}: it was started with {diffs[0]}{more}; pass the flags it "
-                f"was started with (see {path / CONFIG} and {path / LOG}), or --force to start it over"
+                f"was started with (see {path / CONFIG} and {path / LOG}), or {RESTART_HINT}"
             )
         state = path / STATE
         if state.exists() and not zipfile.is_zipfile(state):  # torch.save writes a zip archive
             raise ConfigError(
                 f"{state} is damaged (not a file torch.save wrote), so {path} cannot be "
-                "resumed: pass --force to start it over"
+                f"resumed: pass {RESTART_HINT}"
             )
         if marker.get("cleared"):  # the outputs of the earlier attempt are rewritten
             self._clear(keep=(MARKER, STATE, CONFIG, LOG, BASELINES))

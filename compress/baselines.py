@@ -26,6 +26,7 @@ from typing import Any
 from ensc import rundir
 from ensc.compress.config import CompressConfig, is_single_network
 from ensc.compress.perturb import PerturbConfig
+from ensc.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +38,24 @@ NOT_RUN = (
 )
 
 
-def baseline_config(config: CompressConfig, method: str, run_dir: Path | None) -> CompressConfig:
-    """The run's config turned into baseline ``method``'s, in ``run_dir/baselines/<method>``."""
+def baseline_config(
+    config: CompressConfig, method: str, run_dir: Path | None, data_mode: str | None = None
+) -> CompressConfig:
+    """The run's config turned into baseline ``method``'s, in ``run_dir/baselines/<method>``:
+    one plain network (fast weights ``ones``/``wa``, which fold to exactly that network), the
+    run's data read the way the run read it (``data_mode``: "memory" or "stream")."""
     kind = config.distill.perturb.kind
+    distill = replace(config.distill, fast_weights="wa")
     if method == "finetune" or (method == "kd-single" and kind == "tdiv-sdiv"):
-        perturb = PerturbConfig(kind="none", temperature=config.distill.temperature)
-        config = replace(config, distill=replace(config.distill, perturb=perturb))
+        distill = replace(
+            distill, perturb=PerturbConfig(kind="none", temperature=distill.temperature)
+        )
+    overrides = (
+        config.data_overrides if data_mode is None else {**config.data_overrides, "mode": data_mode}
+    )
+    config = replace(config, distill=distill, init="ones", data_overrides=overrides)
     folder = run_dir / rundir.BASELINES / method if run_dir is not None else None
-    resume = folder is not None and rundir.state_of(folder) == "unfinished"
+    resume = folder is not None and rundir.state_of(folder) == "unfinished"  # run_baselines agrees
     return replace(
         config, method=method, baselines=(), out=folder, resume=resume, force=False,
         corruptions=False, corruption_subset=None, ood_data=None,
@@ -56,28 +67,56 @@ def run_baselines(
     config: CompressConfig,
     run_dir: Path | None,
     run: Callable[[CompressConfig], dict[str, Any] | None],
+    data_mode: str | None = None,
+    agree: Callable[[Any], Any] = lambda value: value,
 ) -> dict[str, dict[str, Any]]:
     """Each baseline's report.json dict, by method: read from its finished folder, else trained
-    by ``run(baseline_config)`` (which returns its report; None on non-main processes)."""
+    by ``run(baseline_config)`` (which returns its report; None on non-main processes).
+    ``agree`` makes every process take the main process's view of a folder (DDP: a broadcast)."""
     reports: dict[str, dict[str, Any]] = {}
     for method in config.baselines:
-        sub = baseline_config(config, method, run_dir)
-        if sub.out is not None and rundir.state_of(sub.out) == "finished":
+        sub = baseline_config(config, method, run_dir, data_mode)
+        state = agree(rundir.state_of(sub.out) if sub.out is not None else None)
+        sub = replace(sub, resume=state == "unfinished")
+        if state == "finished":
             log.info("baseline %s: reusing the finished run in %s", method, sub.out)
-            reports[method] = json.loads((sub.out / rundir.REPORT_JSON).read_text())
+            reports[method] = _finished_report(sub.out, method)
             continue
         where = f" in {sub.out}" if sub.out is not None else ""
         log.info(
             "baseline %s (%s): training it at this run's budget%s", method, LABELS[method], where
         )
-        report = run(sub)
+        try:
+            report = run(sub)
+        except ConfigError as err:  # its folder's hints would restart the whole run: reword them
+            if sub.out is None or rundir.RESTART_HINT not in str(err):
+                raise
+            again = (
+                f"delete {sub.out} to train the {method} baseline again (the run itself is kept)"
+            )
+            raise ConfigError(str(err).replace(rundir.RESTART_HINT, again)) from err
         if report is not None:
             reports[method] = report
     return reports
 
 
+def _finished_report(folder: Path, method: str) -> dict[str, Any]:
+    """A finished baseline's report.json, or one line saying how to train it again."""
+    path = folder / rundir.REPORT_JSON
+    try:
+        report = json.loads(path.read_text())
+        if isinstance(report, dict) and all(k in report for k in ("student_avg", "train")):
+            return report
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        pass
+    raise ConfigError(
+        f"{path} is missing or damaged, so the finished {method} baseline cannot be reused: "
+        f"delete {folder} to train it again (the run itself is kept)"
+    )
+
+
 def baseline_section(
-    report: dict[str, Any], method: str, baselines: dict[str, dict[str, Any]]
+    report: dict[str, Any], method: str, baselines: dict[str, dict[str, Any]], written: bool = True
 ) -> dict[str, Any]:
     """report["baselines"]: the baselines' rows and the verdict of the run's single network
     (``report["student_avg"]``) against each; ``methods`` empty and ``note`` set when none ran."""
@@ -87,7 +126,7 @@ def baseline_section(
     rows, verdict = [], []
     for name, other in baselines.items():
         row = {**other["student_avg"], "name": f"{LABELS[name]} (baseline)", "method": name,
-               "folder": f"{rundir.BASELINES}/{name}", "train": other["train"]}  # fmt: skip
+               "folder": f"{rundir.BASELINES}/{name}" if written else None, "train": other["train"]}  # fmt: skip
         rows.append(row)
         acc, cnll = mine["acc"] - row["acc"], mine["cnll"] - row["cnll"]
         verdict.append({"baseline": name, "acc_diff": acc, "cnll_diff": cnll,
@@ -145,9 +184,9 @@ def baseline_lines(report: dict[str, Any]) -> list[str]:
         lines.append(section["note"][0].upper() + section["note"][1:] + ".")
     for row in section["rows"]:
         train = row["train"]
+        where = f" (`{row['folder']}/`)" if row["folder"] else ""
         lines.append(
-            f"- {row['name']}: {train['steps']} steps, {train['seconds']:.0f} s of training "
-            f"(`{row['folder']}/`)"
+            f"- {row['name']}: {train['steps']} steps, {train['seconds']:.0f} s of training{where}"
         )
     if section["methods"]:
         lines += ["", f"**Verdict:** {section['note']}."]

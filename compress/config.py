@@ -158,6 +158,11 @@ def check_config(config: CompressConfig) -> None:
             f"--method finetune trains on the labels alone, and --perturb {config.distill.perturb.kind} "
             "needs the teachers: drop --perturb (or use --method kd-single)"
         )
+    if is_single_network(config.method) and config.init != "ones":
+        raise ConfigError(
+            f"--method {config.method} trains one plain network, and --init {config.init} draws "
+            "member-wise fast weights for a BatchEnsemble: drop --init"
+        )
     _check_baselines(config)
     if config.corruption_subset is not None and not config.corruptions:
         raise ConfigError("--corruption-subset needs --corruptions")

@@ -240,14 +240,15 @@ def _with_baselines(
         result = run_compress(sub, runtime, sources, write=write, latest=False)
         return None if result is None else result.report
 
-    reports = run_baselines(config, run_dir, train_one)
-    return replace(run, baselines=reports, baseline_seconds=time.perf_counter() - started)
+    reports = run_baselines(config, run_dir, train_one, run.data_config.mode, runtime.broadcast)
+    seconds = time.perf_counter() - started
+    return replace(run, baselines=reports, baseline_seconds=seconds, baselines_written=write)
 
 
 def _add_baselines(report: dict[str, Any], run: _Run) -> None:
     """report["baselines"] (rows and verdict, or a note that none ran) and the teacher warning."""
     method = run.config.method
-    report["baselines"] = baseline_section(report, method, run.baselines)
+    report["baselines"] = baseline_section(report, method, run.baselines, run.baselines_written)
     report["teacher_warning"] = teacher_warning(report, method)
     if report["baselines"]["methods"]:
         log.info("verdict: %s", report["baselines"]["note"])
@@ -287,6 +288,7 @@ class _Run:
     ood: Split | None = None  # the --ood-data images, shaped as the models take them
     baselines: dict[str, dict[str, Any]] = field(default_factory=dict)  # report.json by method
     baseline_seconds: float = 0.0  # what training (or reading) them took
+    baselines_written: bool = False  # each in its folder RUN/baselines/<method> (write=True)
 
 
 def _set_up(config: CompressConfig, runtime: Runtime, sources: Sources) -> _Run:

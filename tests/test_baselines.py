@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -164,6 +165,26 @@ def test_baselines_from_python_stay_in_memory(tiny_teacher: Path, tmp_path: Path
     section = result.report["baselines"]
     assert section["methods"] == ["finetune"] and len(section["rows"]) == 1
     assert not (tmp_path / "runs").exists()  # nothing written without out=
+    assert section["rows"][0]["folder"] is None  # and no folder named in the report
+
+
+def test_a_damaged_finished_baseline_is_one_line_to_fix(with_baselines: Path, tmp_path: Path):
+    from ensc.compress.baselines import run_baselines
+    from ensc.compress.config import CompressConfig
+
+    run = tmp_path / "run"
+    shutil.copytree(with_baselines, run)
+    (run / "baselines" / "finetune" / "report.json").write_text('{"student_avg": ')
+    config = CompressConfig(teacher=None, arch="resnet8", baselines=("finetune",))
+    with pytest.raises(ConfigError, match=r"report.json is missing or damaged.*delete .*finetune"):
+        run_baselines(config, run, lambda sub: pytest.fail("retrained instead of refused"))
+
+
+def test_single_network_methods_refuse_member_wise_init(tiny_teacher: Path, tmp_path: Path):
+    result = run_cli("compress", "--teacher", str(tiny_teacher), *FLAGS, "--method", "finetune",
+                     "--init", "normal", "--out", str(tmp_path / "r"), cwd=tmp_path)  # fmt: skip
+    assert result.exit_code != 0 and "drop --init" in result.output
+    assert "Traceback" not in result.output
 
 
 def test_teacher_warning_only_when_labels_alone_beat_the_teacher():
