@@ -3,7 +3,8 @@
 A run folder holds ``student.pt`` (the single plain network in ensc's checkpoint format),
 ``student_be.pt`` (the BatchEns student), ``config.json``, ``log.txt``, ``report.json`` and
 ``report.md`` (with ``reliability.png`` and ``dee.png`` when matplotlib is installed, and
-``ood_scores.png`` / ``corruptions.png`` with ``--ood-data`` / ``--corruptions``);
+``ood_scores.png`` / ``corruptions.png`` with ``--ood-data`` / ``--corruptions``), and with
+``--baselines`` a run folder of its own per baseline in ``baselines/<method>/``;
 ``.state.pt`` while training can still be resumed; `ensc export` adds ``*.onnx`` files.
 ``runs/latest`` points at the newest finished run, so `ensc export` / `ensc bench` find it
 without options. This module is the only place that spells those names and the rules below out:

@@ -37,7 +37,7 @@ def data_options(required: bool) -> Callable:
                          help="Dataset folder (imagefolder: with train/ and test/). Default: the dataset's usual place."),
             click.option("--val-size", type=click.IntRange(min=1), help="Validation images carved from train. Default: 10 %, max 5,000."),
             val_root_option,
-            click.option("--train-subset", type=click.IntRange(min=1), help="Use a class-balanced subset of N training images (validation included)."),
+            click.option("--train-subset", type=click.IntRange(min=1), help="Use a class-balanced subset of N training images (including the validation images carved from them; with --val-root all N train)."),
             click.option("--test-subset", type=click.IntRange(min=1), help="Use a class-balanced subset of N test images."),
             click.option("--data-seed", type=int, default=0, show_default=True, help="Seed of the validation split and the subsets."),
             click.option("--download", is_flag=True, help="Let torchvision download fashion-mnist/cifar when missing."),
