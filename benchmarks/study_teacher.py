@@ -405,7 +405,8 @@ def table_rows(
 
     def line(name: str, test: dict, val: dict | None, result: dict | None) -> dict[str, Any]:
         out = {"name": name, **{k: test.get(k) for k in ("acc", "nll", "cnll", "ece", "agreement")}}
-        out.update({f"gap_{k}": gap_closed(test[k], member[k], teacher[k]) for k in GAP_METRICS})
+        out.update({f"gap_{k}": gap_closed(test[k], member[k], teacher[k], k == "acc")
+                    for k in GAP_METRICS})  # fmt: skip
         if val is not None:
             out.update(val_acc=val["acc"], val_cnll=val["cnll"])
         if result is not None:
@@ -473,13 +474,22 @@ def seed_summary(results: list[dict[str, Any]]) -> str:
             return f"{fmt.format(mean)} ± {fmt.format((max(values) - min(values)) / 2)}"
 
         gaps = [
-            f"{gap_closed(sum(m[key] for m in kept) / len(kept), member[key], teacher[key]):.0f}"
+            _percent(
+                gap_closed(
+                    sum(m[key] for m in kept) / len(kept), member[key], teacher[key], key == "acc"
+                )
+            )  # fmt: skip
             for key in ("acc", "cnll")
         ]
         lines.append(f"| {describe(rows[0]['flags'])} ({name}) | {len(rows)} | "
                      f"{stat('acc', '{:.2f}')} | {stat('cnll', '{:.4f}')} | {stat('nll', '{:.4f}')} | "
                      f"{gaps[0]} | {gaps[1]} |")  # fmt: skip
     return "\n".join(lines) + "\n" if len(lines) > 2 else ""
+
+
+def _percent(share: float | None) -> str:
+    """A gap share as a whole percent; "no gap" when the teacher does not beat the member."""
+    return "no gap" if share is None else f"{share:.0f}"
 
 
 def render(plan: str) -> str:
