@@ -14,7 +14,12 @@ from typing import Any
 
 from ensc import rundir
 from ensc.compress.distill import DistillConfig
-from ensc.compress.names import BASELINES, COMPRESS_METHODS, SINGLE_NETWORK_METHODS
+from ensc.compress.names import (
+    BASELINES,
+    COMPRESS_METHODS,
+    DEFAULT_PERTURB,
+    SINGLE_NETWORK_METHODS,
+)
 from ensc.compress.perturb import PerturbConfig
 from ensc.engine.loop import OptimConfig
 from ensc.errors import ConfigError
@@ -84,7 +89,7 @@ def compress_config(
     weight_decay: float = 5e-4,
     max_steps: int | None = None,
     steps: int | None = None,
-    perturb: str = "none",
+    perturb: str | None = None,
     step: float | None = None,
     alpha: float = DistillConfig.alpha,
     temperature: float = DistillConfig.temperature,
@@ -103,8 +108,11 @@ def compress_config(
     """A :class:`CompressConfig` from flat options (the CLI's flags), with the method's rules applied.
 
     ``fast_weights`` None: ``wa`` for ``init="ones"``, ``dm`` for ``"normal"`` (each paper's pair);
-    ``bn_recal_batches`` 0 or None: the whole training split. ``rest`` are CompressConfig fields.
+    ``bn_recal_batches`` 0 or None: the whole training split. ``perturb`` None: the method's
+    default (DEFAULT_PERTURB). ``rest`` are CompressConfig fields.
     """
+    if perturb is None:
+        perturb = DEFAULT_PERTURB.get(rest.get("method", CompressConfig.method), "none")
     step_arg = {} if step is None else {"step": step}
     # ODS/ConfODS use the KD temperature T (docs/method.md §4, §5), as [DM]'s code does
     perturb_config = PerturbConfig(kind=perturb, temperature=temperature, **step_arg)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 # input perturbations during distillation (ensc.compress.perturb; docs/method.md §5)
 PERTURBATIONS = ("none", "gaussian", "ods", "confods", "tdiv-sdiv")
+# the default perturbation of each method: tdiv-sdiv for the BatchEnsemble (best on the validation
+# split of the in-domain study, docs/results.md); the one-network methods cannot run it
+DEFAULT_PERTURB = {"batchensemble": "tdiv-sdiv", "kd-single": "none", "finetune": "none"}
 
 # batchensemble: distill into BE-M and average it (the product); kd-single: plain KD into one
 # network; finetune: one network on the labels alone, no teacher in the step (the two baselines a
