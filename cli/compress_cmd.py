@@ -104,16 +104,14 @@ Examples:
 @click.option(
     "--alpha",
     type=click.FloatRange(0, 1),
-    default=1.0,
-    show_default=True,
-    help="Weight of the KD term ([WA] 1.0, [DM] 0.9).",
+    help="Weight of the KD term ([WA] 1.0, [DM] 0.9). Default: 1 when the student starts from a "
+    "teacher member, 0.9 from scratch (docs/method.md §10).",
 )
 @click.option(
     "--temperature",
     type=click.FloatRange(min=0, min_open=True),
-    default=4.0,
-    show_default=True,
-    help="KD temperature ([WA] 4, [DM] 1).",
+    help="KD temperature ([WA] 4, [DM] 1). Default: 4 when the student starts from a teacher "
+    "member, 1 from scratch (docs/method.md §10).",
 )
 @click.option(
     "--init",

@@ -91,8 +91,8 @@ def compress_config(
     steps: int | None = None,
     perturb: str | None = None,
     step: float | None = None,
-    alpha: float = DistillConfig.alpha,
-    temperature: float = DistillConfig.temperature,
+    alpha: float | None = None,
+    temperature: float | None = None,
     init: str = "ones",
     fast_weights: str | None = None,
     member_batch: str = DistillConfig.member_batch,
@@ -109,7 +109,8 @@ def compress_config(
 
     ``fast_weights`` None: ``wa`` for ``init="ones"``, ``dm`` for ``"normal"`` (each paper's pair);
     ``bn_recal_batches`` 0 or None: the whole training split. ``perturb`` None: the method's
-    default (DEFAULT_PERTURB). ``rest`` are CompressConfig fields.
+    default (DEFAULT_PERTURB). ``alpha``/``temperature`` None: set by the student's start
+    (warmstart.loss_defaults). ``rest`` are CompressConfig fields.
     """
     if perturb is None:
         perturb = DEFAULT_PERTURB.get(rest.get("method", CompressConfig.method), "none")

@@ -39,16 +39,17 @@ MEMBER_BATCH_MODES = ("repeat", "split")
 class DistillConfig:
     """Loss, perturbation and fast-weight treatment.
 
-    Defaults: [WA]'s student (``ones`` init, fast weights decayed towards 1, gradients × M) and
-    [WA]'s loss (α 1, T 4), chosen with the perturbation on the validation split of the in-domain
-    study (docs/results.md, docs/method.md §10): every member distills the ensemble's mean
-    prediction, on its own 1/M of the batch. The CLI and :func:`compress_config` default the
-    perturbation to tdiv-sdiv for the BatchEnsemble (names.DEFAULT_PERTURB); this dataclass keeps
-    ``none``, the one every method can run.
+    Defaults: [WA]'s student (``ones`` init, fast weights decayed towards 1, gradients × M);
+    every member distills the ensemble's mean prediction, on its own 1/M of the batch (chosen on
+    the validation split of the CIFAR-10 study, docs/results.md). ``alpha``/``temperature`` None
+    (what `ensc compress` passes unless told): set by the student's start before training,
+    :func:`ensc.compress.warmstart.loss_defaults`; the dataclass's own defaults are [DM]'s 0.9, 1.
+    `ensc compress` also defaults the perturbation to tdiv-sdiv for the BatchEnsemble
+    (names.DEFAULT_PERTURB); this dataclass keeps ``none``, the one every method can run.
     """
 
-    alpha: float = 1.0  # weight of the KD term ([WA] 1.0; [DM] 0.9)
-    temperature: float = 4.0  # KD temperature ([WA] 4; [DM] 1)
+    alpha: float | None = 0.9  # weight of the KD term ([WA] 1.0; [DM] 0.9)
+    temperature: float | None = 1.0  # KD temperature ([WA] 4; [DM] 1)
     perturb: PerturbConfig = field(default_factory=PerturbConfig)  # kind "none"
     # "wa" ([WA]): decay r, s towards 1 with λ/M and scale their gradients by M; "dm" ([DM]): no
     # decay and half the learning rate for r, s and member biases (docs/method.md §6)

@@ -72,8 +72,9 @@ class PerturbConfig:
     # 1/255 in cs-giung/distill-latentbe scripts/train_KD_LatentBE_TDivSDiv.py.
     step: float = 1.0
     # T in softmax(t_j(x)/T) for ods/confods (unused by the other kinds). [DM]'s code reuses the
-    # KD temperature here; 1.0 is [DM]'s published CIFAR-100 / TinyImageNet setting.
-    temperature: float = 1.0
+    # KD temperature here; 1.0 is [DM]'s published CIFAR-100 / TinyImageNet setting. None: the KD
+    # temperature, set with it before training (ensc.compress.warmstart.loss_defaults).
+    temperature: float | None = 1.0
 
     def __post_init__(self) -> None:
         if self.kind not in PERTURBATIONS:
@@ -84,7 +85,9 @@ class PerturbConfig:
             raise ValueError(
                 f"perturbation step must be a finite number >= 0 (units of 1/255), got {self.step}"
             )
-        if not (math.isfinite(self.temperature) and self.temperature > 0):
+        if self.temperature is not None and not (
+            math.isfinite(self.temperature) and self.temperature > 0
+        ):
             raise ValueError(f"perturbation temperature must be > 0, got {self.temperature}")
 
 

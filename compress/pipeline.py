@@ -41,7 +41,12 @@ from ensc.compress.run_report import (
     timing_line,
 )
 from ensc.compress.single import SingleNetwork, single_network, validation_record
-from ensc.compress.warmstart import WARM_START_LR, init_from_member, matching_member
+from ensc.compress.warmstart import (
+    WARM_START_LR,
+    init_from_member,
+    loss_defaults,
+    matching_member,
+)
 from ensc.data.datasets import load_dataset
 from ensc.data.source import check_compatible, data_config_for, ood_split
 from ensc.data.splits import DataConfig, ImageDataset, Split
@@ -310,7 +315,7 @@ def _set_up(config: CompressConfig, runtime: Runtime, sources: Sources) -> _Run:
         student, spec, init_member = _build_student(
             config, teacher, data, members, runtime, sources.build_student
         )
-    config = with_warm_start_lr(config, init_member is not None)
+    config = with_start_defaults(config, init_member is not None)
     teacher.to(runtime.device)
     ood = None
     if runtime.is_main and config.ood_data is not None:  # before training: a wrong path fails now
@@ -368,9 +373,15 @@ def _settings(run: _Run, runtime: Runtime) -> dict[str, Any]:
     }
 
 
-def with_warm_start_lr(config: CompressConfig, warm: bool) -> CompressConfig:
-    """A warm-started student fine-tunes at :data:`WARM_START_LR` × batch/128 unless ``--lr`` was
-    given (from scratch: the papers' 0.1 × batch/128)."""
+def with_start_defaults(config: CompressConfig, warm: bool) -> CompressConfig:
+    """The settings that depend on the student's start: α and T unless given (loss_defaults), and
+    the peak learning rate: a warm-started student fine-tunes at :data:`WARM_START_LR` ×
+    batch/128 unless ``--lr`` was given (from scratch: the papers' 0.1 × batch/128)."""
+    distill = loss_defaults(config.distill, warm)
+    if distill != config.distill:
+        log.info("%s start: alpha %g, temperature %g (--alpha/--temperature to change them)",
+                 "warm" if warm else "scratch", distill.alpha, distill.temperature)  # fmt: skip
+        config = replace(config, distill=distill)
     if not warm or config.optim.lr is not None:
         return config
     lr = WARM_START_LR * config.optim.batch_size / 128

@@ -12,6 +12,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from ensc.compress.distill import DistillConfig
 from ensc.errors import ConfigError
 from ensc.models.checkpoint import ModelSpec
 from ensc.models.normalize import Normalize, NormalizedModel
@@ -21,6 +22,26 @@ from ensc.teachers.ensemble import Teacher
 # the best of 0.1, 0.03 and 0.01 on the validation split of the CIFAR-10 study (docs/results.md),
 # for both the averaged network and KD into one network.
 WARM_START_LR = 0.03
+
+# The KD weight α and temperature T when --alpha/--temperature are not given. A warm-started
+# student takes [WA]'s 1, 4: with tdiv-sdiv, the lowest validation cNLL of the in-domain study at
+# the same accuracy as [DM]'s 0.9, 1 (docs/results.md), and no clean pass for the CE term, so
+# about half the time per step. From random weights [WA]'s pair let the members drift apart and
+# averaging lost 5-26 points (docs/results-wa-loss.md), so a student from scratch keeps [DM]'s.
+WARM_START_LOSS = {"alpha": 1.0, "temperature": 4.0}
+SCRATCH_LOSS = {"alpha": 0.9, "temperature": 1.0}
+
+
+def loss_defaults(distill: DistillConfig, warm: bool) -> DistillConfig:
+    """``distill`` with α and T that were left None set by the student's start (``warm``: from a
+    teacher member), and the perturbation's temperature None set to the KD temperature."""
+    chosen = WARM_START_LOSS if warm else SCRATCH_LOSS
+    alpha = chosen["alpha"] if distill.alpha is None else distill.alpha
+    temperature = chosen["temperature"] if distill.temperature is None else distill.temperature
+    perturb = distill.perturb
+    if perturb.temperature is None:
+        perturb = replace(perturb, temperature=temperature)
+    return replace(distill, alpha=alpha, temperature=temperature, perturb=perturb)
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ import torch
 
 from ensc.compress.pipeline import CompressConfig, run_compress
 from ensc.compress.report import gap_closed, gaps_closed, parity
-from ensc.compress.warmstart import WARM_START_LR
+from ensc.compress.warmstart import SCRATCH_LOSS, WARM_START_LOSS, WARM_START_LR
 from ensc.data.datasets import load_dataset
 from ensc.data.splits import DataConfig
 from ensc.engine.loop import OptimConfig
@@ -88,6 +88,10 @@ def test_compress_writes_run_folder_and_latest(tiny_teacher: Path, tmp_path: Pat
     # ... and fine-tunes at the warm-start learning rate, scaled to the batch (32 here)
     config = json.loads((latest / "config.json").read_text())
     assert config["optim"]["lr"] == pytest.approx(WARM_START_LR * 32 / 128)
+    # ... with the warm start's loss and the BatchEnsemble's default perturbation
+    settings = report["settings"]
+    assert (settings["alpha"], settings["temperature"]) == (WARM_START_LOSS["alpha"], WARM_START_LOSS["temperature"])  # fmt: skip
+    assert settings["perturbation"] == "tdiv-sdiv"
     assert "ensc compress --teacher" in (latest / "report.md").read_text()
     # student.pt is a plain ensc checkpoint of the student architecture that reproduces the report
     model, spec = load_model(latest / "student.pt")
@@ -261,6 +265,8 @@ def test_student_init_scratch_opts_out_of_the_warm_start(tiny_teacher: Path, tmp
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["student_init"] == "scratch"
     assert config["optim"]["lr"] is None  # from scratch: the papers' 0.1 × batch/128
+    settings = json.loads((tmp_path / "run" / "report.json").read_text())["settings"]
+    assert (settings["alpha"], settings["temperature"]) == (SCRATCH_LOSS["alpha"], SCRATCH_LOSS["temperature"])  # fmt: skip
 
 
 def test_kd_single_baseline_trains_one_plain_network(tiny_teacher: Path, tmp_path: Path):
