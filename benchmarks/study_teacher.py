@@ -264,6 +264,7 @@ def summary(
         "gap_closed": report.get("gap_closed"),
         "train": report["train"],
         "baselines": report.get("baselines"),
+        "settings": report.get("settings"),
         "wall_seconds": round(wall, 1),
         "threads": threads,
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
@@ -374,12 +375,20 @@ TABLE = ("steps", "val_acc", "val_cnll", "acc", "nll", "cnll", "ece", "agreement
          "gap_cnll", "s_per_step", "wall_min")  # fmt: skip
 
 
-def describe(flags: list[str]) -> str:
-    """A row's method in words, from its flags (ensc's defaults where a flag is absent)."""
+def describe(flags: list[str], settings: dict[str, Any] | None = None) -> str:
+    """A row's method in words, from its flags and the run's recorded ``settings`` (rows written
+    before reports recorded them: that time's defaults, perturbation none, where a flag is absent)."""
     opts = dict(zip(flags[::2], flags[1::2], strict=False))
-    perturb = opts.get("--perturb", "none")
+    perturb = (settings or {}).get("perturbation") or opts.get("--perturb", "none")
     extra = f", lr {opts['--lr']}" if "--lr" in opts else ""
-    extra += ", labels only (α 0)" if opts.get("--alpha") == "0" else ""
+    extra += f", step {opts['--step']}" if "--step" in opts else ""
+    if opts.get("--alpha") == "0":
+        extra += ", labels only (α 0)"
+    elif settings and opts.get("--method") != "finetune":
+        extra += f", α {settings['alpha']:g}, T {settings['temperature']:g}"
+    else:
+        extra += f", α {opts['--alpha']}" if "--alpha" in opts else ""
+        extra += f", T {opts['--temperature']}" if "--temperature" in opts else ""
     extra += f", seed {opts['--seed']}" if opts.get("--seed", "0") != "0" else ""
     if opts.get("--method") == "kd-single":
         return f"KD into one network, {perturb}{extra}"
@@ -437,7 +446,9 @@ def table_rows(
     ]
     for r in results:
         kept, other = kept_and_other(r)
-        rows.append(line(describe(r["flags"]), r["test"][kept], r["val"][kept], r))
+        rows.append(
+            line(describe(r["flags"], r.get("settings")), r["test"][kept], r["val"][kept], r)
+        )
         bn = "re-estimated" if other == "student_avg" else "as trained"
         name = r["test"][other].get("name") if other.endswith("alternative") else None
         rows.append(line(f"  ↳ {name or f'BN {bn} (not kept)'}", r["test"][other], r["val"][other],
@@ -497,7 +508,7 @@ def seed_summary(results: list[dict[str, Any]]) -> str:
             )  # fmt: skip
             for key in ("acc", "cnll")
         ]
-        lines.append(f"| {describe(rows[0]['flags'])} ({name}) | {len(rows)} | "
+        lines.append(f"| {describe(rows[0]['flags'], rows[0].get('settings'))} ({name}) | {len(rows)} | "
                      f"{stat('acc', '{:.2f}')} | {stat('cnll', '{:.4f}')} | {stat('nll', '{:.4f}')} | "
                      f"{gaps[0]} | {gaps[1]} |")  # fmt: skip
     return "\n".join(lines) + "\n" if len(lines) > 2 else ""
