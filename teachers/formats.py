@@ -22,6 +22,7 @@ Key prefixes of DataParallel/DDP (``module.``) and torch.compile (``_orig_mod.``
 from __future__ import annotations
 
 import io
+import json
 import logging
 import re
 import warnings
@@ -77,6 +78,8 @@ def read_member_file(
     if kind == "torchscript":
         return MemberFile(path, "torchscript", module=_load_torchscript(path))
     if kind == "torch.export":
+        if not unsafe_load:
+            _check_export_pickles(path)
         module, shape = _load_exported(path)
         return MemberFile(path, "torch.export", module=module, input_shape=shape)
     if kind == "safetensors":
@@ -262,10 +265,54 @@ def _load_torchscript(path: Path) -> nn.Module:
         ) from err
 
 
+def _check_export_pickles(path: Path) -> None:
+    """Refuse a torch.export archive whose pickled parts need a full unpickle.
+
+    ``torch.export.load`` reads pickled weights and constants with ``weights_only=False``, and
+    retries its sample inputs that way when the safe load fails: a payload there runs code. So
+    every pickled part (a nested ``torch.save`` archive, a ``.pt``/``.pkl`` entry, or an entry its
+    config marks ``use_pickle``) must load with ``weights_only=True`` first; then torch's own
+    unrestricted load of the same bytes meets only the globals the safe load allowed.
+    """
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+        flagged = set()
+        for name in names:
+            if name.endswith("_config.json"):
+                flagged |= _pickled_in_config(archive.read(name), name.rsplit("/", 1)[0])
+        for name in names:
+            data = archive.read(name)
+            if not (name in flagged or name.endswith((".pt", ".pkl"))
+                    or data.startswith(_ZIP_MAGIC)):  # fmt: skip
+                continue
+            try:
+                torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            except Exception as err:  # UnpicklingError for a refused global, or damage
+                found = _UNSUPPORTED_GLOBAL.search(str(err))
+                what = f" ({found[1]})" if found else ""
+                raise CheckpointError(
+                    f"{path} is a torch.export archive whose part {name} needs a full unpickle"
+                    f"{what}, which would run code from the file: pass --unsafe-load if you "
+                    "trust it, or export the model again"
+                ) from err
+
+
+def _pickled_in_config(text: bytes, folder: str) -> set[str]:
+    """The archive entries a torch.export payload config (``*_config.json``) marks as pickled."""
+    try:
+        config = json.loads(text).get("config", {})
+        return {f"{folder}/{meta['path_name']}" for meta in config.values()
+                if isinstance(meta, dict) and meta.get("use_pickle")}  # fmt: skip
+    except (ValueError, AttributeError, TypeError, KeyError):
+        return set()
+
+
 def _load_exported(path: Path) -> tuple[nn.Module, tuple[int | None, ...] | None]:
-    export_log = logging.getLogger("torch.export")
-    level = export_log.level
-    export_log.setLevel(logging.ERROR)  # it logs a traceback of its own before raising
+    # both log tracebacks of their own (the serializer's even fails to format: "Logging error")
+    loggers = [logging.getLogger(n) for n in ("torch.export", "torch._export.serde.serialize")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
     try:
         program = torch.export.load(io.BytesIO(path.read_bytes()))  # any name, not only *.pt2
     except Exception as err:  # deserialization errors of many kinds
@@ -273,7 +320,8 @@ def _load_exported(path: Path) -> tuple[nn.Module, tuple[int | None, ...] | None
             f"cannot load torch.export program {path}: {one_line(err, join=True)}"
         ) from err
     finally:
-        export_log.setLevel(level)
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
     user_inputs = program.graph_signature.user_inputs
     if len(user_inputs) != 1:
         raise CheckpointError(

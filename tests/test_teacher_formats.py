@@ -225,6 +225,52 @@ def test_pickled_modules_need_unsafe_load(zoo, tmp_path: Path):
         assert torch.allclose(teacher.members[0](x), b(x), atol=1e-6)
 
 
+class _Payload:
+    """Unpickling it creates a file: the harmless stand-in for code a malicious file would run."""
+
+    def __init__(self, target: Path):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (str(self.target), "w"))
+
+
+def _with_entry(archive: Path, suffix: str, data: bytes, out: Path) -> None:
+    """A copy of zip ``archive`` with the entry whose name ends with ``suffix`` replaced."""
+    import zipfile
+
+    with zipfile.ZipFile(archive) as src, zipfile.ZipFile(out, "w") as dst:
+        for info in src.infolist():
+            dst.writestr(info, data if info.filename.endswith(suffix) else src.read(info))
+
+
+@pytest.mark.parametrize("part", ["sample_inputs/model.pt", "weights/weight_0"])
+def test_a_torch_export_archive_with_a_pickle_payload_runs_nothing(zoo, tmp_path: Path, part):
+    """torch.export.load unpickles these parts with weights_only=False (the sample inputs after
+    the safe load fails): without --unsafe-load the payload must never run."""
+    import io
+    import zipfile
+
+    pwned, buffer = tmp_path / "PWNED", io.BytesIO()
+    torch.save(_Payload(pwned), buffer)
+    source, bad = zoo["folder"] / "d_static.pt2", tmp_path / "teacher" / "bad.pt2"
+    bad.parent.mkdir()
+    _with_entry(source, part, buffer.getvalue(), bad)
+    if part.startswith("weights/"):  # mark the weight as pickled, as torch.export does
+        with zipfile.ZipFile(source) as src:
+            name = next(n for n in src.namelist() if n.endswith("model_weights_config.json"))
+            config = json.loads(src.read(name))
+        config["config"][next(iter(config["config"]))]["use_pickle"] = True
+        _with_entry(bad, "model_weights_config.json", json.dumps(config).encode(), tmp_path / "b")
+        (tmp_path / "b").replace(bad)
+    with pytest.raises(CheckpointError, match="needs a full unpickle.*--unsafe-load"):
+        read_member_file(bad)
+    result = run_cli("teachers", "inspect", str(bad.parent))
+    assert result.exit_code != 0 and "--unsafe-load" in result.output
+    assert "Traceback" not in result.output
+    assert not pwned.exists()
+
+
 def test_sniff_tells_formats_by_content_not_extension(zoo, tmp_path: Path):
     folder = zoo["folder"]
     assert sniff(folder / "c_scripted.pt") == "torchscript"
