@@ -28,14 +28,18 @@ How `compress` moves a folder between them (:class:`RunWriter`), always holding 
 
 - absent/empty, or anything with ``--force`` → unfinished: the marker is written (not cleared),
   every other entry (``.state.pt`` first, ``*.onnx`` included) deleted, the marker rewritten as
-  cleared;
+  cleared. ``--force`` over a **finished** run moves its entries into ``.replaced/`` instead,
+  where it waits until the new run commits (then it is deleted); a new run that fails (a setup
+  error, divergence) or is interrupted before anything resumable exists puts it back, byte for
+  byte. A killed ``--force`` leaves it there: ``--resume`` or another ``--force`` keeps it
+  waiting, and a failure of either gives it back;
 - unfinished ``--resume`` with the same identity → unfinished: a folder whose clearing was
   interrupted is cleared first; otherwise its previous outputs are deleted (the resumed run
   rewrites them) and ``.state.pt``, ``config.json``, ``log.txt`` and ``baselines/`` (the
   ``--baselines`` runs, each a run folder of its own) are kept. A refused resume
   (other identity, finished run, damaged ``.state.pt``) writes nothing;
 - unfinished → finished (:meth:`RunWriter.commit`): after every file is written, ``.state.pt``
-  is removed, then the marker; then ``runs/latest`` is repointed;
+  is removed, then ``.replaced/``, then the marker; then ``runs/latest`` is repointed;
 - a run that fails with an exception before anything resumable exists (no ``.state.pt``) and
   that started fresh leaves no folder behind (a folder that existed empty stays, empty).
 
@@ -68,6 +72,8 @@ from ensc import faults
 from ensc.errors import CheckpointError, ConfigError
 from ensc.fileio import atomic_write_text
 
+log = logging.getLogger(__name__)
+
 RUNS_DIR = Path("runs")  # default home of run folders and the `latest` link
 STUDENT = "student.pt"
 STUDENT_BE = "student_be.pt"
@@ -85,6 +91,7 @@ RESTART_HINT = (
 )
 STATE = ".state.pt"  # resumable training state; removed when the run finishes
 MARKER = ".incomplete"  # written first, removed last: the folder holds an unfinished run
+REPLACED = ".replaced"  # --force over a finished run: that run, kept until the new one finishes
 LOCK = ".lock"  # held by the one process that writes the folder
 LATEST = "latest"
 CHECKPOINTS = {"student": STUDENT, "student-be": STUDENT_BE}  # what --what names -> file
@@ -146,11 +153,14 @@ class RunWriter:
         self.identity = json.loads(json.dumps(identity))  # as the marker stores it
         self._fresh = False  # started from an empty folder in this process
         self._committed = False
+        self._replacing = False  # --force over a finished run, which waits in REPLACED
 
     def commit(self, runs_dir: Path | None) -> None:
         """Unfinished → finished, once every file is written: ``.state.pt`` goes, then the
         marker; then ``runs_dir/latest`` points here (unless ``runs_dir`` is None)."""
         (self.path / STATE).unlink(missing_ok=True)
+        if (self.path / REPLACED).exists():  # the run --force replaced: no longer needed
+            shutil.rmtree(self.path / REPLACED)
         (self.path / MARKER).unlink()
         self._committed = True
         if runs_dir is not None:
@@ -179,6 +189,9 @@ class RunWriter:
                 f"{path} holds an unfinished run: pass --resume (with the flags it was started "
                 "with) to continue it, or --force to start it over"
             )
+        # --force over a finished run (or over the unfinished run of an earlier --force that
+        # was killed, whose REPLACED still holds one): keep that run until this one finishes
+        self._replacing = state == "finished" or (path / REPLACED).is_dir()
         self._write_marker(cleared=False)
         self._clear(keep=(MARKER,))
         self._write_marker(cleared=True)
@@ -205,6 +218,7 @@ class RunWriter:
                 f"{state} is damaged (not a file torch.save wrote), so {path} cannot be "
                 f"resumed: pass {RESTART_HINT}"
             )
+        self._replacing = bool(marker.get("replacing"))
         if marker.get("cleared"):  # the outputs of the earlier attempt are rewritten
             self._clear(keep=(MARKER, STATE, CONFIG, LOG, BASELINES))
         else:  # an interrupted --force: finish clearing the folder first
@@ -212,27 +226,61 @@ class RunWriter:
             self._write_marker(cleared=True)
 
     def _write_marker(self, *, cleared: bool) -> None:
-        record = {"identity": self.identity, "cleared": cleared,
+        record = {"identity": self.identity, "cleared": cleared, "replacing": self._replacing,
                   "since": datetime.now().isoformat(timespec="seconds")}  # fmt: skip
         atomic_write_text(self.path / MARKER, json.dumps(record, indent=2) + "\n")
 
     def _clear(self, keep: Sequence[str]) -> None:
-        """Delete every entry but the lock and ``keep``; ``.state.pt`` first, so that a clearing
-        cut short never leaves an old training state to resume from."""
+        """Delete every entry but the lock, ``keep`` and REPLACED; ``.state.pt`` first, so that a
+        clearing cut short never leaves an old training state to resume from. While replacing a
+        finished run, its entries move into REPLACED instead (a REPLACED already there holds
+        the finished run, and what is left beside it is an unfinished run: deleted)."""
+        keep = (*keep, REPLACED)
         doomed = [
             p for p in self.path.iterdir() if p.name not in keep and not p.name.startswith(LOCK)
         ]
+        into = self.path / REPLACED
+        move = self._replacing and (not into.exists() or (into / ".moving").exists())
+        if move:
+            into.mkdir(exist_ok=True)
+            (into / ".moving").touch()  # until every entry of the finished run is in
         for p in sorted(doomed, key=lambda p: (p.name != STATE, p.name)):
-            if p.is_dir() and not p.is_symlink():
+            if move and not _is_temp(p.name):
+                os.replace(p, into / p.name)
+            elif p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p)
             else:
                 p.unlink(missing_ok=True)
             faults.point("compress.wipe")
+        if move:
+            (into / ".moving").unlink()
 
-    def _abandon(self) -> None:
-        """After an exception: a fresh run with nothing resumable yet leaves nothing behind."""
-        if self._fresh and not self._committed and not (self.path / STATE).exists():
+    def _abandon(self, error: BaseException) -> None:
+        """After an exception: a fresh run with nothing resumable yet leaves nothing behind. A run
+        that replaced a finished one gives it back when it failed, or when it was interrupted
+        with nothing resumable yet (an interrupted run that can be resumed keeps it waiting)."""
+        if self._committed:
+            return
+        resumable = (self.path / STATE).exists()
+        interrupted = isinstance(error, KeyboardInterrupt | SystemExit)
+        into = self.path / REPLACED
+        whole = into.is_dir() and not (into / ".moving").exists()  # all of it moved in
+        if self._replacing and whole and not (interrupted and resumable):
+            self._restore()
+        elif self._fresh and not resumable:
             self._clear(keep=())
+
+    def _restore(self) -> None:
+        """Put the finished run that waits in REPLACED back, and remove this run's files."""
+        into = self.path / REPLACED
+        self._replacing = False  # _clear deletes from here on
+        self._clear(keep=(MARKER,))
+        for p in into.iterdir():
+            if p.name != ".moving":
+                os.replace(p, self.path / p.name)
+        shutil.rmtree(into)
+        (self.path / MARKER).unlink()
+        log.warning("%s: the run failed; the finished run --force was replacing is back", self.path)
 
 
 @contextlib.contextmanager
@@ -265,8 +313,8 @@ def open_run(
     try:
         writer._start(force=force, resume=resume)
         yield writer
-    except BaseException:
-        writer._abandon()
+    except BaseException as error:
+        writer._abandon(error)
         raise
     finally:
         _release(run_dir, held)

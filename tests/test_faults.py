@@ -250,22 +250,51 @@ def test_interrupted_force_is_never_exported_and_ends_as_one_new_run(
 ):
     run = tmp_path / "x"
     shutil.copytree(exported[0], run)  # a finished run with its student.onnx
-    old_config = (run / "config.json").read_text()
+    old = snapshot(run)
     killed(compress(tiny_teacher, "--out", str(run), "--force"), "compress.wipe:1", tmp_path)
     assert json.loads((run / rundir.MARKER).read_text())["cleared"] is False
-    left = {rundir.MARKER, rundir.LOCK, *RUN_FILES, "student.onnx"} - {"config.json"}
-    assert set(names(run)) == left  # killed after deleting the first old file (in name order)
+    left = {rundir.MARKER, rundir.LOCK, rundir.REPLACED, *RUN_FILES, "student.onnx"}
+    assert set(names(run)) == left - {"config.json"}  # the first old file (in name order) moved
+    assert names(run / rundir.REPLACED) == [".moving", "config.json"]  # ... into REPLACED
     assert_unfinished(run, tmp_path)  # a half-replaced run is never exported
-    # --resume first finishes the clearing (nothing of the old run survives); killed again
+    # --resume first finishes moving the old run aside; killed again
     killed(compress(tiny_teacher, "--out", str(run), "--resume"), "compress.after_config", tmp_path)
-    assert names(run) == [rundir.MARKER, rundir.LOCK, "config.json", "log.txt"]
-    assert (run / "config.json").read_text() != old_config
+    assert names(run) == [rundir.MARKER, rundir.LOCK, rundir.REPLACED, "config.json", "log.txt"]
+    assert snapshot(run / rundir.REPLACED) == old  # the finished run, whole, until the new one is
     assert (run / "log.txt").read_text().count("student starts from teacher member 0") == 1
     assert_unfinished(run, tmp_path)
     # what a user would do next: start it over
     result = run_cli(*compress(tiny_teacher, "--out", str(run), "--force"), cwd=tmp_path)
     assert result.exit_code == 0, result.output
-    assert_finished_as(run, reference)  # and no student.onnx of the old run
+    assert_finished_as(run, reference)  # no REPLACED left, and no student.onnx of the old run
+
+
+@pytest.mark.parametrize("bad", [("--arch", "resnet9"), ("--lr", "1e9")])
+def test_a_force_that_fails_gives_the_finished_run_back(
+    tiny_teacher: Path, exported, tmp_path: Path, bad: tuple[str, str]
+):
+    """--force replaces a finished run only once the new one exists: a setup error (a bad
+    architecture) or a run that fails in training (diverges) leaves the old run as it was."""
+    run = tmp_path / "x"
+    shutil.copytree(exported[0], run)
+    old = snapshot(run)
+    result = run_cli(*compress(tiny_teacher, "--out", str(run), "--force", *bad), cwd=tmp_path)
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert snapshot(run) == old  # every file, byte for byte, with its modification time
+
+
+def test_a_killed_force_keeps_the_finished_run_until_a_new_one_finishes(
+    tiny_teacher: Path, exported, tmp_path: Path
+):
+    run = tmp_path / "x"
+    shutil.copytree(exported[0], run)
+    old = snapshot(run)
+    killed(compress(tiny_teacher, "--out", str(run), "--force"), "compress.after_config", tmp_path)
+    assert snapshot(run / rundir.REPLACED) == old
+    # a second --force that fails (over the killed one) gives the finished run back
+    result = run_cli(*compress(tiny_teacher, "--out", str(run), "--force", "--arch", "resnet9"), cwd=tmp_path)  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert snapshot(run) == old
 
 
 def test_force_drops_old_onnx_files_and_bench_refuses_one_not_from_this_run(
