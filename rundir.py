@@ -338,6 +338,17 @@ def adding_to(folder: Path, command: str = "export") -> Iterator[None]:
         _release(folder, held)
 
 
+@contextlib.contextmanager
+def locked(folder: Path, command: str) -> Iterator[None]:
+    """Hold ``folder``'s lock (made if missing) while ``command`` writes into it: a second writer
+    is refused with one line (`ensc train`'s member folders)."""
+    held = _acquire(Path(folder), command)
+    try:
+        yield
+    finally:
+        _release(Path(folder), held)
+
+
 # --- the lock ---------------------------------------------------------------------------------
 
 

@@ -205,7 +205,10 @@ Examples:
     "flags it was started with.",
 )
 @click.option(
-    "--force", is_flag=True, help="Replace an existing run folder, all of it (ONNX files too)."
+    "--force",
+    is_flag=True,
+    help="Replace an existing run folder, all of it (ONNX files too). A finished run waits in "
+    "RUN/.replaced until the new one finishes, and comes back if it fails.",
 )
 @save_every_option
 @teacher_options

@@ -61,7 +61,12 @@ Example:
     required=True,
     help="Folder for member0.pt ... member{M-1}.pt.",
 )
-@click.option("--force", is_flag=True, help="Overwrite existing members.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Retrain every member. The old members wait in OUT/.replaced until every new one "
+    "exists, and come back if the training fails.",
+)
 @click.option(
     "--resume", is_flag=True, help="Keep finished members and continue an interrupted one."
 )

@@ -5,8 +5,11 @@ See docs/method.md §2 (the teacher) and §7 (the recipe).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import re
+import shutil
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -14,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ensc import faults
+from ensc import faults, rundir
 from ensc.data.datasets import load_dataset
 from ensc.data.splits import DataConfig, ImageDataset
 from ensc.engine.loop import BackwardFn, OptimConfig, StepResult, train
@@ -41,12 +44,16 @@ class TeacherTrainConfig:
     members: int = 4  # ensemble size M
     optim: OptimConfig = field(default_factory=OptimConfig)
     seed: int = 0  # member k trains with seed + k
-    force: bool = False  # remove every member and state file first, then train all
+    force: bool = False  # retrain all: the old members wait in REPLACED until the new ones exist
     resume: bool = False  # keep finished members (refused unless of these settings), continue an interrupted one
     code_path: Path | None = None  # folder of the code of an --arch package.module:callable
     unsafe_load: bool = False  # allow an --arch callable from any importable module
     save_every: int | None = None  # mid-epoch saves: every N steps, 0 never, None ~10 min
     arch_kwargs: dict[str, Any] = field(default_factory=dict)  # the architecture's arguments
+
+
+REPLACED = rundir.REPLACED  # --force: the folder's old members, kept until every new one exists
+_MOVING = ".moving"  # in REPLACED while the old members are being moved in
 
 
 def member_path(out: Path, k: int) -> Path:
@@ -108,31 +115,72 @@ def train_teacher(
         _check_resumable(config, data)  # before anything is trained or removed
     if runtime.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        _clean(config)
-    runtime.barrier()
-    paths = []
-    for k in range(config.members):
-        path = member_path(config.out, k)
-        paths.append(path)
-        if config.resume and path.exists():
-            log.info("member %d: %s exists, skipping", k, path)
-            continue
-        _train_member(config, runtime, data, k)
+    with rundir.locked(out, "train") if runtime.is_main else contextlib.nullcontext():
+        if runtime.is_main:
+            _clean(config)
+        runtime.barrier()
+        try:
+            paths = [_member(config, runtime, data, k) for k in range(config.members)]
+        except BaseException as error:
+            if runtime.is_main and config.force:
+                _give_back(out, error)
+            raise
+        if runtime.is_main and (out / REPLACED).is_dir():  # every member is new: drop the old
+            shutil.rmtree(out / REPLACED)
     return paths
+
+
+def _member(config: TeacherTrainConfig, runtime: Runtime, data: ImageDataset, k: int) -> Path:
+    """Member ``k``'s file: kept by --resume when it exists, else trained."""
+    path = member_path(config.out, k)
+    if config.resume and path.exists():
+        log.info("member %d: %s exists, skipping", k, path)
+    else:
+        _train_member(config, runtime, data, k)
+    return path
+
+
+def _give_back(out: Path, error: BaseException) -> None:
+    """A --force that failed (or was interrupted before anything resumable exists) puts the
+    members it replaced back; an interrupted one that can be resumed keeps them in REPLACED."""
+    old = out / REPLACED
+    if not old.is_dir() or (old / _MOVING).exists():
+        return
+    mine = [p for p in out.iterdir() if _OURS.fullmatch(p.name)]
+    if isinstance(error, KeyboardInterrupt | SystemExit) and mine:
+        return
+    for p in mine:
+        p.unlink(missing_ok=True)
+    for p in old.iterdir():
+        os.replace(p, out / p.name)
+    old.rmdir()
+    log.warning("%s: training failed; the members --force was replacing are back", out)
 
 
 def _clean(config: TeacherTrainConfig) -> None:
     """Temp files of writes a crash cut short; with ``--force`` every member and state file too
-    (so an interrupted ``--force`` cannot leave old members a later ``--resume`` would keep); with
-    ``--resume`` the state file of a member that is finished."""
-    for path in Path(config.out).iterdir():
+    (so an interrupted ``--force`` cannot leave old members a later ``--resume`` would keep):
+    moved into REPLACED, where they wait until every new member is trained (a REPLACED already
+    there holds the members of before an earlier, killed --force: what is beside it is deleted);
+    with ``--resume`` the state file of a member that is finished."""
+    out = Path(config.out)
+    into = out / REPLACED
+    move = config.force and (not into.exists() or (into / _MOVING).exists())
+    if move:
+        into.mkdir(exist_ok=True)
+        (into / _MOVING).touch()  # until every old member is in
+    for path in sorted(out.iterdir()):
         found = _OURS.fullmatch(path.name)
         if found is None:
             continue
-        if not found[1] or config.force:  # a temp file, or --force
+        if found[1] and move:
+            os.replace(path, into / path.name)
+        elif not found[1] or config.force:  # a temp file, or --force
             path.unlink(missing_ok=True)
         elif found[3] and member_path(config.out, int(found[3])).exists():
             path.unlink(missing_ok=True)  # interrupted after the member was saved
+    if move:
+        (into / _MOVING).unlink()
 
 
 def _resumed_mode(config: TeacherTrainConfig) -> TeacherTrainConfig:

@@ -45,7 +45,8 @@ def _killed(out: Path, point: str, *extra: str) -> None:
 
 
 def _names(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir())
+    """The folder's entries, but the lock (a killed process leaves it; the next takes it over)."""
+    return sorted(p.name for p in folder.iterdir() if p.name != ".lock")
 
 
 def _error(result) -> str:
@@ -77,7 +78,7 @@ def reference(tmp_path_factory) -> Path:
 def test_killed_train_resumes_to_the_uninterrupted_teacher(point, left, reference, tmp_path):
     out = tmp_path / "ckpts"
     _killed(out, point)
-    names = {"tmp" if p.name.endswith(".tmp") else p.name for p in out.iterdir()}
+    names = {"tmp" if p.name.endswith(".tmp") else p.name for p in out.iterdir()} - {".lock"}
     assert names == left  # the kill happened where the point says
     result = _train(out, "--resume")
     assert result.exit_code == 0, result.output
@@ -111,7 +112,7 @@ def test_killed_mid_epoch_train_resumes_from_its_last_step_save(
     save, resumes from the last complete one and ends bit for bit as the uninterrupted teacher."""
     out = tmp_path / "ckpts"
     _killed(out, point, "--save-every", "3")
-    assert {"tmp" if p.name.endswith(".tmp") else p.name for p in out.iterdir()} == left
+    assert {"tmp" if p.name.endswith(".tmp") else p.name for p in out.iterdir()} - {".lock"} == left
     result = run_cli(*TRAIN, "--out", str(out), "--resume")  # not -q: the log says where
     assert result.exit_code == 0, result.output
     assert resumed in result.output
@@ -125,13 +126,49 @@ def test_killed_mid_epoch_train_resumes_from_its_last_step_save(
 def test_interrupted_force_leaves_no_old_member_to_resume(reference, tmp_path):
     out = tmp_path / "ckpts"
     shutil.copytree(reference, out)
+    old = {p.name: p.read_bytes() for p in out.iterdir()}
     _killed(out, "train.member_saved", "--force", "--seed", "5")
-    assert _names(out) == [".member0.state.pt", "member0.pt"]  # the old member1 is gone
+    assert _names(out) == [".member0.state.pt", ".replaced", "member0.pt"]
+    # the old members wait aside until every new one exists: nothing a --resume would keep
+    assert {p.name: p.read_bytes() for p in (out / ".replaced").iterdir()} == old
     refused = _train(out, "--resume")  # the default --seed 0: not what member0.pt was trained with
     assert "member0.pt was trained with --seed 5, not --seed 0" in _error(refused)
     assert _train(out, "--resume", "--seed", "5").exit_code == 0
     assert [load_checkpoint(out / f"member{k}.pt").info["seed"] for k in range(2)] == [5, 6]
-    assert _names(out) == ["member0.pt", "member1.pt"]
+    assert _names(out) == ["member0.pt", "member1.pt"]  # the old ones dropped, the lock released
+
+
+@pytest.mark.parametrize(
+    "bad", [("--arch", "resnet9"), ("--arch-kwargs", '{"widht": 2}'), ("--lr", "1e6")]
+)
+def test_a_force_that_fails_gives_the_members_back(bad, reference, tmp_path):
+    """--force replaces members only once the new ones exist: a bad architecture, a bad
+    architecture argument or a training that diverges leaves the old members as they were."""
+    out = tmp_path / "ckpts"
+    shutil.copytree(reference, out)
+    old = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()}
+    result = _train(out, "--force", *bad)
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()} == old
+
+
+def test_a_second_train_into_a_folder_being_trained_is_refused(reference, tmp_path):
+    import json
+    import socket
+
+    out = tmp_path / "ckpts"
+    shutil.copytree(reference, out)
+    other = subprocess.Popen(["sleep", "60"])  # a live process that "trains" there
+    try:
+        holder = {"pid": other.pid, "host": socket.gethostname(), "command": "train",
+                  "since": "2026-01-01T00:00:00"}  # fmt: skip
+        (out / ".lock").write_text(json.dumps(holder))
+        old = {p.name: p.read_bytes() for p in out.iterdir()}
+        line = _error(_train(out, "--force"))
+        assert f"{out} is being written by another ensc (train, pid {other.pid}" in line
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == old
+    finally:
+        other.kill()
 
 
 @pytest.mark.parametrize(
