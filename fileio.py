@@ -40,6 +40,7 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
     opaque stream-writer error) raises :class:`WriteError` naming ``path``.
     """
     path = Path(path)
+    check_replaceable(path)
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -140,9 +141,19 @@ def not_a_folder(path: Path) -> str:
 
 
 def refuse_overwrite(path: Path, force: bool, flag: str = "--force") -> None:
-    """Raise unless ``path`` is free or the user passed ``flag``."""
+    """Raise unless ``path`` is free or the user passed ``flag``; never for a path that is not a
+    regular file (a folder, device, pipe or socket), which no flag replaces."""
+    check_replaceable(path)
     if Path(path).exists() and not force:
         raise ConfigError(f"{path} exists; pass {flag} to overwrite it or choose another path")
+
+
+def check_replaceable(path: Path) -> None:
+    """Refuse an output path that exists and is not a regular file: ensc writes by renaming a
+    finished temp file over it, which would turn a device or pipe into a file."""
+    path = Path(path)
+    if path.exists() and not path.is_file():
+        raise WriteError(f"cannot write {path}: it {not_a_file(path)}; give the path of a file")
 
 
 def jsonable(value: Any) -> Any:

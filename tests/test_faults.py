@@ -476,3 +476,17 @@ def test_a_dangling_latest_is_named(tmp_path: Path):
     os.symlink("gone", tmp_path / "runs" / "latest")
     line = error_line(run_cli("export", "--onnx", cwd=tmp_path))
     assert "runs/latest points at gone, which no longer exists" in line
+
+
+def test_outputs_that_are_not_regular_files_are_refused(exported, tmp_path: Path):
+    """A pipe (or device) or folder given as an output is refused in one line, --force or not, and
+    left as it was (a rename over it would have turned the FIFO into a file)."""
+    run = tmp_path / "x"
+    shutil.copytree(exported[0], run)
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    result = run_cli(*EXPORT, "--run", str(run), "--out", str(fifo), "--force", cwd=tmp_path)
+    assert f"cannot write {fifo}: it is a device, pipe or socket" in error_line(result)
+    assert fifo.is_fifo()
+    result = run_cli(*EXPORT, "--run", str(run), "--out", str(tmp_path), "--force", cwd=tmp_path)
+    assert f"output {tmp_path} is a folder" in error_line(result)
