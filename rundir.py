@@ -590,9 +590,11 @@ def read_config(run_dir: Path) -> dict[str, Any] | None:
 
 
 def teacher_dir(run_dir: Path) -> Path:
-    """The teacher folder recorded in the run's config.json (relative paths: from the cwd)."""
+    """The teacher folder recorded in the run's config.json: its absolute path (``teacher_path``;
+    runs of older ensc versions recorded only the path as given, read from the cwd)."""
     config = Path(run_dir) / CONFIG
-    recorded = (read_config(run_dir) or {}).get("teacher")
+    record = read_config(run_dir) or {}
+    recorded = record.get("teacher_path") or record.get("teacher")
     if not isinstance(recorded, str):
         raise CheckpointError(f"cannot read the teacher folder from {config}: pass --teacher DIR")
     folder = Path(recorded)
@@ -601,3 +603,24 @@ def teacher_dir(run_dir: Path) -> Path:
             f"the run's teacher {folder} (recorded in {config}) is not here: pass --teacher DIR"
         )
     return folder
+
+
+def check_teacher_files(run_dir: Path, folder: Path, hashes: Sequence[str]) -> None:
+    """Refuse a teacher whose member files (``hashes``: their sha256, in order) are not the ones
+    the run recorded in config.json (``teacher_files``) when it was distilled."""
+    config = Path(run_dir) / CONFIG
+    files = (read_config(run_dir) or {}).get("teacher_files")
+    if not isinstance(files, list):
+        return  # handed over from Python, or an older ensc: nothing recorded to check
+    recorded = [f.get("sha256") for f in files if isinstance(f, dict)]
+    if list(hashes) == recorded:
+        return
+    if len(hashes) != len(recorded):
+        what = f"it has {len(hashes)} members, the run's teacher had {len(recorded)}"
+    else:
+        k = next(i for i, (a, b) in enumerate(zip(hashes, recorded, strict=True)) if a != b)
+        what = f"member {k} ({files[k].get('path')}) differs from the sha256 in {config}"
+    raise CheckpointError(
+        f"the teacher in {folder} is not the one {run_dir} was distilled from: {what}; pass "
+        "--teacher DIR to use another teacher on purpose"
+    )

@@ -541,6 +541,8 @@ def _config_record(run: _Run, identity: dict[str, Any]) -> dict[str, Any]:
     """config.json: every setting as resolved, the data, and the teacher files --resume checks."""
     record = jsonable(asdict(run.config))
     record.update(members=run.members, data=jsonable(asdict(run.data_config)))
+    if run.config.teacher is not None:  # where export/bench find it, from any folder
+        record["teacher_path"] = str(Path(run.config.teacher).resolve())
     record["teacher_files"] = identity["teacher_files"]
     return record
 

@@ -321,7 +321,7 @@ def _bench(
     import torch
 
     providers, device_type = resolve_provider(config.provider)
-    _check_onnx_files(exportables, run_dir)
+    onnx_files = _check_onnx_files(exportables, run_dir)
     student = exportables["student"]
     images = images or load_check_images(
         student.spec,
@@ -333,8 +333,9 @@ def _bench(
     notes: list[str] = []
     with _torch_threads(threads):
         candidates = _candidates(
-            exportables, run_dir, images, providers, torch.device(device_type), threads, notes
-        )
+            exportables, run_dir, onnx_files, images, providers, torch.device(device_type),
+            threads, notes,
+        )  # fmt: skip
         x, y = images.test_images.numpy(), images.test_labels.numpy()
         acc = [accuracy(c.predict, x, y) for c in candidates]
         latency, load_before, load_after = _timed(candidates, x, config)
@@ -394,6 +395,7 @@ def _timed(
 def _candidates(
     exportables: dict[str, Exportable],
     run_dir: Path,
+    onnx_files: dict[Path, bytes],
     images: CheckImages,
     providers: list[str],
     device: torch.device,
@@ -416,12 +418,11 @@ def _candidates(
         fp32_path = rundir.onnx_file(run_dir, family)
         files = [("fp32", fp32_path)]
         if family == "student":
-            files += [
-                (p, onnx_path(fp32_path, p)) for p in REDUCED if onnx_path(fp32_path, p).is_file()
-            ]
+            files += [(p, onnx_path(fp32_path, p)) for p in REDUCED if onnx_path(fp32_path, p) in onnx_files]  # fmt: skip
         for precision, path in files:
-            if path.is_file():
-                model_bytes = path.read_bytes()
+            in_run = path in onnx_files  # read (and checked) by _check_onnx_files
+            if in_run:
+                model_bytes = onnx_files[path]
             else:
                 model_bytes = _export_for_bench(exp, images)
                 notes.append(
@@ -435,7 +436,7 @@ def _candidates(
                     model_bytes, threads=threads, providers=providers, spinning=False
                 )
             except ExportError as err:
-                if not path.is_file():
+                if not in_run:
                     raise
                 redo = f"ensc export --onnx --run {run_dir} --what {family}"
                 redo += f" --precision {precision}" if precision != "fp32" else ""
@@ -450,16 +451,18 @@ def _candidates(
                 )
             out.append(Candidate(
                 name, family, "onnxruntime", precision, onnx_predictor(session),
-                exp.params, macs, len(model_bytes), str(path) if path.is_file() else "(exported for this run)",
+                exp.params, macs, len(model_bytes), str(path) if in_run else "(exported for this run)",
             ))  # fmt: skip
     return out
 
 
-def _check_onnx_files(exportables: dict[str, Exportable], run_dir: Path) -> None:
-    """Refuse, before any work, an ONNX file of the run that was not exported from the
-    checkpoints there now (a file onnxruntime cannot read is reported when it is loaded)."""
+def _check_onnx_files(exportables: dict[str, Exportable], run_dir: Path) -> dict[Path, bytes]:
+    """Each ONNX file of the run, read once: refused, before any work, when it was not exported
+    from the checkpoints loaded for this benchmark (a file onnxruntime cannot read is reported
+    when it is loaded). The benchmark runs these bytes, so what was checked is what is timed."""
     import onnx
 
+    read: dict[Path, bytes] = {}
     for family, exp in exportables.items():
         fp32_path = rundir.onnx_file(run_dir, family)
         files = [("fp32", fp32_path)]
@@ -467,7 +470,8 @@ def _check_onnx_files(exportables: dict[str, Exportable], run_dir: Path) -> None
             files += [(p, onnx_path(fp32_path, p)) for p in REDUCED]
         for precision, path in files:
             try:
-                model = onnx.load(str(path), load_external_data=False)
+                read[path] = path.read_bytes()
+                model = onnx.load_from_string(read[path])
             except Exception:  # missing, or not ONNX: reported when _candidates loads it
                 continue
             if not model.graph.node:  # not an ONNX graph either
@@ -476,6 +480,7 @@ def _check_onnx_files(exportables: dict[str, Exportable], run_dir: Path) -> None
             redo = f"ensc export --onnx --run {run_dir} --what {family}"
             redo += f" --precision {precision}" if precision != "fp32" else ""
             rundir.check_derived(path, recorded, exp.sources, exp.source_sha256, f"{redo} --force")
+    return read
 
 
 def _export_for_bench(exp: Exportable, images: CheckImages) -> bytes:

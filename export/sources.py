@@ -7,14 +7,16 @@ ensc checkpoint can be exported on its own with ``model=FILE.pt``.
 
 from __future__ import annotations
 
-import functools
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ensc import rundir
-from ensc.errors import ConfigError
+from ensc.errors import ConfigError, ExportError
+from ensc.fileio import file_sha256
 from ensc.models.checkpoint import Checkpoint, ModelSpec, load_checkpoint
+from ensc.teachers.manifest import member_entries
 
 if TYPE_CHECKING:
     import torch
@@ -35,6 +37,7 @@ class Exportable:
     archs: tuple[str, ...]
     recorded_data: dict[str, Any] | None  # DataConfig recorded at training time
     default_out: Path  # where its fp32 ONNX file goes unless told otherwise
+    hashes: list[str] | None = None  # sha256 of each source as read (load_exportable fills it)
 
     @property
     def params(self) -> int:
@@ -44,12 +47,28 @@ class Exportable:
     def source_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.sources)
 
-    @functools.cached_property
+    @property
     def source_sha256(self) -> list[str]:
         """sha256 of each source file as it was read; an export records them (``source_sha256``)."""
-        from ensc.fileio import file_sha256
+        if self.hashes is None:
+            self.hashes = [file_sha256(p) for p in self.sources]
+        return self.hashes
 
-        return [file_sha256(p) for p in self.sources]
+
+def _read_whole(paths: list[Path], load: Callable[[], Exportable]) -> Exportable:
+    """``load()``, with the sha256 of ``paths`` taken before and checked after, so the hashes an
+    export records (and a benchmark checks) are those of the bytes that were loaded: a run
+    replaced meanwhile is refused instead of stamped with the new files' hashes."""
+    before = [file_sha256(p) for p in paths]
+    exportable = load()
+    changed = [p for p, sha in zip(paths, before, strict=True) if file_sha256(p) != sha]
+    if changed:
+        raise ExportError(
+            f"{changed[0]} changed while it was being read (was the run redone?): try again"
+        )
+    if [Path(p) for p in exportable.sources] == [Path(p) for p in paths]:
+        exportable.hashes = before
+    return exportable
 
 
 def run_data_record(run_dir: Path) -> dict[str, Any] | None:
@@ -83,9 +102,9 @@ def load_exportable(
             raise ConfigError(
                 "--model exports that checkpoint itself; drop --what/--teacher, or use --run"
             )
-        return _from_checkpoint(
+        return _read_whole([Path(model)], lambda: _from_checkpoint(
             load_checkpoint(model), "model", None, Path(model).with_suffix(".onnx")
-        )
+        ))  # fmt: skip
     what = what or "student"
     if what == "teacher":
         run_dir = rundir.resolve_run(run, runs_dir) if teacher is None or run is not None else None
@@ -94,14 +113,22 @@ def load_exportable(
         folder = Path(teacher) if teacher is not None else rundir.teacher_dir(run_dir)
         recorded = run_data_record(run_dir) if run_dir is not None else None
         out = rundir.onnx_file(run_dir, what) if run_dir is not None else folder / "teacher.onnx"
-        return load_teacher_exportable(folder, recorded, out)
+        paths = [e.path for e in member_entries(folder)]
+        exportable = _read_whole(paths, lambda: load_teacher_exportable(folder, recorded, out))
+        if teacher is None:  # the run's own teacher: the files it was distilled from
+            rundir.check_teacher_files(run_dir, folder, exportable.source_sha256)
+        return exportable
     if teacher is not None:
         raise ConfigError("--teacher only applies to --what teacher")
     run_dir = rundir.resolve_run(run, runs_dir)
-    ckpt = load_checkpoint(rundir.checkpoint_path(run_dir, what))
-    out = rundir.onnx_file(run_dir, what)
-    recorded = ckpt.info.get("data") or run_data_record(run_dir)  # student.pt: no second load
-    return _from_checkpoint(ckpt, what, recorded, out)
+    path = rundir.checkpoint_path(run_dir, what)
+
+    def load() -> Exportable:
+        ckpt = load_checkpoint(path)
+        recorded = ckpt.info.get("data") or run_data_record(run_dir)  # student.pt: no second load
+        return _from_checkpoint(ckpt, what, recorded, rundir.onnx_file(run_dir, what))
+
+    return _read_whole([path], load)
 
 
 def load_teacher_exportable(folder: Path, recorded: dict[str, Any] | None, out: Path) -> Exportable:

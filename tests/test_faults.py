@@ -490,3 +490,41 @@ def test_outputs_that_are_not_regular_files_are_refused(exported, tmp_path: Path
     assert fifo.is_fifo()
     result = run_cli(*EXPORT, "--run", str(run), "--out", str(tmp_path), "--force", cwd=tmp_path)
     assert f"output {tmp_path} is a folder" in error_line(result)
+
+
+def test_export_and_bench_use_the_runs_own_teacher_and_check_its_files(
+    tiny_teacher: Path, tmp_path: Path
+):
+    """The teacher a run names relatively is found from any folder (config.json records its
+    absolute path), and one whose files are not those the run was distilled from is refused."""
+    home, other = tmp_path / "home", tmp_path / "other"
+    shutil.copytree(tiny_teacher, home / "ckpts")
+    result = run_cli("compress", "--teacher", "ckpts", *FLAGS, "--max-steps", "2", "--out", "run",
+                     cwd=home)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    # another teacher under the same relative name, beside the folder the user works from now
+    (other / "ckpts").mkdir(parents=True)
+    shutil.copy(tiny_teacher / "member0.pt", other / "ckpts" / "member0.pt")
+    run = str(Path("..") / "home" / "run")
+    export = ("export", "--onnx", "--run", run, "--what", "teacher", "--check-samples", "16")
+    assert run_cli(*export, cwd=other).exit_code == 0
+    assert (home / "run" / "teacher.onnx").is_file()  # the run's own 2-member teacher
+    # the run's teacher folder changed under it: a member replaced by another one
+    shutil.copy(home / "ckpts" / "member0.pt", home / "ckpts" / "member1.pt")
+    bench = ("bench", "--run", run, "--batch-sizes", "1", "--repeats", "1", "--warmup", "0")
+    line = error_line(run_cli(*bench, cwd=other))
+    assert f"the teacher in {home / 'ckpts'} is not the one" in line
+    assert "member 1 (member1.pt) differs from the sha256" in line
+
+
+def test_an_export_records_the_hash_of_the_bytes_it_loaded(tiny_run: Path, tmp_path: Path):
+    """The sha256 an export stamps (and a benchmark checks) is taken when the checkpoint is read:
+    a student.pt replaced afterwards (a run redone meanwhile) does not lend it its hash."""
+    from ensc.export.sources import load_exportable
+
+    run = tmp_path / "x"
+    shutil.copytree(tiny_run, run)
+    loaded = file_sha256(run / "student.pt")
+    exportable = load_exportable("student", run=run)
+    shutil.copy(run / "student_be.pt", run / "student.pt")  # another file under the name
+    assert exportable.source_sha256 == [loaded]
