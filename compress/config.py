@@ -8,7 +8,8 @@ combinations that cannot work are refused with one line.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+import math
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,47 @@ from ensc.errors import ConfigError
 from ensc.models.registry import check_arch_kwargs
 
 BN_RECAL_BATCHES = 20  # training batches for BN recalibration (measured: as good as all of them)
+
+# The ranges of the numeric options, for the CLI's flags and the API's keywords alike:
+# name -> (integer?, lowest, lowest allowed itself?, highest). Floats must also be finite.
+VALUE_RULES: dict[str, tuple[bool, float, bool, float | None]] = {
+    "epochs": (True, 1, True, None), "batch_size": (True, 1, True, None),
+    "steps": (True, 1, True, None), "max_steps": (True, 1, True, None),
+    "train_subset": (True, 1, True, None), "test_subset": (True, 1, True, None),
+    "members": (True, 2, True, None), "seed": (True, 0, True, None),
+    "workers": (True, 0, True, None), "save_every": (True, 0, True, None),
+    "bn_recal_batches": (True, 0, True, None), "corruption_subset": (True, 1, True, None),
+    "lr": (False, 0, False, None), "weight_decay": (False, 0, True, None),
+    "step": (False, 0, True, None), "alpha": (False, 0, True, 1),
+    "temperature": (False, 0, False, None), "max_acc_drop": (False, 0, True, None),
+    "fold_tolerance": (False, 0, False, None),
+}  # fmt: skip
+
+
+def check_values(options: dict[str, Any]) -> None:
+    """Refuse, with one line naming the flag and the keyword, a numeric option of the wrong type,
+    out of its range, or not finite (NaN, inf); None means "not given"."""
+    for name, value in options.items():
+        if name not in VALUE_RULES or value is None:
+            continue
+        integer, low, low_ok, high = VALUE_RULES[name]
+        kind = "a whole number" if integer else "a finite number"
+        bound = f"{'≥' if low_ok else '>'} {low:g}" + (
+            f" and ≤ {high:g}" if high is not None else ""
+        )
+        wrong_type = isinstance(value, bool) or not isinstance(
+            value, int if integer else (int, float)
+        )
+        if (
+            wrong_type
+            or not math.isfinite(value)
+            or value < low
+            or (value == low and not low_ok)
+            or (high is not None and value > high)
+        ):
+            raise ConfigError(
+                f"--{name.replace('_', '-')} ({name}=) must be {kind} {bound}; got {value!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -112,6 +154,13 @@ def compress_config(
     default (DEFAULT_PERTURB). ``alpha``/``temperature`` None: set by the student's start
     (warmstart.loss_defaults). ``rest`` are CompressConfig fields.
     """
+    check_values({**locals(), **rest})
+    unknown = sorted(set(rest) - {f.name for f in fields(CompressConfig)})
+    if unknown:
+        raise ConfigError(
+            f"unknown option {unknown[0]!r}: see `ensc compress --help` for the options (flags "
+            "with - written as _)"
+        )
     if perturb is None:
         perturb = DEFAULT_PERTURB.get(rest.get("method", CompressConfig.method), "none")
     step_arg = {} if step is None else {"step": step}

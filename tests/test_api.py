@@ -135,6 +135,29 @@ def test_bad_inputs_say_what_is_wrong(tiny_teacher, fashion):
         ensc.compress_ensemble(tiny_teacher, "resnet8", test_data=test, **TINY)
 
 
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ({"steps": 0}, r"--steps \(steps=\) must be a whole number ≥ 1; got 0"),
+        ({"steps": -1}, r"--steps \(steps=\) must be a whole number ≥ 1; got -1"),
+        ({"steps": "300"}, r"--steps \(steps=\) must be a whole number ≥ 1; got '300'"),
+        ({"members": 0}, r"--members \(members=\) must be a whole number ≥ 2; got 0"),
+        ({"batch_size": 0}, r"--batch-size \(batch_size=\) must be a whole number ≥ 1"),
+        ({"lr": -1}, r"--lr \(lr=\) must be a finite number > 0; got -1"),
+        ({"lr": float("nan")}, r"--lr \(lr=\) must be a finite number > 0; got nan"),
+        ({"max_acc_drop": float("nan")}, r"--max-acc-drop \(max_acc_drop=\) must be a finite"),
+        ({"alpha": 1.5}, r"--alpha \(alpha=\) must be a finite number ≥ 0 and ≤ 1; got 1.5"),
+        ({"stepz": 300}, r"unknown option 'stepz'"),
+    ],
+)
+def test_the_api_checks_options_as_the_cli_does(tiny_teacher, option, message):
+    """compress_ensemble's keywords pass the rules the CLI's flags pass, with the same message,
+    and only EnscErrors leave it (steps=0 used to train the 200-epoch default silently)."""
+    flags = {**TINY, **option}
+    with pytest.raises(ConfigError, match=message):
+        ensc.compress_ensemble(tiny_teacher, "resnet8", **flags)
+
+
 def test_export_a_bare_network(tmp_path):
     net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 5)).eval()
     images = torch.rand(16, 3, 8, 8)

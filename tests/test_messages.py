@@ -273,3 +273,20 @@ def test_plural():
     assert (
         plural(1, "class", "classes") == "1 class" and plural(3, "class", "classes") == "3 classes"
     )
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("--lr", "nan"), ("--max-acc-drop", "nan"), ("--weight-decay", "nan"), ("--step", "inf")],
+)
+def test_non_finite_numbers_are_refused_in_one_line(
+    tiny_teacher: Path, tmp_path: Path, flag, value
+):
+    """NaN and inf pass click's ranges: the config's rules refuse them before any work (and
+    nothing reaches report.json)."""
+    result = run_cli("compress", "--teacher", str(tiny_teacher), "--arch", "resnet8", flag, value,
+                     "--out", str(tmp_path / "run"))  # fmt: skip
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    name = flag[2:].replace("-", "_")
+    assert f"Error: {flag} ({name}=) must be a finite number" in result.output
+    assert not (tmp_path / "run").exists()
