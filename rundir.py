@@ -534,6 +534,14 @@ def resolve_run(run: Path | None, runs_dir: Path = RUNS_DIR) -> Path:
     return run_dir
 
 
+def check_not_unfinished(checkpoint: Path) -> None:
+    """Refuse ``student.pt`` / ``student_be.pt`` given by path when its folder is an unfinished
+    run (its files may be from the interrupted attempt, or half written)."""
+    checkpoint = Path(checkpoint)
+    if checkpoint.name in CHECKPOINTS.values() and state_of(checkpoint.parent) == "unfinished":
+        check_finished(checkpoint.parent)
+
+
 def check_finished(run_dir: Path) -> Path:
     """``run_dir`` if it holds a finished run; a one-line error otherwise (see the module docstring)."""
     state = state_of(run_dir)

@@ -94,7 +94,7 @@ Examples:
     type=click.Choice(PERTURBATIONS),
     help="Input perturbation meant to carry the teachers' diversity ([DM], [WA]). Default: "
     "tdiv-sdiv for the BatchEnsemble (best on validation in the in-domain study, "
-    "docs/results.md; about 2.5x the time of none per step), none for kd-single and finetune.",
+    "docs/results.md; about 1.6x the time of none per step), none for kd-single and finetune.",
 )
 @click.option(
     "--step",

@@ -173,8 +173,10 @@ def run_compress(
         if writer is not None:
             result.report_md = _write_results(result, writer.path)
             faults.point("compress.before_commit")
-            # finished: the marker goes, runs/latest points here
-            writer.commit(config.runs_dir if latest else None)
+            # finished: the marker goes, runs/latest points here (not at a run that failed its
+            # parity gate: plain `ensc export` / `ensc bench` would ship it without a word)
+            passed = result.report["parity"]["passed"]
+            writer.commit(config.runs_dir if latest and passed else None)
             result.run_dir = writer.path
         return result
 

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ensc import rundir
 from ensc.data.datasets import load_dataset
 from ensc.data.source import check_compatible, data_config_for, ood_split
 from ensc.data.splits import ImageDataset, Split, balanced_indices
@@ -345,6 +346,8 @@ def evaluate_saved(
     ``data_mode``, ``workers``, ``image_size``: `--data-mode`, `--workers`, `--image-size`
     (:class:`~ensc.data.splits.DataConfig`; None keeps the recorded one).
     """
+    for path in student_paths:  # not the checkpoint of an interrupted run
+        rundir.check_not_unfinished(path)
     ckpts = {str(path): load_checkpoint(path) for path in student_paths}
     first = next(iter(ckpts.values()), None)
     if teacher is None and first is None:

@@ -59,6 +59,8 @@ def _read_whole(paths: list[Path], load: Callable[[], Exportable]) -> Exportable
     """``load()``, with the sha256 of ``paths`` taken before and checked after, so the hashes an
     export records (and a benchmark checks) are those of the bytes that were loaded: a run
     replaced meanwhile is refused instead of stamped with the new files' hashes."""
+    if not all(Path(p).is_file() for p in paths):  # load() says what is wrong with it
+        return load()
     before = [file_sha256(p) for p in paths]
     exportable = load()
     changed = [p for p, sha in zip(paths, before, strict=True) if file_sha256(p) != sha]
@@ -102,6 +104,7 @@ def load_exportable(
             raise ConfigError(
                 "--model exports that checkpoint itself; drop --what/--teacher, or use --run"
             )
+        rundir.check_not_unfinished(Path(model))
         return _read_whole([Path(model)], lambda: _from_checkpoint(
             load_checkpoint(model), "model", None, Path(model).with_suffix(".onnx")
         ))  # fmt: skip

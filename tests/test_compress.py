@@ -138,6 +138,8 @@ def test_parity_gate_fails_after_writing_report(tiny_teacher: Path, tmp_path: Pa
         run_compress(config, resolve_runtime("cpu")).check()  # the gate: after writing
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["parity"]["passed"] is False and (tmp_path / "run" / "student.pt").exists()
+    # plain `ensc export` / `ensc bench` must not pick it up as the latest run
+    assert not (tmp_path / "runs" / "latest").exists()
 
 
 def test_gap_closed_arithmetic():

@@ -528,3 +528,14 @@ def test_an_export_records_the_hash_of_the_bytes_it_loaded(tiny_run: Path, tmp_p
     exportable = load_exportable("student", run=run)
     shutil.copy(run / "student_be.pt", run / "student.pt")  # another file under the name
     assert exportable.source_sha256 == [loaded]
+
+
+def test_checkpoints_of_an_unfinished_run_are_refused_by_path(interrupted: Path, tmp_path: Path):
+    """`ensc export --model` and `ensc eval --student` name the file directly: one inside an
+    unfinished run (interrupted, or still training) is refused as `--run` would refuse it."""
+    run = tmp_path / "r"
+    shutil.copytree(interrupted, run)
+    shutil.copy(run / ".state.pt", run / "student.pt")  # whatever lies there mid-run
+    for args in (("export", "--onnx", "--model", str(run / "student.pt")),
+                 ("eval", "--student", str(run / "student.pt"))):  # fmt: skip
+        assert f"run {run} is unfinished" in error_line(run_cli(*args, cwd=tmp_path)), args
