@@ -36,7 +36,10 @@ class EnscGroup(click.Group):
             raise
         except KeyboardInterrupt:
             click.echo(
-                "interrupted; runs resume from their last finished epoch with --resume", err=True
+                "interrupted; a run resumes with --resume from its last save (epoch ends and "
+                "about every 10 minutes); one stopped before its first save has nothing to "
+                "resume: run it again",
+                err=True,
             )
             sys.exit(130)
         except Exception as err:

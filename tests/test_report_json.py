@@ -148,10 +148,10 @@ def test_report_md_header_is_read_from_report_json(full_run: Path):
     assert (report["n_train"], report["n_val"], report["n_test"]) == (540, 60, 200)
     assert md_line(md, "- data:") == "- data: fashion-mnist: 540 train / 60 val / 200 test"
     assert (s["members"], s["perturbation"], s["perturbation_step"], s["alpha"], s["temperature"]) == (
-        2, "none", 1.0, 0.9, 1.0
-    )  # fmt: skip
+        2, "tdiv-sdiv", 1.0, 1.0, 1.0
+    )  # fmt: skip  (the defaults of a warm-started BatchEnsemble)
     assert md_line(md, "- student:") == (
-        "- student: BE-2 resnet8 (init ones), perturbation none (step 1.0/255), α=0.9, T=1.0"
+        "- student: BE-2 resnet8 (init ones), perturbation tdiv-sdiv (step 1.0/255), α=1.0, T=1.0"
     )
     assert md_line(md, "- teacher:") == f"- teacher: 2 × resnet8 from {s['teacher']}"
     assert train["steps"] == 2 and s["device"] == "cpu"
