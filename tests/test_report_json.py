@@ -147,9 +147,10 @@ def test_report_md_header_is_read_from_report_json(full_run: Path):
     s, train = report["settings"], report["train"]
     assert (report["n_train"], report["n_val"], report["n_test"]) == (540, 60, 200)
     assert md_line(md, "- data:") == "- data: fashion-mnist: 540 train / 60 val / 200 test"
+    # the defaults of a warm-started BatchEnsemble
     assert (s["members"], s["perturbation"], s["perturbation_step"], s["alpha"], s["temperature"]) == (
         2, "tdiv-sdiv", 1.0, 1.0, 1.0
-    )  # fmt: skip  (the defaults of a warm-started BatchEnsemble)
+    )  # fmt: skip
     assert md_line(md, "- student:") == (
         "- student: BE-2 resnet8 (init ones), perturbation tdiv-sdiv (step 1.0/255), α=1.0, T=1.0"
     )
