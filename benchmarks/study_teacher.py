@@ -474,8 +474,14 @@ def baseline_results(result: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     for b in (result.get("baselines") or {}).get("rows", []):
         name = b["method"] + "-" + result["name"].split("-", 1)[1]
+        settings = result.get("settings")
+        if settings:  # the baseline's own perturbation (compress.baselines.baseline_config)
+            kind = settings["perturbation"]
+            none = b["method"] == "finetune" or kind == "tdiv-sdiv"
+            settings = {**settings, "perturbation": "none" if none else kind}
         out.append({**result, "name": name, "flags": ["--method", b["method"]],
-                    "test": {**result["test"], "student_avg": b}, "val": {}, "baselines": None})  # fmt: skip
+                    "test": {**result["test"], "student_avg": b}, "val": {}, "baselines": None,
+                    "settings": settings})  # fmt: skip
     return out
 
 
@@ -516,7 +522,7 @@ def seed_summary(results: list[dict[str, Any]]) -> str:
 
 def _percent(share: float | None) -> str:
     """A gap share as a whole percent; "no gap" when the teacher does not beat the member."""
-    return "no gap" if share is None else f"{share:.0f}"
+    return "no gap" if share is None else str(round(share))
 
 
 def render(plan: str) -> str:
