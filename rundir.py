@@ -92,6 +92,7 @@ RESTART_HINT = (
 STATE = ".state.pt"  # resumable training state; removed when the run finishes
 MARKER = ".incomplete"  # written first, removed last: the folder holds an unfinished run
 REPLACED = ".replaced"  # --force over a finished run: that run, kept until the new one finishes
+MOVING = ".moving"  # in REPLACED while the entries are still being moved in
 LOCK = ".lock"  # held by the one process that writes the folder
 LATEST = "latest"
 CHECKPOINTS = {"student": STUDENT, "student-be": STUDENT_BE}  # what --what names -> file
@@ -240,10 +241,10 @@ class RunWriter:
             p for p in self.path.iterdir() if p.name not in keep and not p.name.startswith(LOCK)
         ]
         into = self.path / REPLACED
-        move = self._replacing and (not into.exists() or (into / ".moving").exists())
+        move = self._replacing and (not into.exists() or (into / MOVING).exists())
         if move:
             into.mkdir(exist_ok=True)
-            (into / ".moving").touch()  # until every entry of the finished run is in
+            (into / MOVING).touch()  # until every entry of the finished run is in
         for p in sorted(doomed, key=lambda p: (p.name != STATE, p.name)):
             if move and not _is_temp(p.name):
                 os.replace(p, into / p.name)
@@ -253,7 +254,7 @@ class RunWriter:
                 p.unlink(missing_ok=True)
             faults.point("compress.wipe")
         if move:
-            (into / ".moving").unlink()
+            (into / MOVING).unlink()
 
     def _abandon(self, error: BaseException) -> None:
         """After an exception: a fresh run with nothing resumable yet leaves nothing behind. A run
@@ -264,7 +265,7 @@ class RunWriter:
         resumable = (self.path / STATE).exists()
         interrupted = isinstance(error, KeyboardInterrupt | SystemExit)
         into = self.path / REPLACED
-        whole = into.is_dir() and not (into / ".moving").exists()  # all of it moved in
+        whole = into.is_dir() and not (into / MOVING).exists()  # all of it moved in
         if self._replacing and whole and not (interrupted and resumable):
             self._restore()
         elif self._fresh and not resumable:
@@ -276,7 +277,7 @@ class RunWriter:
         self._replacing = False  # _clear deletes from here on
         self._clear(keep=(MARKER,))
         for p in into.iterdir():
-            if p.name != ".moving":
+            if p.name != MOVING:
                 os.replace(p, self.path / p.name)
         shutil.rmtree(into)
         (self.path / MARKER).unlink()

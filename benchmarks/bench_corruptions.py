@@ -44,7 +44,8 @@ def _images(n: int):
 
     if (CIFAR_JPEG / "test").is_dir():
         config = DataConfig("imagefolder", root=CIFAR_JPEG, train_subset=200, test_subset=n)
-        return load_dataset(config).test, f"CIFAR-10 test JPEGs ({CIFAR_JPEG})"
+        shown = os.path.relpath(CIFAR_JPEG, ROOT)  # no machine path in the docs it writes
+        return load_dataset(config).test, f"CIFAR-10 test JPEGs ({shown})"
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=gen)
     return Split(images, torch.arange(n) % 10), "random uint8 images (CIFAR-10 folder not found)"

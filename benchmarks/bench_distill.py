@@ -360,7 +360,7 @@ def run_ensc_cli(cfg: dict[str, Any]) -> dict[str, Any]:
     return {
         "s_per_step": train.get("s_per_step") or train["seconds"] / train["steps"],
         "phases": {},
-        "command": " ".join(cmd),
+        "command": _portable(cmd, work=run.parent),
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6,
     }
 
@@ -619,3 +619,10 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def _portable(cmd: list[str], work: Path) -> str:
+    """The command as a reader can retype it: ``ensc`` for the executable, ``WORK/`` for this
+    run's temp folder, the data folder relative to the repository."""
+    text = " ".join(["ensc", *cmd[1:]]).replace(str(work), "WORK")
+    return text.replace(str(ROOT.parent), "..")

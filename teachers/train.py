@@ -53,7 +53,6 @@ class TeacherTrainConfig:
 
 
 REPLACED = rundir.REPLACED  # --force: the folder's old members, kept until every new one exists
-_MOVING = ".moving"  # in REPLACED while the old members are being moved in
 
 
 def member_path(out: Path, k: int) -> Path:
@@ -144,7 +143,7 @@ def _give_back(out: Path, error: BaseException) -> None:
     """A --force that failed (or was interrupted before anything resumable exists) puts the
     members it replaced back; an interrupted one that can be resumed keeps them in REPLACED."""
     old = out / REPLACED
-    if not old.is_dir() or (old / _MOVING).exists():
+    if not old.is_dir() or (old / rundir.MOVING).exists():
         return
     mine = [p for p in out.iterdir() if _OURS.fullmatch(p.name)]
     if isinstance(error, KeyboardInterrupt | SystemExit) and mine:
@@ -165,10 +164,10 @@ def _clean(config: TeacherTrainConfig) -> None:
     with ``--resume`` the state file of a member that is finished."""
     out = Path(config.out)
     into = out / REPLACED
-    move = config.force and (not into.exists() or (into / _MOVING).exists())
+    move = config.force and (not into.exists() or (into / rundir.MOVING).exists())
     if move:
         into.mkdir(exist_ok=True)
-        (into / _MOVING).touch()  # until every old member is in
+        (into / rundir.MOVING).touch()  # until every old member is in
     for path in sorted(out.iterdir()):
         found = _OURS.fullmatch(path.name)
         if found is None:
@@ -180,7 +179,7 @@ def _clean(config: TeacherTrainConfig) -> None:
         elif found[3] and member_path(config.out, int(found[3])).exists():
             path.unlink(missing_ok=True)  # interrupted after the member was saved
     if move:
-        (into / _MOVING).unlink()
+        (into / rundir.MOVING).unlink()
 
 
 def _resumed_mode(config: TeacherTrainConfig) -> TeacherTrainConfig:
