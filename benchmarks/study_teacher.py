@@ -151,6 +151,14 @@ PLANS: dict[str, list[dict[str, Any]]] = {
         product(300, perturb="tdiv-sdiv", alpha=1, temperature=4),
         product(300, perturb="tdiv-sdiv", step=4, alpha=1),
     ],
+    # mixing pairs of training images (--mix) before the perturbation, on validation; the
+    # longest rows (TDiv-SDiv: its input gradient costs about as much as the rest of the step) first
+    "indomain-mix": [
+        product(300, mix="mixup"),
+        product(300, mix="mixup", perturb="none"),
+        product(300, mix="cutmix", perturb="none"),
+        product(300, mix="cutmix"),
+    ],
     # the embedded default in its own domain: a DE-4 of ResNet-8s on 1,000 Fashion-MNIST images
     "fmnist1k": [
         *(versus(300, seed=s) for s in (0, 1, 2)),
@@ -212,7 +220,7 @@ FMNIST1K_TEACHER = REPO / "benchmarks" / "teachers" / "fmnist-1k-resnet8"
 
 def in_domain(plan: str) -> bool:
     """Plans on the in-domain DE-4 of ResNet-20s (benchmarks/teachers/cifar10jpeg-10k-resnet20)."""
-    return plan in ("indomain", "indomain-v1", "indomain-search")
+    return plan in ("indomain", "indomain-v1", "indomain-search", "indomain-mix")
 
 
 def teacher_flags(plan: str, work: Path) -> list[str]:

@@ -19,7 +19,7 @@ from ensc.cli.options import (
     teacher_options,
     val_root_option,
 )
-from ensc.compress.names import COMPRESS_METHODS, PERTURBATIONS
+from ensc.compress.names import COMPRESS_METHODS, MIXES, PERTURBATIONS
 from ensc.data.catalog import DATASETS
 
 
@@ -155,6 +155,15 @@ Examples:
     show_default=True,
     help="What each student member distills: member = teacher m for member m ([DM], [WA]); "
     "mean = the ensemble's mean prediction, the target the averaged network should match.",
+)
+@click.option(
+    "--mix",
+    type=click.Choice(MIXES),
+    default="none",
+    show_default=True,
+    help="Mix pairs of training images before the perturbation, and distill on the mixed images "
+    "(mixup: a weighted sum; cutmix: a pasted box); the teachers agree less there than on their "
+    "own training images (docs/method.md §5).",
 )
 @click.option(
     "--recalibrate-bn/--no-recalibrate-bn",

@@ -50,6 +50,8 @@ def baseline_config(
         distill = replace(
             distill, perturb=PerturbConfig(kind="none", temperature=distill.temperature)
         )
+    if method == "finetune":  # the labels alone: no mixed images (kd-single keeps the run's mix)
+        distill = replace(distill, mix="none")
     overrides = (
         config.data_overrides if data_mode is None else {**config.data_overrides, "mode": data_mode}
     )

@@ -14,16 +14,20 @@ from pathlib import Path
 from typing import Any
 
 from ensc import rundir
-from ensc.compress.distill import DistillConfig
+from ensc.compress.distill import FAST_WEIGHT_REGIMES, MEMBER_BATCH_MODES, DistillConfig
+from ensc.compress.losses import TARGET_MODES
 from ensc.compress.names import (
     BASELINES,
     COMPRESS_METHODS,
     DEFAULT_PERTURB,
+    MIXES,
+    PERTURBATIONS,
     SINGLE_NETWORK_METHODS,
 )
 from ensc.compress.perturb import PerturbConfig
 from ensc.engine.loop import OptimConfig
 from ensc.errors import ConfigError
+from ensc.models.batchensemble import FAST_WEIGHT_INITS
 from ensc.models.registry import check_arch_kwargs
 
 BN_RECAL_BATCHES = 20  # training batches for BN recalibration (measured: as good as all of them)
@@ -43,11 +47,24 @@ VALUE_RULES: dict[str, tuple[bool, float, bool, float | None]] = {
     "fold_tolerance": (False, 0, False, None),
 }  # fmt: skip
 
+# The choices of the named options, for the CLI's flags (click.Choice) and the API's keywords alike
+CHOICE_RULES: dict[str, tuple[str, ...]] = {
+    "perturb": PERTURBATIONS, "mix": MIXES, "member_batch": MEMBER_BATCH_MODES,
+    "targets": TARGET_MODES, "init": FAST_WEIGHT_INITS, "fast_weights": FAST_WEIGHT_REGIMES,
+    "method": COMPRESS_METHODS,
+}  # fmt: skip
+
 
 def check_values(options: dict[str, Any]) -> None:
     """Refuse, with one line naming the flag and the keyword, a numeric option of the wrong type,
-    out of its range, or not finite (NaN, inf); None means "not given"."""
+    out of its range, or not finite (NaN, inf), and a named option that is none of its choices;
+    None means "not given"."""
     for name, value in options.items():
+        if name in CHOICE_RULES and value is not None and value not in CHOICE_RULES[name]:
+            raise ConfigError(
+                f"--{name.replace('_', '-')} ({name}=) must be one of "
+                f"{', '.join(CHOICE_RULES[name])}; got {value!r}"
+            )
         if name not in VALUE_RULES or value is None:
             continue
         integer, low, low_ok, high = VALUE_RULES[name]
@@ -139,6 +156,7 @@ def compress_config(
     fast_weights: str | None = None,
     member_batch: str = DistillConfig.member_batch,
     targets: str = DistillConfig.targets,
+    mix: str = DistillConfig.mix,
     bn_recal_batches: int | None = BN_RECAL_BATCHES,
     teacher_cache: bool = True,
     data_mode: str | None = None,
@@ -186,7 +204,7 @@ def compress_config(
                           max_steps=max_steps, steps=steps),
         distill=DistillConfig(alpha=alpha, temperature=temperature, perturb=perturb_config,
                               fast_weights=fast_weights or ("wa" if init == "ones" else "dm"),
-                              member_batch=member_batch, targets=targets),
+                              member_batch=member_batch, targets=targets, mix=mix),
         init=init,
         bn_recal_batches=bn_recal_batches or None,
         cache_teacher_logits=teacher_cache,
@@ -215,6 +233,11 @@ def check_config(config: CompressConfig) -> None:
         raise ConfigError(
             f"--method finetune trains on the labels alone, and --perturb {config.distill.perturb.kind} "
             "needs the teachers: drop --perturb (or use --method kd-single)"
+        )
+    if config.method == "finetune" and config.distill.mix != "none":
+        raise ConfigError(
+            f"--method finetune trains on the labels alone, and --mix {config.distill.mix} makes "
+            "images that only the teachers label: drop --mix (or use --method kd-single)"
         )
     if is_single_network(config.method) and config.init != "ones":
         raise ConfigError(

@@ -1,8 +1,9 @@
 """One distillation step of a BatchEns student from a DeepEns teacher, and its optimizer groups.
 
-Per step ([DM] §3, [WA] §3; docs/method.md §4): perturb the clean batch x into x̃ (using the
-frozen teachers, and the student in eval mode for TDiv-SDiv), get the teachers' logits on x̃, run
-the student on x̃ and backpropagate the KD term, then (when α < 1 and x̃ ≠ x) on x for the CE term.
+Per step ([DM] §3, [WA] §3; docs/method.md §4, §5): mix pairs of images (--mix, none by
+default) and perturb the batch into x̃ (using the frozen teachers, and the student in eval mode
+for TDiv-SDiv), get the teachers' logits on x̃, run the student on x̃ and backpropagate the KD
+term, then (when α < 1 and x̃ ≠ x) on x for the CE term.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from ensc.compress.losses import TARGET_MODES, DistillationLoss
+from ensc.compress.mix import check_mix, mix_batch
 from ensc.compress.perturb import MemberLogits, PerturbConfig, perturb
 from ensc.engine.loop import BackwardFn, StepFn, StepResult
 from ensc.engine.runtime import Runtime
@@ -56,8 +58,10 @@ class DistillConfig:
     fast_weights: str = "wa"
     member_batch: str = "split"  # one of MEMBER_BATCH_MODES
     targets: str = "mean"  # one of TARGET_MODES: teacher m for member m, or the ensemble mean
+    mix: str = "none"  # one of MIXES: pairs of images mixed before the perturbation (mix.py)
 
     def __post_init__(self) -> None:
+        check_mix(self.mix)
         if self.member_batch not in MEMBER_BATCH_MODES:
             raise ValueError(
                 f"unknown member batch mode {self.member_batch!r}: choose one of "
@@ -175,7 +179,8 @@ class _DistillStep:
         self.loss_fn = DistillationLoss(alpha=config.alpha, temperature=config.temperature)
         self.teacher = MemberLogits(teachers)  # x [B, ...] -> [Mt, B, K]; gradients flow to x only
         self.student_eval = student_eval_logits_fn(student)
-        self.need_clean = config.alpha < 1 and config.perturb.kind != "none"
+        # the CE term runs on the clean batch when the KD term's input differs from it
+        self.need_clean = config.alpha < 1 and (config.perturb.kind, config.mix) != ("none", "none")
         self.split = config.member_batch == "split"
         self.member_wise = config.targets == "member" and len(self.teacher) == self.m  # else: mean
         self.warned = False  # about cutting batches to a multiple of M, once
@@ -220,8 +225,9 @@ class _DistillStep:
         x, labels = self._equal_chunks(x, labels)
         member_labels = labels.view(self.m, -1) if self.split else labels  # [Ms, B/M] or [B]
         with timer("perturb"):
+            mixed = mix_batch(x, config.mix, self.gen)
             x_tilde = perturb(
-                x, config.perturb, teacher=self.teacher, student=self.student_eval, gen=self.gen
+                mixed, config.perturb, teacher=self.teacher, student=self.student_eval, gen=self.gen
             )
         with timer("teacher"):
             targets = self.targets_for(x_tilde)

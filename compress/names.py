@@ -7,6 +7,9 @@ PERTURBATIONS = ("none", "gaussian", "ods", "confods", "tdiv-sdiv")
 # the default perturbation of each method: tdiv-sdiv for the BatchEnsemble (best on the validation
 # split of the in-domain study, docs/results.md); the one-network methods cannot run it
 DEFAULT_PERTURB = {"batchensemble": "tdiv-sdiv", "kd-single": "none", "finetune": "none"}
+# input mixing before the perturbation (ensc.compress.mix; docs/method.md §5): the teachers label
+# images between two training images, where they agree less than on the images they trained on
+MIXES = ("none", "mixup", "cutmix")
 
 # batchensemble: distill into BE-M and average it (the product); kd-single: plain KD into one
 # network; finetune: one network on the labels alone, no teacher in the step (the two baselines a

@@ -369,6 +369,7 @@ def _settings(run: _Run, runtime: Runtime) -> dict[str, Any]:
         "init": config.init,
         "perturbation": distill.perturb.kind,
         "perturbation_step": distill.perturb.step,
+        "mix": distill.mix,
         "alpha": distill.alpha,
         "temperature": distill.temperature,
         "device": str(runtime.device),

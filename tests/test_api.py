@@ -148,6 +148,9 @@ def test_bad_inputs_say_what_is_wrong(tiny_teacher, fashion):
         ({"max_acc_drop": float("nan")}, r"--max-acc-drop \(max_acc_drop=\) must be a finite"),
         ({"alpha": 1.5}, r"--alpha \(alpha=\) must be a finite number ≥ 0 and ≤ 1; got 1.5"),
         ({"stepz": 300}, r"unknown option 'stepz'"),
+        ({"member_batch": "all"}, r"--member-batch \(member_batch=\) must be one of repeat, split"),
+        ({"perturb": "odz"}, r"--perturb \(perturb=\) must be one of none, gaussian, ods"),
+        ({"init": 1}, r"--init \(init=\) must be one of ones, normal; got 1"),
     ],
 )
 def test_the_api_checks_options_as_the_cli_does(tiny_teacher, option, message):
