@@ -6,8 +6,11 @@ notebook and a shell run the same code and raise the same :class:`ensc.errors.En
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable, Sequence
+import logging
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,12 +19,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ensc import rundir
 from ensc.compress.config import compress_config, with_recorded_data_mode
 from ensc.compress.pipeline import CompressResult, Sources, run_compress
 from ensc.data.catalog import PYTHON_DATA
 from ensc.data.datasets import load_dataset
 from ensc.data.splits import DataConfig, ImageDataset, balanced_indices
-from ensc.engine.runtime import resolve_runtime
+from ensc.engine.runtime import Runtime, resolve_runtime
 from ensc.errors import ConfigError
 from ensc.models.checkpoint import ModelSpec
 from ensc.models.registry import PYTHON_ARCH, call_builder
@@ -51,6 +55,7 @@ def compress_ensemble(
     channels_last: bool | None = None,
     hflip: bool = True,
     check: bool = True,
+    progress: bool = True,
     **options: Any,
 ) -> CompressResult:
     """Distill ``teachers`` into a BatchEns student of ``student``'s architecture and average it
@@ -83,12 +88,42 @@ def compress_ensemble(
         hflip: whether horizontal flips are a valid augmentation of ``train_data``.
         check: raise CompressParityError when the averaged network lost the BE student's
             accuracy (the report is still written when ``out`` is given).
+        progress: print the CLI's progress lines (steps, ETA, stages) to stderr while it runs,
+            unless the program has configured logging itself (then they go to the ``ensc``
+            logger's handlers as usual).
 
     Returns the :class:`CompressResult`: ``.network`` (the averaged ``nn.Module``), ``.student``
     (the BatchEns student), ``.report`` (report.json's dict), ``.save(path)``. None on the
     non-main processes of a torchrun launch.
     """
-    runtime = resolve_runtime(device, amp, channels_last)
+    from ensc.engine.allocator import tune_malloc
+
+    tune_malloc()  # the CLI's malloc settings (tcmalloc needs the `ensc` command: docs/bench-distill.md)
+    with _progress_lines(progress):
+        return _compress(teachers, student, train_data, test_data, val_data, out, save,
+                         resolve_runtime(device, amp, channels_last), hflip, check, options)  # fmt: skip
+
+
+@contextlib.contextmanager
+def _progress_lines(show: bool) -> Iterator[None]:
+    """INFO lines of the ``ensc`` loggers to stderr meanwhile, as the CLI prints them, when no
+    handler would receive them (a notebook or script that never configured logging)."""
+    logger = logging.getLogger("ensc")
+    if not show or logger.hasHandlers():
+        yield
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    with rundir.info_to(handler):
+        yield
+
+
+def _compress(
+    teachers: str | Path | Sequence[nn.Module], student: StudentLike, train_data: TorchData | None,
+    test_data: TorchData | None, val_data: TorchData | None, out: str | Path | None,
+    save: bool | None, runtime: Runtime, hflip: bool, check: bool, options: dict[str, Any],
+) -> CompressResult:  # fmt: skip
+    """compress_ensemble's work, once the allocator and the progress lines are set up."""
     loader_batch = getattr(train_data, "batch_size", None)  # a DataLoader's, unless one is given
     if isinstance(train_data, DataLoader) and loader_batch and "batch_size" not in options:
         options["batch_size"] = loader_batch

@@ -502,6 +502,16 @@ def run_log(run_dir: Path | None) -> Iterator[None]:
         return
     handler = logging.FileHandler(Path(run_dir) / LOG, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    try:
+        with info_to(handler):
+            yield
+    finally:
+        handler.close()
+
+
+@contextlib.contextmanager
+def info_to(handler: logging.Handler) -> Iterator[None]:
+    """The ``ensc`` loggers' INFO lines (and above) also go to ``handler`` meanwhile."""
     handler.setLevel(logging.INFO)
     logger = logging.getLogger("ensc")
     level = logger.level
@@ -513,7 +523,6 @@ def run_log(run_dir: Path | None) -> Iterator[None]:
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
-        handler.close()
 
 
 def resolve_run(run: Path | None, runs_dir: Path = RUNS_DIR) -> Path:

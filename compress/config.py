@@ -25,7 +25,7 @@ from ensc.compress.names import (
     SINGLE_NETWORK_METHODS,
 )
 from ensc.compress.perturb import PerturbConfig
-from ensc.engine.loop import OptimConfig
+from ensc.engine.loop import FLOAT32_MAX, OptimConfig
 from ensc.errors import ConfigError
 from ensc.models.batchensemble import FAST_WEIGHT_INITS
 from ensc.models.registry import check_arch_kwargs
@@ -68,6 +68,8 @@ def check_values(options: dict[str, Any]) -> None:
         if name not in VALUE_RULES or value is None:
             continue
         integer, low, low_ok, high = VALUE_RULES[name]
+        if not integer and high is None:  # torch keeps them as float32 (lr 1e300 overflowed there)
+            high = FLOAT32_MAX
         kind = "a whole number" if integer else "a finite number"
         bound = f"{'≥' if low_ok else '>'} {low:g}" + (
             f" and ≤ {high:g}" if high is not None else ""

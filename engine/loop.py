@@ -38,6 +38,9 @@ from ensc.models.checkpoint import non_finite
 log = logging.getLogger(__name__)
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # torch keeps lr and weight decay as float32 in places
+
+
 @dataclass(frozen=True)
 class OptimConfig:
     """Optimizer and schedule; defaults are the papers' recipe (docs/method.md §7)."""
@@ -51,6 +54,16 @@ class OptimConfig:
     warmup_epochs: float | None = None  # None: 5 for runs of ≥ 50 epochs, else 10 % of the run
     max_steps: int | None = None  # stop after this many optimizer steps (smoke runs)
     steps: int | None = None  # a step budget: warm-up + cosine fit these steps; overrides epochs
+
+    def __post_init__(self) -> None:
+        # the CLIs and the API check their ranges first; this is the bound torch itself sets
+        # (--lr 1e300 ended in a raw "cannot be converted to type float without overflow")
+        for name, value in (("lr", self.lr), ("weight_decay", self.weight_decay)):
+            if value is not None and not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} must be a finite number ≤ {FLOAT32_MAX:g} "
+                    f"(torch keeps it as float32); got {value!r}"
+                )
 
     @property
     def base_lr(self) -> float:

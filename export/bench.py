@@ -180,6 +180,21 @@ class BenchResult:
 # --- measuring ---------------------------------------------------------------------------------
 
 
+def _check_batch_memory(images: np.ndarray, batch_sizes: Sequence[int]) -> None:
+    """Refuse, with one line, a batch whose input alone would take half the available memory
+    (--batch-sizes 100000000 used to end in a raw MemoryError after the exports loaded)."""
+    from ensc.data.mode import available_memory
+
+    free = available_memory()
+    biggest = max(batch_sizes)
+    need = biggest * images[0].nbytes
+    if free is not None and need > free // 2:
+        raise ConfigError(
+            f"--batch-sizes {biggest}: its input alone takes {need / 2**30:.1f} GiB and this "
+            f"machine has {free / 2**30:.1f} GiB available; use smaller --batch-sizes"
+        )
+
+
 def measure(
     candidates: Sequence[Candidate],
     images: np.ndarray,
@@ -196,6 +211,7 @@ def measure(
     """
     out: dict[tuple[int, int], Latency] = {}
     n = len(candidates)
+    _check_batch_memory(images, batch_sizes)
     for b in batch_sizes:
         reps = -(-b // len(images))
         batch = np.ascontiguousarray(np.concatenate([images] * reps)[:b])  # [b, C, H, W]

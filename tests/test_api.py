@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import onnx
@@ -168,3 +170,27 @@ def test_export_a_bare_network(tmp_path):
     assert result.passed and Path(result.path).is_file()
     with pytest.raises(ConfigError, match="needs images"):
         ensc.export_onnx(net, tmp_path / "other.onnx")
+
+
+def test_a_script_that_never_configured_logging_sees_the_progress(tiny_teacher, tmp_path):
+    """The README's API example used to print nothing for minutes: the CLI's progress lines reach
+    stderr of a plain script, and stop there when the caller passes progress=False."""
+    script = (
+        "import sys, ensc\n"
+        "ensc.compress_ensemble(sys.argv[1], 'resnet8', epochs=1, batch_size=32, "
+        "train_subset=400, test_subset=200, max_steps=2, perturb='none', max_acc_drop=100, "
+        "progress=sys.argv[2] == 'on')\n"
+    )
+    runs = {
+        on: subprocess.run(
+            [sys.executable, "-c", script, str(tiny_teacher), on],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )  # fmt: skip
+        for on in ("on", "off")
+    }
+    assert runs["on"].returncode == 0, runs["on"].stderr
+    assert "distill BE-2: epoch 1/1" in runs["on"].stderr and "after training:" in runs["on"].stderr
+    assert runs["off"].returncode == 0 and "distill BE-2" not in runs["off"].stderr

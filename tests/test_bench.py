@@ -203,6 +203,8 @@ def test_bench_refuses_to_overwrite_before_measuring(benched):
         (("bench", "--run", "{run}", "--batch-sizes", "0"), "comma-separated positive integers"),
         (("bench", "--run", "{run}", "--json", "{file}/b.json"), "cannot write"),
         (("bench", "--run", "{tmp}/empty"), "has no student.pt"),
+        # input alone of hundreds of GiB: a raw MemoryError before
+        (("bench", "--run", "{run}", "--batch-sizes", "1,100000000"), "use smaller --batch-sizes"),
     ],
 )
 def test_bench_bad_input_is_one_line(args, message, tiny_run: Path, tmp_path: Path):

@@ -290,3 +290,17 @@ def test_non_finite_numbers_are_refused_in_one_line(
     name = flag[2:].replace("-", "_")
     assert f"Error: {flag} ({name}=) must be a finite number" in result.output
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command", ["compress", "train"])
+def test_a_learning_rate_beyond_float32_is_refused_in_one_line(tiny_teacher, tmp_path, command):
+    """--lr 1e300 is finite, so it passed every range and ended in torch's raw RuntimeError
+    ("cannot be converted to type float without overflow"); now both commands refuse it first."""
+    if command == "compress":
+        args = ("compress", "--teacher", str(tiny_teacher), "--arch", "resnet8")
+    else:
+        args = ("train", "--dataset", "fashion-mnist", *TRAIN_ONE_STEP, "--train-subset", "200")
+    result = run_cli(*args, "--lr", "1e300", "--out", str(tmp_path / "out"))
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "must be a finite number" in result.output and "3.40282e+38" in result.output
+    assert not (tmp_path / "out").exists()
