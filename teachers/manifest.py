@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -160,7 +161,7 @@ def _entry(
         kwargs={**kwargs, **item.get("kwargs", {})},
         mean=_floats(item.get("mean"), f"{where}: mean"),
         std=_floats(item.get("std"), f"{where}: std", positive=True),
-        prefix=item.get("prefix"),
+        prefix=item.get("prefix") or None,  # "": the whole state dict, as without a prefix
     )
 
 
@@ -174,6 +175,8 @@ def _floats(value: Any, where: str, positive: bool = False) -> tuple[float, ...]
         raise ConfigError(
             f"{where} must be a number or a list of numbers (one per channel); got {value!r}"
         )
+    if not all(math.isfinite(v) for v in values):  # NaN was blamed on the learning rate later
+        raise ConfigError(f"{where} must be finite numbers; got {value!r}")
     if positive and not all(v > 0 for v in values):
         raise ConfigError(f"{where} must be > 0; got {value!r}")
     return tuple(float(v) for v in values)

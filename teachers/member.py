@@ -10,6 +10,7 @@ otherwise), and one small test batch tells its number of classes and checks it r
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 from typing import Any
 
@@ -43,13 +44,7 @@ def load_member(
     where = f"member {entry.path}"
     if file.checkpoint is not None:  # ensc's own: it knows its architecture and normalization
         ckpt = file.checkpoint
-        if entry.arch and entry.arch != ckpt.spec.arch:
-            log.warning(
-                "%s is an ensc %s checkpoint; ignoring arch %s",
-                entry.path,
-                ckpt.spec.arch,
-                entry.arch,
-            )
+        _warn_ignored(entry, ckpt.spec)
         model = ckpt.build_model()
         if entry.mean is not None:
             model = _apply_normalization(model, ckpt.spec.in_channels, entry, where)
@@ -111,6 +106,25 @@ def _image_size(file: MemberFile, hint: tuple[int, int, int] | None) -> tuple[in
     if file.input_shape and len(file.input_shape) == 4 and all(file.input_shape[2:]):
         return int(file.input_shape[2]), int(file.input_shape[3])
     return (hint[1], hint[2]) if hint else DEFAULT_IMAGE_SIZE
+
+
+def _warn_ignored(entry: MemberEntry, spec: ModelSpec) -> None:
+    """An ensc checkpoint is built from the architecture it records: say which given settings
+    (--teacher-arch/-kwargs, "arch"/"kwargs" in ensemble.json) it does not use."""
+    recorded = {
+        **spec.arch_kwargs,
+        "num_classes": spec.num_classes,
+        "in_channels": spec.in_channels,
+    }
+    other = {k: v for k, v in entry.kwargs.items() if recorded.get(k, object()) != v}
+    ignored = ([f"arch {entry.arch}"] if entry.arch and entry.arch != spec.arch else []) + (
+        [f"kwargs {json.dumps(other, sort_keys=True, default=str)}"] if other else []
+    )
+    if ignored:
+        log.warning(
+            "%s is an ensc %s checkpoint, built as it records; ignoring %s",
+            entry.path, spec.arch, " and ".join(ignored),
+        )  # fmt: skip
 
 
 def _build_arch(

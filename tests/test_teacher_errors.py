@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -62,6 +63,13 @@ def bad(tmp_path_factory) -> Path:
     (root / "twice.json").write_text(json.dumps({"members": [
         "resnet8.pth", {"path": "resnet8.pth", "mean": [0.5], "std": [0.2]}, "./resnet8.pth",
     ], }))  # fmt: skip
+    # NaN normalization (json reads NaN) and an empty prefix that lists one member twice
+    (root / "nan_mean.json").write_text('{"members": [{"path": "resnet8.pth", "arch": "resnet8", '
+                                        '"mean": [NaN, 0.5, 0.5], "std": [0.2, 0.2, 0.2]}]}')  # fmt: skip
+    (root / "prefix.json").write_text(json.dumps({"members": [
+        {"path": "resnet8.pth", "arch": "resnet8"},
+        {"path": "resnet8.pth", "arch": "resnet8", "prefix": ""},
+    ]}))  # fmt: skip
     return root
 
 
@@ -89,6 +97,8 @@ CASES = [
     ((*INSPECT, "{bad}/broken.json"), "not valid JSON"),
     ((*INSPECT, "{bad}/twice.json", "--teacher-arch", "resnet8"),
      "twice.json: members 0 and 2 are the same (resnet8.pth, same settings); list each member once"),
+    ((*INSPECT, "{bad}/nan_mean.json"), "member 0: mean must be finite numbers; got [nan, 0.5, 0.5]"),
+    ((*INSPECT, "{bad}/prefix.json"), "members 0 and 1 are the same (resnet8.pth, same settings)"),
     ((*INSPECT, "/dev/zero"), "teacher /dev/zero is a device, pipe or socket, not a regular file"),
     ((*INSPECT, "{bad}/nan_ensc.pt"), "nan_ensc.pt holds non-finite values (NaN or inf) in layer1.0.bn1.running_var"),
     ((*INSPECT, "{bad}/nan.pth", "--teacher-arch", "resnet8"), "nan.pth holds non-finite values"),
@@ -250,3 +260,23 @@ def test_student_arch_follows_the_same_rule(tiny_teacher: Path, tmp_path: Path):
     errors = [line for line in result.output.splitlines() if line.startswith("Error")]
     assert result.exit_code == 1 and len(errors) == 1, result.output
     assert "'torch.hub:load' is not one of ensc's" in errors[0]
+
+
+def test_settings_an_ensc_checkpoint_does_not_use_are_named(tiny_teacher: Path, tmp_path, caplog):
+    """An ensc checkpoint is built from what it records; an "arch" or "kwargs" that says otherwise
+    used to be dropped without a word (kwargs) or named only for arch."""
+    from ensc.teachers.manifest import read_manifest
+    from ensc.teachers.member import load_member
+
+    manifest = tmp_path / "ensemble.json"
+    manifest.write_text(json.dumps({"members": [
+        {"path": str(tiny_teacher / "member0.pt"), "arch": "resnet14", "kwargs": {"width": 2}},
+        {"path": str(tiny_teacher / "member1.pt"), "kwargs": {"num_classes": 10}},
+    ]}))  # fmt: skip
+    first, second = read_manifest(manifest)
+    with caplog.at_level(logging.WARNING, logger="ensc"):
+        load_member(first)
+        load_member(second)  # what it records: nothing to say
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1, lines
+    assert 'ignoring arch resnet14 and kwargs {"width": 2}' in lines[0] and "member0.pt" in lines[0]
