@@ -110,14 +110,21 @@ def load_teacher(
             members.append(model.eval().requires_grad_(False))
             specs.append(spec)
             infos.append(info)
-    for what, values in (
-        ("the number of classes", [s.num_classes for s in specs]),
-        ("input channels", [s.in_channels for s in specs]),
+    recorded = [i for i, info in enumerate(infos) if info["format"] == "ensc"]  # others: a guess
+    for what, values, among in (
+        ("the number of classes", [s.num_classes for s in specs], range(len(specs))),
+        ("input channels", [s.in_channels for s in specs], range(len(specs))),
+        # all are fed the images of one size: a member trained on another would be fed wrong ones
+        ("the input size they were trained on", [_size(s) for s in specs], recorded),
     ):
-        if len(set(values)) > 1:
-            listing = ", ".join(f"{e.path.name}: {v}" for e, v in zip(entries, values, strict=True))
+        if len({values[i] for i in among}) > 1:
+            listing = ", ".join(f"{entries[i].path.name}: {values[i]}" for i in among)
             raise CheckpointError(f"teacher members in {source} disagree on {what} ({listing})")
     return Teacher(members, specs, [e.path for e in entries], infos)
+
+
+def _size(spec: ModelSpec) -> str:
+    return f"{spec.image_size[0]}×{spec.image_size[1]}"
 
 
 @contextlib.contextmanager

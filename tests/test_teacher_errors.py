@@ -63,6 +63,13 @@ def bad(tmp_path_factory) -> Path:
     (root / "twice.json").write_text(json.dumps({"members": [
         "resnet8.pth", {"path": "resnet8.pth", "mean": [0.5], "std": [0.2]}, "./resnet8.pth",
     ], }))  # fmt: skip
+    # ensc members trained on images of different sizes: one size is fed to both
+    (root / "sizes").mkdir()
+    for name, size in (("m0.pt", (28, 28)), ("m1.pt", (16, 16))):
+        small = ModelSpec("resnet8", 10, 1, size, (0.5,), (0.25,), dataset="fashion-mnist")
+        save_checkpoint(
+            root / "sizes" / name, build_model("resnet8", num_classes=10, in_channels=1), small
+        )
     # NaN normalization (json reads NaN) and an empty prefix that lists one member twice
     (root / "nan_mean.json").write_text('{"members": [{"path": "resnet8.pth", "arch": "resnet8", '
                                         '"mean": [NaN, 0.5, 0.5], "std": [0.2, 0.2, 0.2]}]}')  # fmt: skip
@@ -99,6 +106,7 @@ CASES = [
      "twice.json: members 0 and 2 are the same (resnet8.pth, same settings); list each member once"),
     ((*INSPECT, "{bad}/nan_mean.json"), "member 0: mean must be finite numbers; got [nan, 0.5, 0.5]"),
     ((*INSPECT, "{bad}/prefix.json"), "members 0 and 1 are the same (resnet8.pth, same settings)"),
+    ((*INSPECT, "{bad}/sizes"), "disagree on the input size they were trained on (m0.pt: 28×28, m1.pt: 16×16)"),
     ((*INSPECT, "/dev/zero"), "teacher /dev/zero is a device, pipe or socket, not a regular file"),
     ((*INSPECT, "{bad}/nan_ensc.pt"), "nan_ensc.pt holds non-finite values (NaN or inf) in layer1.0.bn1.running_var"),
     ((*INSPECT, "{bad}/nan.pth", "--teacher-arch", "resnet8"), "nan.pth holds non-finite values"),
