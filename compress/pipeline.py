@@ -32,6 +32,7 @@ from ensc.compress.distill import (
     param_groups,
 )
 from ensc.compress.finetune import make_label_step
+from ensc.compress.identity import check_same_data, data_sha256, run_identity
 from ensc.compress.report import REPORT_UNITS, Predictions, build_report, gaps_closed, parity
 from ensc.compress.robustness import OodScores, corruption_report, ood_report
 from ensc.compress.run_report import (
@@ -56,12 +57,10 @@ from ensc.engine.runtime import Runtime
 from ensc.engine.seeding import seeded
 from ensc.engine.timing import PhaseTimer, StageClock
 from ensc.errors import CheckpointError, CompressParityError, ConfigError, one_line, plural
-from ensc.evaluation.logits_cache import split_sha256, weights_sha256
-from ensc.fileio import atomic_write_text, file_sha256, jsonable
+from ensc.fileio import atomic_write_text, jsonable
 from ensc.models.batchensemble import BatchEnsemble, to_batchensemble
 from ensc.models.checkpoint import ModelSpec, save_checkpoint
 from ensc.teachers.ensemble import Teacher, load_teacher, sanity_check, user_code
-from ensc.teachers.manifest import member_entries
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +158,10 @@ def run_compress(
         stack.enter_context(rundir.run_log(writer.path if writer is not None else None))
         run = _set_up(with_recorded_data_mode(config, run_dir), runtime, sources)
         record = _config_record(run, identity)
+        if writer is not None:  # the images themselves, read now (the API's are in identity)
+            record["data_sha256"] = identity.get("data_sha256") or data_sha256(run.data)
+            if config.resume:
+                check_same_data(writer.path, record["data_sha256"])
         if writer is not None:
             atomic_write_text(writer.path / rundir.CONFIG, json.dumps(record, indent=2) + "\n")
         faults.point("compress.after_config")
@@ -487,42 +490,6 @@ def _build_student(
         for p in student.fast_weight_parameters():
             p.requires_grad_(False)
     return runtime.prepare_model(student), spec, k if isinstance(k, int) else None
-
-
-def run_identity(
-    config: CompressConfig, teacher: Teacher | None = None, data: ImageDataset | None = None
-) -> dict[str, Any]:
-    """What ``--resume`` must match: every flag that shapes the result, and the teacher's member
-    files (their sha256, and how each is read) or, for networks handed over from Python
-    (``teacher``), a digest of each one's weights; for data handed over (``data``), a digest of
-    each split. Reads the files, loads nothing."""
-    flags = {k: v for k, v in jsonable(asdict(config)).items() if k not in _NOT_IN_IDENTITY}
-    if data is not None:
-        flags["data_sha256"] = {
-            name: split_sha256(getattr(data, name)) for name in ("train", "val", "test")
-        }
-    # how many reader processes feed the data changes nothing it computes (data.stream)
-    flags["data_overrides"] = {k: v for k, v in flags["data_overrides"].items() if k != "workers"}
-    if teacher is not None:
-        files = [
-            {"module": type(m).__qualname__, "sha256": weights_sha256(m)} for m in teacher.members
-        ]
-        return {**flags, "teacher_files": files}
-    entries = member_entries(
-        config.teacher, arch=config.teacher_arch, arch_kwargs=config.teacher_arch_kwargs
-    )
-    files = [
-        jsonable({**asdict(e), "path": e.path.name, "sha256": file_sha256(e.path)}) for e in entries
-    ]
-    return {**flags, "teacher_files": files}
-
-
-# where the run goes, how it is told and what it may touch: not what it computes
-# nor the extra evaluations of the finished networks or the baselines beside it: a resumed run
-# may add or drop them
-_NOT_IN_IDENTITY = ("teacher", "out", "runs_dir", "resume", "force", "command", "cache_teacher_logits",
-                    "unsafe_load", "corruptions", "corruption_subset", "ood_data", "save_every",
-                    "baselines")  # fmt: skip
 
 
 def _open_run_dir(
