@@ -368,7 +368,7 @@ def sampled_sizes(
         try:
             with Image.open(path) as img:
                 sizes[img.height, img.width] += 1
-        except OSError as err:
+        except (OSError, Image.DecompressionBombError) as err:  # the bomb is no OSError
             raise DataError(f"cannot decode image {path}: {err}") from err
     return sizes
 

@@ -74,7 +74,7 @@ def pil_image(path: str) -> torch.Tensor:
                 gray = np.clip(np.asarray(img).astype(np.int64), 0, 65535) >> 8
                 return torch.from_numpy(gray.astype(np.uint8)).unsqueeze(0).repeat(3, 1, 1)
             rgb = np.asarray(img.convert("RGB"))
-    except OSError as err:
+    except (OSError, Image.DecompressionBombError) as err:  # the bomb is no OSError
         raise DataError(f"cannot decode image {path}: {err}") from err
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
 

@@ -304,3 +304,14 @@ def test_a_learning_rate_beyond_float32_is_refused_in_one_line(tiny_teacher, tmp
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "must be a finite number" in result.output and "3.40282e+38" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_an_image_over_pils_pixel_limit_is_named(tmp_path: Path, monkeypatch):
+    """PIL's DecompressionBombError is no OSError: it left as a raw exception that named no file.
+    (The limit is lowered here instead of writing a 200-megapixel file.)"""
+    from PIL import Image as PILImage
+
+    root = _image_folder(tmp_path / "data", size=(64, 64))
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 1000)  # 64×64 > 2× the limit: a bomb
+    with pytest.raises(DataError, match=r"cannot decode image .*\.png: .*decompression bomb"):
+        load_dataset(DataConfig("imagefolder", root=root, val_size=2))
