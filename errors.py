@@ -61,3 +61,9 @@ def one_line(err: BaseException, *, join: bool = False) -> str:
 def plural(n: int, noun: str, nouns: str | None = None) -> str:
     """``"1 member"``, ``"2 members"``: ``n`` and the noun in the right number (``nouns``: an irregular plural)."""
     return f"{n} {noun if n == 1 else nouns or noun + 's'}"
+
+
+def signed(value: float, digits: int = 2) -> str:
+    """``"+0.25"``, ``"-1.50"``, and ``"+0.00"`` for whatever rounds to zero (never ``"-0.00"``)."""
+    text = f"{value:+.{digits}f}"
+    return "+" + text[1:] if float(text) == 0 else text

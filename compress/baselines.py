@@ -26,7 +26,7 @@ from typing import Any
 from ensc import rundir
 from ensc.compress.config import CompressConfig, is_single_network
 from ensc.compress.perturb import PerturbConfig
-from ensc.errors import ConfigError
+from ensc.errors import ConfigError, signed
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,8 @@ def baseline_config(
     folder = run_dir / rundir.BASELINES / method if run_dir is not None else None
     resume = folder is not None and rundir.state_of(folder) == "unfinished"  # run_baselines agrees
     return replace(
-        config, method=method, baselines=(), out=folder, resume=resume, force=False,
+        config, method=method, baselines=(), baseline_of=config.method, out=folder, resume=resume,
+        force=False,
         corruptions=False, corruption_subset=None, ood_data=None,
         command=f"{config.command} (baseline {method})",
     )  # fmt: skip
@@ -118,12 +119,18 @@ def _finished_report(folder: Path, method: str) -> dict[str, Any]:
 
 
 def baseline_section(
-    report: dict[str, Any], method: str, baselines: dict[str, dict[str, Any]], written: bool = True
-) -> dict[str, Any]:
+    report: dict[str, Any], method: str, baselines: dict[str, dict[str, Any]], written: bool = True,
+    baseline_of: str | None = None,
+) -> dict[str, Any]:  # fmt: skip
     """report["baselines"]: the baselines' rows and the verdict of the run's single network
-    (``report["student_avg"]``) against each; ``methods`` empty and ``note`` set when none ran."""
+    (``report["student_avg"]``) against each; ``methods`` empty and ``note`` set when none ran
+    (for a run that is itself a baseline, ``baseline_of``, where it is compared)."""
     if not baselines:
-        return {"methods": [], "rows": [], "verdict": [], "note": NOT_RUN}
+        note = NOT_RUN if baseline_of is None else (
+            f"this run is the {LABELS[method]} baseline of a {baseline_of} run, whose report "
+            "compares the two (../../report.md)"
+        )  # fmt: skip
+        return {"methods": [], "rows": [], "verdict": [], "note": note}
     mine = report["student_avg"]
     rows, verdict = [], []
     for name, other in baselines.items():
@@ -173,7 +180,7 @@ def verdict_line(this: str, verdict: list[dict[str, Any]]) -> str:
         else:
             where = "mixed against"
         parts.append(
-            f"{where} {LABELS[v['baseline']]} ({v['acc_diff']:+.2f} points, cNLL {v['cnll_diff']:+.4f})"
+            f"{where} {LABELS[v['baseline']]} ({signed(v['acc_diff'])} points, cNLL {signed(v['cnll_diff'], 4)})"
         )
     return f"{this} is " + " and ".join(parts)
 

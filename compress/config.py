@@ -129,6 +129,7 @@ class CompressConfig:
     method: str = "batchensemble"
     # baselines trained beside the run at its budget and seed, compared in its report (--baselines)
     baselines: tuple[str, ...] = ()
+    baseline_of: str | None = None  # set on a run that --baselines trains: the method it is beside
     # extra evaluations of the finished networks, as `ensc eval` makes them (they cost time):
     corruptions: bool = False  # under the CIFAR-10-C corruptions: report["corruptions"]
     corruption_subset: int | None = None  # ... of a class-balanced subset of N test images

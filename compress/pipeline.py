@@ -258,7 +258,9 @@ def _with_baselines(
 def _add_baselines(report: dict[str, Any], run: _Run) -> None:
     """report["baselines"] (rows and verdict, or a note that none ran) and the teacher warning."""
     method = run.config.method
-    report["baselines"] = baseline_section(report, method, run.baselines, run.baselines_written)
+    report["baselines"] = baseline_section(
+        report, method, run.baselines, run.baselines_written, run.config.baseline_of
+    )
     report["teacher_warning"] = teacher_warning(report, method)
     if report["baselines"]["methods"]:
         log.info("verdict: %s", report["baselines"]["note"])

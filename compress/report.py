@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from ensc.errors import signed
 from ensc.evaluation.corruptions import corruption_table
 from ensc.evaluation.metrics import UNITS, evaluate_predictions
 from ensc.evaluation.ood import TABLE_COLUMNS as OOD_COLUMNS
@@ -196,7 +197,7 @@ def render_markdown(
     lines = [
         f"# {title}",
         "",
-        f"`{command}`",
+        f"`{command}`" if command else "(from Python: `ensc.compress_ensemble`)",
         "",
         *(f"- {k}: {v}" for k, v in details.items()),
         f"- test images: {report['n_test']}, temperature fitted on {report['n_val']} validation images",
@@ -208,11 +209,11 @@ def render_markdown(
         "",
         "## Parity",
         "",
-        f"- averaged network vs BE student: {-gate['acc_drop_vs_student_be']:+.2f} accuracy points "
+        f"- averaged network vs BE student: {signed(-gate['acc_drop_vs_student_be'])} accuracy points "
         f"(allowed drop {gate['max_acc_drop']:.2f}): {'ok' if gate['acc_gate_passed'] else 'FAILED'}",
         f"- fold check (averaged BE vs folded plain network): max |Δlogit| {gate['fold_max_abs_diff']:.2e} "
         f"(tolerance {gate['fold_tolerance']:.0e}): {'ok' if gate['fold_passed'] else 'FAILED'}",
-        f"- averaged network vs teacher ensemble: ACC {gate['vs_teacher']['acc']:+.2f}, "
+        f"- averaged network vs teacher ensemble: ACC {signed(gate['vs_teacher']['acc'])}, "
         f"NLL {gate['vs_teacher']['nll']:+.4f}, ECE {gate['vs_teacher']['ece']:+.4f}",
     ]
     if "gap_closed" in report:

@@ -55,9 +55,13 @@ def _student_line(method: str, settings: dict[str, Any]) -> str:
         if method == "kd-single"
         else f"BE-{settings['members']} {arch} (init {settings['init']})"
     )
+    perturbation = settings["perturbation"]
+    if perturbation != "none":  # a size only where there is a perturbation
+        perturbation += f" (step {settings['perturbation_step']:g}/255)"
+    mix = settings.get("mix", "none")  # runs from before --mix record none
     return (
-        f"{kind}, perturbation {settings['perturbation']} (step {settings['perturbation_step']}/255), "
-        f"α={settings['alpha']}, T={settings['temperature']}"
+        f"{kind}, perturbation {perturbation}{'' if mix == 'none' else f', mix {mix}'}, "
+        f"α={settings['alpha']:g}, T={settings['temperature']:g}"
     )
 
 

@@ -65,6 +65,10 @@ def test_readme_example_runs_and_matches_the_cli_report(
     for name in ("student.pt", "student_be.pt", "report.md", "config.json", "student.onnx"):
         assert (run / name).is_file(), name
     assert not (run / ".incomplete").exists()  # saved runs are finished
+    # no empty command span where the CLI's report shows its command line
+    assert (run / "report.md").read_text().splitlines()[
+        2
+    ] == "(from Python: `ensc.compress_ensemble`)"
     assert result.report["train"]["steps"] == 3
     assert onnx.load(str(run / "student.onnx")).graph.input[0].name
     assert {r.family for r in scope["bench"].rows} == {"teacher", "student-be", "student"}

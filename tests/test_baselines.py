@@ -18,7 +18,13 @@ import torch
 
 import ensc
 from ensc import rundir
-from ensc.compress.baselines import NOT_RUN, baseline_lines, teacher_warning, verdict_line
+from ensc.compress.baselines import (
+    LABELS,
+    NOT_RUN,
+    baseline_lines,
+    teacher_warning,
+    verdict_line,
+)
 from ensc.errors import ConfigError
 from ensc.models.checkpoint import load_checkpoint
 from tests.conftest import run_cli
@@ -101,6 +107,12 @@ def test_baselines_are_rows_with_a_verdict(with_baselines: Path):
         assert verdict["acc_diff"] == pytest.approx(mine["acc"] - row["acc"])
         assert verdict["cnll_diff"] == pytest.approx(mine["cnll"] - row["cnll"])
         assert verdict["better_acc"] == (verdict["acc_diff"] > 0)
+        # its own report points at the run it is beside, not at --baselines (it used to say "not
+        # run: pass --baselines ...")
+        assert own["baselines"]["note"].startswith(
+            f"this run is the {LABELS[row['method']]} baseline"
+        )
+        assert "../../report.md" in (folder / "report.md").read_text()
     # the finetune baseline ran no teacher in its step
     assert "teacher" not in section["rows"][0]["train"]["phase_seconds"]
     md = (with_baselines / "report.md").read_text()

@@ -20,7 +20,7 @@ from ensc import fileio
 from ensc.data.datasets import _decode_images, load_dataset
 from ensc.data.source import data_config_for
 from ensc.data.splits import DataConfig, split_indices
-from ensc.errors import DataError, WriteError, plural
+from ensc.errors import DataError, WriteError, plural, signed
 from ensc.models.checkpoint import ModelSpec, load_checkpoint
 from tests.conftest import run_cli
 
@@ -273,6 +273,12 @@ def test_plural():
     assert (
         plural(1, "class", "classes") == "1 class" and plural(3, "class", "classes") == "3 classes"
     )
+
+
+def test_signed_never_says_minus_zero():
+    """report.md said "-0.00 accuracy points" for a drop that rounds to nothing."""
+    assert [signed(v) for v in (-0.004, 0.0, -0.5, 1.234)] == ["+0.00", "+0.00", "-0.50", "+1.23"]
+    assert signed(-0.00004, 4) == "+0.0000" and signed(-0.00006, 4) == "-0.0001"
 
 
 @pytest.mark.parametrize(

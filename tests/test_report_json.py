@@ -152,7 +152,7 @@ def test_report_md_header_is_read_from_report_json(full_run: Path):
         2, "tdiv-sdiv", 1.0, 1.0, 1.0
     )  # fmt: skip
     assert md_line(md, "- student:") == (
-        "- student: BE-2 resnet8 (init ones), perturbation tdiv-sdiv (step 1.0/255), α=1.0, T=1.0"
+        "- student: BE-2 resnet8 (init ones), perturbation tdiv-sdiv (step 1/255), α=1, T=1"
     )
     assert md_line(md, "- teacher:") == f"- teacher: 2 × resnet8 from {s['teacher']}"
     assert train["steps"] == 2 and s["device"] == "cpu"
