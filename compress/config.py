@@ -104,6 +104,9 @@ class CompressConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     init: str = "ones"  # fast-weight init: "ones" ([WA], needed for averaging) or "normal" ([DM])
     recalibrate_bn: bool = True  # re-estimate BN statistics of the averaged network on train data
+    # fold the temperature fitted on validation into the single network's last layer (calibrated
+    # as shipped; accuracy unchanged)
+    calibrate: bool = True
     bn_recal_batches: int | None = BN_RECAL_BATCHES  # ... on this many shuffled batches; None = all
     cache_teacher_logits: bool = True  # keep the teacher's val/test logits in runs_dir/.cache
     max_acc_drop: float = 1.0  # parity gate: allowed accuracy drop (points) of averaged vs BE

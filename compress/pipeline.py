@@ -196,6 +196,7 @@ def _evaluate(
     clock.start("report_seconds")
     report = build_report(preds, data.val.labels, data.test.labels)
     report["bn_statistics"] = single.bn_statistics  # of the kept network (student.pt)
+    report["calibration"] = single.calibration  # the temperature folded into it, or None
     _add_run_facts(report, run, averaged, single.fold_diff, history)
     _add_baselines(report, run)
     report["teacher_logits_cache"] = single.teacher_cache

@@ -31,11 +31,23 @@ def render_run_report(report: dict[str, Any], run_dir: Path) -> str:
             if "student_avg_alternative" in report
             else report["bn_statistics"]
         ),
+        "calibration": _calibration_line(report.get("calibration")),
     }
     return render_markdown(
         report, title=f"ensc compress: {run_dir.name}", command=settings["command"], details=details,
         sections=baseline_lines(report) if "baselines" in report else [],
     )  # fmt: skip
+
+
+def _calibration_line(calibration: dict[str, Any] | None) -> str:
+    if calibration is None:
+        return "none (--no-calibrate): the network's own probabilities"
+    t = calibration["temperature"]
+    if not calibration["folded"]:
+        return f"temperature {t:.3f} fitted on validation, not folded (the network's output is no Linear layer's)"
+    return (
+        f"temperature {t:.3f} fitted on validation, folded into the last layer (logits / {t:.3f})"
+    )
 
 
 def _validation_line(validation: dict[str, Any]) -> str:

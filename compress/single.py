@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ensc.compress.average import average, fold_max_abs_diff, recalibrate_bn
+from ensc.compress.calibrate import calibrate
 from ensc.compress.config import CompressConfig
 from ensc.compress.report import Predictions
 from ensc.data.batches import iterate_batches
@@ -46,6 +47,7 @@ class SingleNetwork:
     preds: Predictions
     bn_statistics: str  # which the kept network has: "re-estimated" or "as trained"
     teacher_cache: str  # whether the teacher's logits came from the cache
+    calibration: dict[str, float | bool] | None  # the temperature folded into it (--calibrate)
 
 
 def single_network(
@@ -61,7 +63,8 @@ def single_network(
     (and on ``ood``, the --ood-data images, when given).
 
     Of the averaged network's BN statistics as trained and re-estimated (``--recalibrate-bn``),
-    the one with the lower validation NLL is kept; the other is reported beside it.
+    the one with the lower validation NLL is kept; the other is reported beside it. With
+    ``--calibrate`` the temperature fitted on validation is then folded into the kept network.
     """
     with clock("average_seconds"):
         averaged, fold_diff = average_student(student, data, runtime)
@@ -79,7 +82,14 @@ def single_network(
         preds = replace(preds, avg_val=preds.alt_val, avg_test=preds.alt_test, avg_ood=preds.alt_ood,
                         alt_val=preds.avg_val, alt_test=preds.avg_test, alt_ood=preds.avg_ood,
                         alt_name="averaged, BN re-estimated (not kept)")  # fmt: skip
-    return SingleNetwork(averaged, raw, fold_diff, preds, bn_statistics, teacher_cache)
+    calibration = None
+    if config.calibrate:
+        with clock("eval_seconds"):
+            probe = probe_batch([data.val], runtime, n=64)
+            calibration = calibrate(averaged, preds.avg_val, data.val.labels, probe)
+            if calibration["folded"]:
+                preds = predict_again(preds, averaged, data, runtime, ood)
+    return SingleNetwork(averaged, raw, fold_diff, preds, bn_statistics, teacher_cache, calibration)
 
 
 def average_student(
@@ -200,6 +210,21 @@ def predict_all(
         avg_ood=probs(a_logits, "ood"),
         alt_ood=probs(r_logits, "ood"),
     ), cache
+
+
+def predict_again(
+    preds: Predictions, averaged: torch.nn.Module, data: ImageDataset, runtime: Runtime,
+    ood: Split | None,
+) -> Predictions:  # fmt: skip
+    """``preds`` with the averaged network's probabilities from its current weights (after the
+    temperature was folded in), computed as :func:`predict_all` computes them."""
+    splits = {"val": data.val, "test": data.test, **({"ood": ood} if ood is not None else {})}
+    probe = probe_batch(splits.values(), runtime)
+    (logits,) = predict_logits_many([eval_copy(averaged, runtime, probe)], splits, runtime)
+    return replace(
+        preds, avg_val=logits["val"].softmax(-1), avg_test=logits["test"].softmax(-1),
+        avg_ood=logits["ood"].softmax(-1) if ood is not None else None,
+    )  # fmt: skip
 
 
 def validation_record(config: DataConfig, dataset: str, teacher: Teacher) -> dict[str, Any]:

@@ -149,8 +149,11 @@ def test_bad_inputs_say_what_is_wrong(tiny_teacher, fashion):
         ({"steps": "300"}, r"--steps \(steps=\) must be a whole number ≥ 1; got '300'"),
         ({"members": 0}, r"--members \(members=\) must be a whole number ≥ 2; got 0"),
         ({"batch_size": 0}, r"--batch-size \(batch_size=\) must be a whole number ≥ 1"),
-        ({"lr": -1}, r"--lr \(lr=\) must be a finite number > 0; got -1"),
-        ({"lr": float("nan")}, r"--lr \(lr=\) must be a finite number > 0; got nan"),
+        ({"lr": -1}, r"--lr \(lr=\) must be a finite number > 0 and ≤ 3.40282e\+38; got -1"),
+        (
+            {"lr": float("nan")},
+            r"--lr \(lr=\) must be a finite number > 0 and ≤ 3.40282e\+38; got nan",
+        ),
         ({"max_acc_drop": float("nan")}, r"--max-acc-drop \(max_acc_drop=\) must be a finite"),
         ({"alpha": 1.5}, r"--alpha \(alpha=\) must be a finite number ≥ 0 and ≤ 1; got 1.5"),
         ({"stepz": 300}, r"unknown option 'stepz'"),
