@@ -85,6 +85,8 @@ RELIABILITY_PNG = "reliability.png"  # pictures linked from report.md (with matp
 DEE_PNG = "dee.png"
 OOD_PNG = "ood_scores.png"  # with --ood-data
 CORRUPTIONS_PNG = "corruptions.png"  # with --corruptions
+CURVES_CSV = "curves.csv"  # the training record, written as it comes (compress/curves.py)
+CURVES_PNG = "curves.png"
 BASELINES = "baselines"  # --baselines: one finished or unfinished run folder per baseline method
 RESTART_HINT = (
     "--force to start it over"  # how a refused run is started again (reworded for baselines)
@@ -99,7 +101,7 @@ CHECKPOINTS = {"student": STUDENT, "student-be": STUDENT_BE}  # what --what name
 # what --what names -> the stem of its ONNX file in the run, <stem>.onnx
 ONNX_STEMS = {"student": "student", "student-be": "student_be", "teacher": "teacher"}
 RUN_FILES = (STUDENT, STUDENT_BE, CONFIG, LOG, REPORT_JSON, REPORT_MD, RELIABILITY_PNG, DEE_PNG,
-             OOD_PNG, CORRUPTIONS_PNG, STATE, MARKER)  # fmt: skip
+             OOD_PNG, CORRUPTIONS_PNG, CURVES_CSV, CURVES_PNG, STATE, MARKER)  # fmt: skip
 STALE_UNREADABLE_LOCK_SECONDS = 10.0  # a lock still unreadable after this long was left by a crash
 
 

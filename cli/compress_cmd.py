@@ -227,6 +227,12 @@ Examples:
     "RUN/.replaced until the new one finishes, and comes back if it fails.",
 )
 @save_every_option
+@click.option(
+    "--eval-every",
+    type=click.IntRange(min=1),
+    help="Also validate the averaged network every N steps (it is validated at every epoch's "
+    "end anyway): rows of curves.csv / curves.png in the run folder.",
+)
 @teacher_options
 @click.option("--student-init", metavar="auto|scratch|member:K", default="auto", show_default=True,
               callback=check_member_ref,

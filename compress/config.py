@@ -40,6 +40,7 @@ VALUE_RULES: dict[str, tuple[bool, float, bool, float | None]] = {
     "train_subset": (True, 1, True, None), "test_subset": (True, 1, True, None),
     "members": (True, 2, True, None), "seed": (True, 0, True, None),
     "workers": (True, 0, True, None), "save_every": (True, 0, True, None),
+    "eval_every": (True, 1, True, None),
     "bn_recal_batches": (True, 0, True, None), "corruption_subset": (True, 1, True, None),
     "lr": (False, 0, False, None), "weight_decay": (False, 0, True, None),
     "step": (False, 0, True, None), "alpha": (False, 0, True, 1),
@@ -117,6 +118,8 @@ class CompressConfig:
     resume: bool = False
     force: bool = False
     save_every: int | None = None  # mid-epoch saves: every N steps, 0 never, None ~10 min
+    # the averaged network on validation during training: at each epoch's end, and every N steps
+    eval_every: int | None = None
     command: str = ""  # the command line, for the report
     teacher_arch: str | None = None  # architecture of weight-only teacher files (--teacher-arch)
     teacher_arch_kwargs: dict[str, Any] = field(default_factory=dict)  # its builder's arguments

@@ -235,9 +235,13 @@ class _DistillStep:
             return self._two_passes(x, x_tilde, targets, member_labels, backward)
         with timer("student"):  # one pass: KD and CE on the same logits
             logits = self.student_logits(x_tilde)
-            loss = self.loss_fn(logits, targets, logits, member_labels)
+            alpha, zero = self.config.alpha, logits.new_zeros(())
+            kd = alpha * self.loss_fn.kd(logits, targets) if alpha > 0 else zero
+            ce = (1 - alpha) * self.loss_fn.ce(logits, member_labels) if alpha < 1 else zero
+            loss = kd + ce
         backward(loss)
-        return StepResult(loss.detach(), _correct(logits, member_labels, self.split), x.shape[0])
+        correct = _correct(logits, member_labels, self.split)
+        return StepResult(loss.detach(), correct, x.shape[0], kd.detach(), ce.detach())
 
     def _two_passes(
         self, x: torch.Tensor, x_tilde: torch.Tensor, targets: torch.Tensor,
@@ -255,7 +259,7 @@ class _DistillStep:
             ce = (1 - alpha) * self.loss_fn.ce(on_clean, member_labels)
         backward(ce)
         correct = _correct(on_clean, member_labels, self.split)
-        return StepResult(kd.detach() + ce.detach(), correct, x.shape[0])
+        return StepResult(kd.detach() + ce.detach(), correct, x.shape[0], kd.detach(), ce.detach())
 
 
 def mean_prediction_logits(teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:

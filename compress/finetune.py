@@ -27,6 +27,7 @@ def make_label_step(net: nn.Module, timer: PhaseTimer = NO_TIMER) -> StepFn:
             loss = F.cross_entropy(logits.float(), labels)
         backward(loss)
         correct = int((logits.detach().argmax(-1) == labels).sum())
-        return StepResult(loss.detach(), correct, images.shape[0])
+        loss = loss.detach()
+        return StepResult(loss, correct, images.shape[0], loss.new_zeros(()), loss)
 
     return step

@@ -25,6 +25,7 @@ from ensc.compress.config import (
     is_single_network,
     with_recorded_data_mode,
 )
+from ensc.compress.curves import report_section, rows, validator, write_csv
 from ensc.compress.distill import (
     fast_teachers,
     fast_weight_hook,
@@ -57,6 +58,7 @@ from ensc.engine.runtime import Runtime
 from ensc.engine.seeding import seeded
 from ensc.engine.timing import PhaseTimer, StageClock
 from ensc.errors import CheckpointError, CompressParityError, ConfigError, one_line, plural
+from ensc.evaluation.metrics import accuracy
 from ensc.fileio import atomic_write_text, jsonable
 from ensc.models.batchensemble import BatchEnsemble, to_batchensemble
 from ensc.models.checkpoint import ModelSpec, save_checkpoint
@@ -197,6 +199,7 @@ def _evaluate(
     report = build_report(preds, data.val.labels, data.test.labels)
     report["bn_statistics"] = single.bn_statistics  # of the kept network (student.pt)
     report["calibration"] = single.calibration  # the temperature folded into it, or None
+    report["curves"] = {**report_section(history), "lines": _reference_lines(run, preds, data)}
     _add_run_facts(report, run, averaged, single.fold_diff, history)
     _add_baselines(report, run)
     report["teacher_logits_cache"] = single.teacher_cache
@@ -223,6 +226,17 @@ def _evaluate(
     return CompressResult(averaged, run.student, report, md, None, files)
 
 
+def _reference_lines(run: _Run, preds: Predictions, data: ImageDataset) -> dict[str, float]:
+    """Validation accuracies a run's curve is read against: the teacher ensemble's and that of
+    the member the student started from (when it did)."""
+    m = len(run.teacher.members)
+    lines = {f"DE-{m} teacher": accuracy(preds.teacher_val.mean(0), data.val.labels)}
+    if run.init_member is not None:
+        member = preds.teacher_val[run.init_member]
+        lines[f"start: member {run.init_member}"] = accuracy(member, data.val.labels)
+    return lines
+
+
 def _write_results(result: CompressResult, run_dir: Path) -> str:
     """The networks, the pictures, report.json and report.md into ``run_dir``; returns report.md."""
     files, report = result._files, result.report
@@ -230,6 +244,7 @@ def _write_results(result: CompressResult, run_dir: Path) -> str:
     metrics = {k: report["student_avg"][k] for k in ("acc", "nll", "bs", "ece")}
     save_checkpoint(run_dir / rundir.STUDENT, result.network, files.spec, metrics=metrics,
                     info=files.info)  # fmt: skip
+    write_csv(report["curves"]["rows"], run_dir / rundir.CURVES_CSV)  # also when none was written
     md = render_run_report(report, run_dir)
     faults.point("compress.before_report")
     md += draw_pictures(run_dir, files.preds, files.test_split.labels, report, files.ood_scores)
@@ -436,6 +451,8 @@ def _distill(
                       "distill": asdict(config.distill), "init": config.init, "n_train": len(data.train)},
             timer=timer, save_every=config.save_every, generators=[gen],  # perturbations resume too
             after_save=lambda steps: faults.point("compress.step_saved"),
+            evaluate=validator(student, data, runtime), eval_every=config.eval_every,
+            on_record=(lambda h: write_csv(rows(h), run_dir / rundir.CURVES_CSV)) if run_dir else None,
         )  # fmt: skip
         # where this process's steps spent their time (data, perturb, teacher, student, ...)
         return {**history, "phase_seconds": dict(timer.seconds)}

@@ -98,6 +98,11 @@ def draw_pictures(
     plots.reliability_diagram(bins, run_dir / rundir.RELIABILITY_PNG, force=True)
     plots.dee_curve(report["de_cnll_curve"], points, run_dir / rundir.DEE_PNG, force=True)
     links = [("reliability diagram", rundir.RELIABILITY_PNG), ("DEE curve", rundir.DEE_PNG)]
+    curves = report.get("curves") or {}
+    if curves.get("rows"):
+        plots.training_curves(curves["rows"], run_dir / rundir.CURVES_PNG,
+                              lines=curves.get("lines"), force=True)  # fmt: skip
+        links.insert(0, ("training curves", rundir.CURVES_PNG))
     if ood_scores is not None:
         plots.ood_histograms(ood_scores, run_dir / rundir.OOD_PNG, out_name=report["ood"]["data"],
                              force=True)  # fmt: skip

@@ -95,6 +95,9 @@ class StepResult(NamedTuple):
     loss: torch.Tensor
     correct: int
     count: int
+    # the loss's parts, when it has two: the KD term and the CE term (weighted as in the loss)
+    kd: torch.Tensor | None = None
+    ce: torch.Tensor | None = None
 
 
 BackwardFn = Callable[[torch.Tensor], None]
@@ -103,6 +106,13 @@ BackwardFn = Callable[[torch.Tensor], None]
 StepFn = Callable[[torch.Tensor, torch.Tensor, BackwardFn], StepResult]
 LOG_EVERY_SECONDS = 60.0  # progress lines in the log, also when no terminal shows the bar
 SAVE_EVERY_SECONDS = 600.0  # default mid-epoch saves: about every 10 minutes of training
+
+
+def _val_text(record: dict[str, Any]) -> str:
+    """ ", val acc 81.20% nll 0.5812" when the record has a validation, else ""."""
+    if "val_acc" not in record:
+        return ""
+    return f", val acc {record['val_acc']:.2f}% nll {record['val_nll']:.4f}"
 
 
 def make_optimizer(param_groups: Iterable[dict[str, Any]], config: OptimConfig) -> torch.optim.SGD:
@@ -138,6 +148,9 @@ def train(
     save_every: int | None = None,
     generators: Sequence[torch.Generator] = (),
     after_save: Callable[[int], None] | None = None,
+    evaluate: Callable[[], dict[str, float]] | None = None,
+    eval_every: int | None = None,
+    on_record: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Run the loop; returns a history dict (per-epoch loss/acc, steps, seconds, and the seconds
     of this session's first step, which :func:`steady_seconds_per_step` leaves out).
@@ -155,6 +168,12 @@ def train(
     of the state's identity. ``generators``: the step's own generators (e.g. perturbations), saved
     and restored with the state. ``after_save(steps)`` runs once a mid-epoch state is saved.
 
+    ``evaluate()`` (on the main process) returns validation metrics, merged into each epoch's
+    record and also taken every ``eval_every`` steps (``history["evals"]``); it must leave the
+    model as it found it. ``on_record(history)`` runs after each record (e.g. to write curves).
+    Each epoch's record (``history["epochs"]``) holds its step count, mean loss with its ``kd``
+    and ``ce`` parts, accuracy, learning rate and seconds.
+
     Raises :class:`DivergenceError` when the loss, or at an epoch's end a parameter or buffer of
     ``model`` (e.g. BatchNorm statistics), is NaN or infinite.
     """
@@ -168,6 +187,7 @@ def train(
         after_backward=after_backward, timer=timer, after_epoch=after_epoch,
         save_every=save_every, generators=generators, after_save=after_save,
     )  # fmt: skip
+    loop.evaluate, loop.eval_every, loop.on_record = evaluate, eval_every, on_record
     identity = {"config": asdict(config), **(identity or {})}
     if state_path is not None and resume and Path(state_path).exists():
         loop.resume(Path(state_path), identity)
@@ -181,11 +201,21 @@ class _Sums(NamedTuple):
     correct: int = 0
     count: int = 0
     steps: int = 0
+    kd: float = 0.0  # the parts' totals (0 when the step does not report them)
+    ce: float = 0.0
 
     def add(self, result: StepResult) -> _Sums:
         """These totals with one more step's."""
+        kd = self.kd + (float(result.kd) if result.kd is not None else 0.0)
+        ce = self.ce + (float(result.ce) if result.ce is not None else 0.0)
         return _Sums(self.loss + float(result.loss), self.correct + result.correct,
-                     self.count + result.count, self.steps + 1)  # fmt: skip
+                     self.count + result.count, self.steps + 1, kd, ce)  # fmt: skip
+
+    def record(self) -> dict[str, float]:
+        """The epoch's means: loss, its KD and CE parts, accuracy (percent)."""
+        steps = max(1, self.steps)
+        return {"loss": self.loss / steps, "kd": self.kd / steps, "ce": self.ce / steps,
+                "acc": 100 * self.correct / max(1, self.count)}  # fmt: skip
 
 
 class _SaveClock:
@@ -251,6 +281,9 @@ class _Loop:
         self.state_path: Path | None = None
         self.identity: dict[str, Any] = {}
         self.last_save_log = -math.inf
+        self.evaluate: Callable[[], dict[str, float]] | None = None
+        self.eval_every: int | None = None
+        self.on_record: Callable[[dict[str, Any]], None] | None = None
 
     def _parts(self) -> dict[str, Any]:
         return {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler,
@@ -330,12 +363,18 @@ class _Loop:
         for epoch in range(self.start_epoch, self.epochs):
             if history["steps"] >= self.total:
                 break
-            loss, acc = self._epoch(epoch)
+            sums = self._epoch(epoch)
             self._check_finite(epoch)
-            history["seconds"] = time.perf_counter() - self.t0
-            history["epochs"].append({"epoch": epoch + 1, "loss": loss, "acc": acc})
-            log.info("%s: epoch %d/%d loss %.4f acc %.2f%% (%.0fs)",
-                     self.desc, epoch + 1, self.epochs, loss, acc, history["seconds"])  # fmt: skip
+            record = {"epoch": epoch + 1, "step": history["steps"], **sums.record(),
+                      "lr": self.optimizer.param_groups[0]["lr"]}  # fmt: skip
+            record.update(self._validate())
+            history["seconds"] = record["seconds"] = time.perf_counter() - self.t0
+            history["epochs"].append(record)
+            log.info("%s: epoch %d/%d loss %.4f acc %.2f%%%s (%.0fs)", self.desc, epoch + 1,
+                     self.epochs, record["loss"], record["acc"], _val_text(record),
+                     history["seconds"])  # fmt: skip
+            if self.on_record is not None and self.runtime.is_main:
+                self.on_record(history)
             if state_path is not None and self.runtime.is_main:
                 self._save(epoch + 1, 0, _Sums())
             self.runtime.barrier()  # others wait until rank 0's state file is complete
@@ -384,9 +423,8 @@ class _Loop:
         with torch.autocast(self.runtime.device.type, enabled=False), self.timer("student"):
             self.scaler.scale(loss).backward()
 
-    def _epoch(self, epoch: int) -> tuple[float, float]:
-        """One pass over the shuffled data (or what is left of the step budget): mean loss and
-        accuracy (percent) of its steps."""
+    def _epoch(self, epoch: int) -> _Sums:
+        """One pass over the shuffled data (or what is left of the step budget): its totals."""
         runtime, history, timer = self.runtime, self.history, self.timer
         self.model.train()
         sums, start = self.start_sums, self.start_batch  # what a resumed epoch had done
@@ -407,7 +445,44 @@ class _Loop:
             result = self._optimizer_step(images, labels)
             sums = sums.add(result)
             self._after_step(epoch, sums.loss / sums.steps, 100 * sums.correct / max(1, sums.count))
-        return sums.loss / max(1, sums.steps), 100 * sums.correct / max(1, sums.count)
+            if self._eval_due() and not self._epoch_ends(sums.steps + start):
+                self._record_eval(epoch)
+        return sums
+
+    def _eval_due(self) -> bool:
+        steps = self.history["steps"]
+        return bool(self.eval_every) and steps % self.eval_every == 0 and steps < self.total
+
+    def _epoch_ends(self, batches: int) -> bool:
+        """Whether ``batches`` batches end the epoch (its record then holds the evaluation)."""
+        return batches >= self._per_epoch() or self.history["steps"] >= self.total
+
+    def _validate(self) -> dict[str, float]:
+        """The evaluation's metrics (on the main process), its seconds counted apart; the model
+        back in training mode."""
+        if self.evaluate is None or not self.runtime.is_main:
+            return {}
+        started = time.perf_counter()
+        with self.timer("validate"):
+            metrics = dict(self.evaluate())
+        self.history["eval_seconds"] = self.history.get("eval_seconds", 0.0) + (
+            time.perf_counter() - started
+        )
+        self.model.train()
+        return metrics
+
+    def _record_eval(self, epoch: int) -> None:
+        """A validation between epochs (every ``eval_every`` steps) into ``history["evals"]``."""
+        metrics = self._validate()
+        if not metrics:
+            return
+        history = self.history
+        history.setdefault("evals", []).append({
+            "epoch": epoch + 1, "step": history["steps"], "lr": self.optimizer.param_groups[0]["lr"],
+            "seconds": time.perf_counter() - self.t0, **metrics,
+        })  # fmt: skip
+        if self.on_record is not None:
+            self.on_record(history)
 
     def _optimizer_step(self, images: torch.Tensor, labels: torch.Tensor) -> StepResult:
         self.optimizer.zero_grad(set_to_none=True)

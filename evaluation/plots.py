@@ -141,6 +141,42 @@ def dee_curve(
     return _save(fig, path, force)
 
 
+def training_curves(
+    rows: Sequence[Mapping[str, Any]],
+    path: Path,
+    *,
+    lines: Mapping[str, float] | None = None,
+    force: bool = False,
+) -> Path:
+    """Training of a run by step: loss (with its KD and CE parts), learning rate, and the
+    network's validation accuracy, with ``lines`` (name -> validation accuracy, e.g. the teacher
+    ensemble and the start member) as horizontal references."""
+    fig = _figure_class()(11.0, 3.4)
+    loss_ax, lr_ax, val_ax = (fig.add_subplot(1, 3, k) for k in (1, 2, 3))
+    epochs = [r for r in rows if r.get("loss") is not None]
+    steps = [r["step"] for r in epochs]
+    loss_ax.plot(steps, [r["loss"] for r in epochs], marker="o", color="black", label="loss")
+    for key, color in (("kd", "C0"), ("ce", "C1")):
+        values = [r.get(key) or 0.0 for r in epochs]
+        if any(values):
+            loss_ax.plot(steps, values, marker=".", color=color, linestyle="--", label=key.upper())
+    loss_ax.set(xlabel="step", ylabel="training loss (epoch mean)")
+    with_lr = [r for r in rows if r.get("lr") is not None]
+    lr_ax.plot([r["step"] for r in with_lr], [r["lr"] for r in with_lr], marker="o", color="C2")
+    lr_ax.set(xlabel="step", ylabel="learning rate")
+    val = [r for r in rows if r.get("val_acc") is not None]
+    val_ax.plot([r["step"] for r in val], [r["val_acc"] for r in val], marker="o", color="C3",
+                label="this network")  # fmt: skip
+    for i, (name, value) in enumerate((lines or {}).items()):
+        val_ax.axhline(value, color=f"C{4 + i}", linestyle="--", linewidth=1, label=name)
+    val_ax.set(xlabel="step", ylabel="validation accuracy (%)")
+    for ax in (loss_ax, lr_ax, val_ax):
+        ax.grid(alpha=0.3)
+    loss_ax.legend(fontsize=7)
+    val_ax.legend(fontsize=7)
+    return _save(fig, path, force)
+
+
 def ood_histograms(
     models: Mapping[str, Mapping[str, tuple[torch.Tensor, torch.Tensor]]],
     path: Path,

@@ -41,9 +41,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 FLAGS = ("--arch", "resnet8", "--epochs", "2", "--batch-size", "32", "--train-subset", "200",
          "--test-subset", "100", "--bn-recal-batches", "2", "--max-acc-drop", "100")  # fmt: skip
 PICTURES = ["dee.png", "reliability.png"] if importlib.util.find_spec("matplotlib") else []
+PICTURES = [*PICTURES, "curves.png"] if PICTURES else []
 RUN_FILES = sorted(
-    ["config.json", "log.txt", "report.json", "report.md", "student.pt", "student_be.pt", *PICTURES]
-)
+    ["config.json", "curves.csv", "log.txt", "report.json", "report.md", "student.pt",
+     "student_be.pt", *PICTURES]
+)  # fmt: skip
 EXPORT = ("export", "--onnx", "--check-samples", "16")
 
 
@@ -139,9 +141,22 @@ def assert_finished_as(run: Path, reference: Path) -> None:
         assert got.keys() == want.keys(), name
         for key in want:  # equal up to float round-off: multi-threaded kernels sum in any order
             torch.testing.assert_close(got[key], want[key], msg=f"{name} {key}")
+    # the curves continue across the kill: the same rows (no gap, no repeat), times aside
+    got, want = (_curves(folder / "curves.csv") for folder in (run, reference))
+    assert [row[0] for row in got] == [row[0] for row in want]  # the steps
+    for a, b in zip(got, want, strict=True):
+        assert a[1:] == pytest.approx(b[1:], rel=1e-4), (a, b)
     # report.json describes this student.pt: the metrics saved inside it are the report's
     metrics = load_checkpoint(run / "student.pt").metrics
     assert metrics == {k: report["student_avg"][k] for k in ("acc", "nll", "bs", "ece")}
+
+
+def _curves(path: Path) -> list[list[float]]:
+    """curves.csv's rows as numbers (empty cells as nan), its seconds column left out."""
+    header, *lines = path.read_text().splitlines()
+    keep = [i for i, name in enumerate(header.split(",")) if name != "seconds"]
+    return [[float(v) if v else float("nan") for i, v in enumerate(line.split(",")) if i in keep]
+            for line in lines]  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -137,7 +137,8 @@ def test_compress_writes_ood_and_corruption_sections_and_pictures(full_run: Path
     assert "![accuracy and cNLL under corruption](corruptions.png)" in md
     assert sorted(p.name for p in full_run.iterdir()) == sorted(
         ["config.json", "log.txt", "report.json", "report.md", "student.pt", "student_be.pt",
-         "reliability.png", "dee.png", "ood_scores.png", "corruptions.png"]
+         "reliability.png", "dee.png", "ood_scores.png", "corruptions.png", "curves.csv",
+         "curves.png"]
     )  # fmt: skip
 
 

@@ -1,0 +1,78 @@
+"""Watch a run: validation of the averaged network during training, and its curves.
+
+Each epoch's record (:func:`ensc.engine.loop.train`'s ``history["epochs"]``: loss with its KD and
+CE parts, training accuracy, learning rate, seconds) gets the averaged network's validation
+accuracy and NLL, and so does every ``--eval-every N`` steps (``history["evals"]``). The network
+is the BE student averaged as it stands (its fold is exact, docs/method.md §8) with the running
+BatchNorm statistics, evaluated as the final network is (BN folded, on the validation split), so
+a bad setting shows on its curve early. The records go to ``curves.csv`` in the run folder as they
+come (rewritten atomically, so a resumed run continues the same rows) and, at the end, to
+``curves.png`` and report.json's ``curves``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ensc.compress.average import average
+from ensc.data.splits import ImageDataset
+from ensc.engine.predict import eval_copy, predict_logits_many, probe_batch
+from ensc.engine.runtime import Runtime
+from ensc.evaluation.metrics import accuracy, nll
+from ensc.fileio import atomic_write_text
+from ensc.models.batchensemble import BatchEnsemble
+
+COLUMNS = ("step", "epoch", "loss", "kd", "ce", "acc", "lr", "seconds", "val_acc", "val_nll")
+
+
+def validator(
+    student: BatchEnsemble, data: ImageDataset, runtime: Runtime
+) -> Callable[[], dict[str, float]]:
+    """``evaluate()`` for the loop: the averaged network's validation accuracy (%) and NLL.
+    The student is left as it is (averaging copies it)."""
+    splits = {"val": data.val}
+    probe = probe_batch(splits.values(), runtime, n=64)
+
+    def evaluate() -> dict[str, float]:
+        net = eval_copy(average(student).to(runtime.device).eval(), runtime, probe)
+        (logits,) = predict_logits_many([net], splits, runtime)
+        probs = logits["val"].softmax(-1)
+        return {"val_acc": accuracy(probs, data.val.labels), "val_nll": nll(probs, data.val.labels)}
+
+    return evaluate
+
+
+def rows(history: dict[str, Any]) -> list[dict[str, Any]]:
+    """The records in step order: epoch ends (every column) and evaluations between them."""
+    records = [*history.get("epochs", []), *history.get("evals", [])]
+    return sorted(records, key=lambda r: (r["step"], "loss" not in r))
+
+
+def write_csv(records: list[dict[str, Any]], path: Path) -> None:
+    """``curves.csv``: one row per record (:func:`rows`), empty cells where it has no value."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for record in records:
+        writer.writerow({k: _cell(record.get(k)) for k in COLUMNS})
+    atomic_write_text(path, out.getvalue())
+
+
+def _cell(value: Any) -> Any:
+    return "" if value is None else round(value, 6) if isinstance(value, float) else value
+
+
+def report_section(history: dict[str, Any]) -> dict[str, Any]:
+    """report["curves"]: the records, and what validating during training cost."""
+    seconds = history.get("seconds", 0.0)
+    spent = history.get("eval_seconds", 0.0)
+    return {
+        "columns": list(COLUMNS),
+        "rows": [{k: r.get(k) for k in COLUMNS} for r in rows(history)],
+        "eval_seconds": round(spent, 2),
+        "eval_share": round(spent / seconds, 4) if seconds else None,  # of the training time
+    }

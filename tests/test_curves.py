@@ -1,0 +1,61 @@
+"""Watch a run: per-epoch records, validation of the averaged network during training, curves."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli
+
+FLAGS = ("--arch", "resnet8", "--epochs", "2", "--batch-size", "32", "--train-subset", "400",
+         "--test-subset", "100", "--perturb", "none", "--alpha", "0.9", "--max-acc-drop", "100")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def watched(tiny_teacher: Path, tmp_path_factory) -> Path:
+    cwd = tmp_path_factory.mktemp("curves")
+    run = cwd / "run"
+    result = run_cli("compress", "--teacher", str(tiny_teacher), *FLAGS, "--eval-every", "5",
+                     "--out", str(run), cwd=cwd)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return run
+
+
+def test_every_epoch_and_every_n_steps_are_recorded(watched: Path):
+    report = json.loads((watched / "report.json").read_text())
+    curves = report["curves"]
+    steps = [r["step"] for r in curves["rows"]]
+    # 360 training images, batches of 32: 11 steps per epoch, 22 in all
+    assert steps == [5, 10, 11, 15, 20, 22]
+    epochs = [r for r in curves["rows"] if r["loss"] is not None]
+    assert [r["step"] for r in epochs] == [11, 22] and [r["epoch"] for r in epochs] == [1, 2]
+    for r in epochs:  # α 0.9 with no perturbation: one pass, both parts, summing to the loss
+        assert r["kd"] > 0 and r["ce"] > 0 and r["kd"] + r["ce"] == pytest.approx(r["loss"])
+        assert 0 <= r["acc"] <= 100 and r["lr"] >= 0
+    assert epochs[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # the cosine ends at zero
+    for r in curves["rows"]:
+        assert 0 <= r["val_acc"] <= 100 and r["val_nll"] > 0
+    assert curves["eval_seconds"] > 0 and 0 < curves["eval_share"] < 1
+    assert set(curves["lines"]) == {"DE-2 teacher", "start: member 0"}
+    assert curves["lines"]["DE-2 teacher"] == report["val"]["teacher"]["acc"]
+    with open(watched / "curves.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in table] == steps
+    assert [r["loss"] == "" for r in table] == [r["loss"] is None for r in curves["rows"]]
+    assert float(table[2]["val_acc"]) == pytest.approx(curves["rows"][2]["val_acc"])
+
+
+@pytest.mark.skipif(not importlib.util.find_spec("matplotlib"), reason="needs matplotlib")
+def test_report_md_shows_the_curves(watched: Path):
+    assert (watched / "curves.png").stat().st_size > 1000
+    assert "![training curves](curves.png)" in (watched / "report.md").read_text()
+
+
+def test_eval_every_is_checked(tiny_teacher: Path, tmp_path: Path):
+    result = run_cli("compress", "--teacher", str(tiny_teacher), *FLAGS, "--eval-every", "0",
+                     "--out", str(tmp_path / "r"), cwd=tmp_path)  # fmt: skip
+    assert result.exit_code != 0 and "--eval-every" in result.output
