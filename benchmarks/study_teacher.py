@@ -127,7 +127,12 @@ PLANS: dict[str, list[dict[str, Any]]] = {
     # `ensc train` made on 10,000 CIFAR-10 JPEGs (benchmarks/teachers/, see its README), the
     # student a ResNet-20 warm-started from member 0, both baselines beside every product row;
     # the defaults were chosen on its validation split (indomain-v1, indomain-search)
-    "indomain": [  # in the order they run (two at a time): the longest row first
+    "indomain": [  # in the order they run (two at a time)
+        *(versus(300, seed=s) for s in (0, 1, 2)),
+        *(versus(1000, seed=s) for s in (0, 1, 2)),
+    ],
+    # the same rows at the in-domain defaults before T 4 (α 1, T 1, tdiv-sdiv; no calibration)
+    "indomain-v2": [
         versus(1000),
         *(versus(300, seed=s) for s in (0, 1, 2)),
         *(versus(1000, seed=s) for s in (1, 2)),
@@ -191,6 +196,10 @@ FROZEN = {
     plan: "ran at the defaults before the in-domain choice (alpha 0.9, temperature 1, perturb none)"
     for plan in ("search", "main", "fmnist", "indomain-v1", "indomain-search")
 }
+FROZEN["indomain-v2"] = "ran at α 1, T 1 before T 4 became the warm-start default (no calibration)"
+FROZEN["indomain-mix"] = FROZEN["indomain-t4"] = (
+    "ran at α 1, T 1 but for the flags named, before calibration"
+)
 
 
 def manifest(work: Path) -> Path:
@@ -223,7 +232,14 @@ FMNIST1K_TEACHER = REPO / "benchmarks" / "teachers" / "fmnist-1k-resnet8"
 
 def in_domain(plan: str) -> bool:
     """Plans on the in-domain DE-4 of ResNet-20s (benchmarks/teachers/cifar10jpeg-10k-resnet20)."""
-    return plan in ("indomain", "indomain-v1", "indomain-search", "indomain-mix", "indomain-t4")
+    return plan in (
+        "indomain",
+        "indomain-v1",
+        "indomain-search",
+        "indomain-mix",
+        "indomain-t4",
+        "indomain-v2",
+    )
 
 
 def teacher_flags(plan: str, work: Path) -> list[str]:
