@@ -42,9 +42,10 @@ StudentLike = str | nn.Module | Callable[..., nn.Module]
 
 
 def compress_ensemble(
-    teachers: str | Path | Sequence[nn.Module],
-    student: StudentLike,
+    teachers: str | Path | Sequence[nn.Module] | None = None,
+    student: StudentLike | None = None,
     *,
+    config: str | Path | None = None,
     train_data: TorchData | None = None,
     test_data: TorchData | None = None,
     val_data: TorchData | None = None,
@@ -80,6 +81,9 @@ def compress_ensemble(
             item through ``__getitem__``. Without ``val_data`` validation is carved from
             ``train_data``. Without any: the data the teacher was trained on, or
             ``dataset=``/``data_root=``.
+        config: a run folder (or its config.json) to rerun with the settings it recorded;
+            ``teachers``, ``student`` and the keyword options given override them one by one.
+            The teacher files and the images must be the recorded ones unless overridden.
         out: write the run folder there as it goes (resumable with ``resume=True``); without it
             nothing touches the disk (no teacher-logits cache either) until
             :meth:`CompressResult.save`.
@@ -98,10 +102,29 @@ def compress_ensemble(
     """
     from ensc.engine.allocator import tune_malloc
 
+    teachers, student, options = _with_recorded(config, teachers, student, options)
     tune_malloc()  # the CLI's malloc settings (tcmalloc needs the `ensc` command: docs/bench-distill.md)
     with _progress_lines(progress):
         return _compress(teachers, student, train_data, test_data, val_data, out, save,
                          resolve_runtime(device, amp, channels_last), hflip, check, options)  # fmt: skip
+
+
+def _with_recorded(
+    config: str | Path | None, teachers: Any, student: Any, options: dict[str, Any]
+) -> tuple[Any, Any, dict[str, Any]]:
+    """``config=``: the recorded run's teacher, architecture and options under the given ones."""
+    if config is None:
+        if teachers is None or student is None:
+            raise ConfigError(
+                "compress_ensemble needs teachers and student (or config=RUN to rerun a run)"
+            )
+        return teachers, student, options
+    from ensc.compress.rerun import rerun_options
+
+    given = {**options, **({"teacher": teachers} if teachers is not None else {}),
+             **({"arch": student} if student is not None else {})}  # fmt: skip
+    merged, expected = rerun_options(config, given)
+    return merged.pop("teacher"), merged.pop("arch"), {**merged, "expected": expected}
 
 
 @contextlib.contextmanager

@@ -23,6 +23,11 @@ from ensc.compress.names import COMPRESS_METHODS, MIXES, PERTURBATIONS
 from ensc.data.catalog import DATASETS
 
 
+def given_here(ctx: click.Context, name: str) -> bool:
+    """Whether the option ``name`` was on the command line (not its default)."""
+    return ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE
+
+
 @click.command(
     "compress",
     epilog="""\b
@@ -38,13 +43,21 @@ Examples:
 @click.option(
     "--teacher",
     type=click.Path(path_type=Path),
-    required=True,
-    help="Teacher members: a folder (with or without ensemble.json), a manifest, a file or a quoted glob.",
+    help="Teacher members: a folder (with or without ensemble.json), a manifest, a file or a "
+    "quoted glob. Required unless --config.",
 )
 @click.option(
     "--arch",
-    required=True,
-    help="Student architecture: registry name, torchvision:NAME, timm:NAME or package.module:callable.",
+    help="Student architecture: registry name, torchvision:NAME, timm:NAME or "
+    "package.module:callable. Required unless --config.",
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    help="Rerun the run whose folder (or config.json) this is, with the settings it recorded; "
+    "the flags given here override them one by one. Its teacher files and images must be the "
+    "recorded ones unless a flag names others.",
 )
 @arch_kwargs_option
 @click.option(
@@ -247,11 +260,21 @@ def compress_cmd(ctx: click.Context, device: str, amp: bool | None, channels_las
     """Distill a teacher ensemble into a BatchEns student and average it into one network."""
     from ensc.api import compress_ensemble
 
+    config_path = flags.pop("config_path")
+    flags.update(arch_kwargs=json_object(arch_kwargs), student_init=member_index(student_init),
+                 teacher_arch_kwargs=json_object(teacher_arch_kwargs))  # fmt: skip
+    if config_path is None:
+        for name in ("teacher", "arch"):
+            if flags[name] is None:
+                raise click.UsageError(
+                    f"Missing option '--{name}' (or --config RUN to rerun a run)."
+                )
+    else:  # only what the command line says: the rest comes from the recorded run
+        flags = {k: v for k, v in flags.items() if given_here(ctx, k) or k == "out"}
     result = compress_ensemble(
-        flags.pop("teacher"), flags.pop("arch"), out=flags.pop("out"), save=True,
-        device=device, amp=amp, channels_last=channels_last, arch_kwargs=json_object(arch_kwargs),
-        teacher_arch_kwargs=json_object(teacher_arch_kwargs),
-        student_init=member_index(student_init), command=command_line(ctx), **flags,
+        flags.pop("teacher", None), flags.pop("arch", None), config=config_path,
+        out=flags.pop("out"), save=True, device=device, amp=amp, channels_last=channels_last,
+        command=command_line(ctx), **flags,
     )  # fmt: skip
     if result is None:  # a non-main process of a torchrun launch: rank 0 reports
         return

@@ -120,6 +120,8 @@ class CompressConfig:
     save_every: int | None = None  # mid-epoch saves: every N steps, 0 never, None ~10 min
     # the averaged network on validation during training: at each epoch's end, and every N steps
     eval_every: int | None = None
+    # --config: what a rerun must find again (the recorded teacher files and image digests)
+    expected: dict[str, Any] | None = None
     command: str = ""  # the command line, for the report
     teacher_arch: str | None = None  # architecture of weight-only teacher files (--teacher-arch)
     teacher_arch_kwargs: dict[str, Any] = field(default_factory=dict)  # its builder's arguments

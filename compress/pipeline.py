@@ -35,6 +35,7 @@ from ensc.compress.distill import (
 from ensc.compress.finetune import make_label_step
 from ensc.compress.identity import check_same_data, data_sha256, run_identity
 from ensc.compress.report import REPORT_UNITS, Predictions, build_report, gaps_closed, parity
+from ensc.compress.rerun import check_data, check_teacher
 from ensc.compress.robustness import OodScores, corruption_report, ood_report
 from ensc.compress.run_report import (
     draw_pictures,
@@ -152,6 +153,7 @@ def run_compress(
         config = replace(config, cache_teacher_logits=False)
     sources = sources or Sources()
     identity = run_identity(config, sources.teacher, sources.data)
+    check_teacher(config.expected, identity["teacher_files"])  # --config: the recorded teacher
     with contextlib.ExitStack() as stack:
         writer = None
         if write and runtime.is_main:
@@ -160,9 +162,10 @@ def run_compress(
         stack.enter_context(rundir.run_log(writer.path if writer is not None else None))
         run = _set_up(with_recorded_data_mode(config, run_dir), runtime, sources)
         record = _config_record(run, identity)
-        if writer is not None:  # the images themselves, read now (the API's are in identity)
+        if writer is not None or config.expected:  # the images (the API's are in identity)
             record["data_sha256"] = identity.get("data_sha256") or data_sha256(run.data)
-            if config.resume:
+            check_data(config.expected, record["data_sha256"])  # --config: the recorded images
+            if writer is not None and config.resume:
                 check_same_data(writer.path, record["data_sha256"])
         if writer is not None:
             atomic_write_text(writer.path / rundir.CONFIG, json.dumps(record, indent=2) + "\n")
