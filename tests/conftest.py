@@ -37,6 +37,36 @@ def run_cli(*args: str, cwd: Path | None = None):
         os.chdir(old)
 
 
+def png_folder_teacher(root: Path) -> tuple[Path, Path]:
+    """An image folder of random 16×16 PNGs (train: 2 × 30, test: 2 × 6) under ``root/data`` and
+    a 2-member resnet8 teacher trained on it for one step; returns (data folder, teacher)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for part, n in (("train", 30), ("test", 6)):
+        for cls in ("a", "b"):
+            (root / "data" / part / cls).mkdir(parents=True)
+            for k in range(n):
+                pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / "data" / part / cls / f"{k}.png")
+    result = run_cli("train", "--dataset", "imagefolder", "--data-root", str(root / "data"),
+                     "--arch", "resnet8", "--members", "2", "--epochs", "1", "--batch-size", "16",
+                     "--max-steps", "1", "--out", str(root / "teacher"))  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return root / "data", root / "teacher"
+
+
+def rewrite_pngs(folder: Path, seed: int = 1) -> None:
+    """Every PNG in ``folder`` rewritten with other random pixels, under the same name."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for image in sorted(folder.glob("*.png")):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(image)
+
+
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory) -> Path:
     """A 2-member resnet8 Fashion-MNIST teacher trained for a few steps (seconds on a CPU)."""

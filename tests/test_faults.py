@@ -21,7 +21,6 @@ import time
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
 import torch
@@ -31,7 +30,7 @@ from ensc.errors import ConfigError
 from ensc.export.onnx import read_metadata, save_onnx, set_metadata
 from ensc.fileio import file_sha256
 from ensc.models.checkpoint import load_checkpoint
-from tests.conftest import run_cli
+from tests.conftest import png_folder_teacher, rewrite_pngs, run_cli
 
 # every run here on one thread, in this process as in the subprocesses (OMP_NUM_THREADS=1), so
 # an interrupted run and its uninterrupted reference do the same arithmetic
@@ -560,27 +559,13 @@ def test_checkpoints_of_an_unfinished_run_are_refused_by_path(interrupted: Path,
 def test_resume_refuses_images_that_changed_under_the_same_names(tmp_path: Path):
     """The API hashed the data it was handed for --resume; the CLI did not, so a run resumed on
     an image folder whose files were rewritten trained on a mix of old and new images."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for part, n in (("train", 30), ("test", 6)):
-        for cls in ("a", "b"):
-            (tmp_path / "data" / part / cls).mkdir(parents=True)
-            for k in range(n):
-                pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(tmp_path / "data" / part / cls / f"{k}.png")
-    data = ("--dataset", "imagefolder", "--data-root", str(tmp_path / "data"))
-    teacher = tmp_path / "teacher"
-    result = run_cli("train", *data, "--arch", "resnet8", "--members", "2", "--epochs", "1",
-                     "--batch-size", "16", "--max-steps", "1", "--out", str(teacher))  # fmt: skip
-    assert result.exit_code == 0, result.output
+    data, teacher = png_folder_teacher(tmp_path)
     run = tmp_path / "run"
     args = ("compress", "--teacher", str(teacher), "--arch", "resnet8", "--batch-size", "16",
             "--epochs", "1", "--max-acc-drop", "100", "--out", str(run))  # fmt: skip
     killed(args, "compress.after_config", tmp_path)
     assert "data_sha256" in json.loads((run / "config.json").read_text())
-    for image in sorted((tmp_path / "data" / "train" / "a").glob("*.png")):  # same names
-        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(image)
+    rewrite_pngs(data / "train" / "a")  # same names, other pixels
     line = error_line(run_cli(*args, "--resume", cwd=tmp_path))
     assert "--resume: the train" in line and "images differ from those" in line
     assert "--force" in line and rundir.state_of(run) == "unfinished"

@@ -7,12 +7,11 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import ensc
 from ensc.errors import ConfigError
-from tests.conftest import TINY_COMPRESS, run_cli
+from tests.conftest import TINY_COMPRESS, png_folder_teacher, rewrite_pngs, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # the same arithmetic run after run
 
@@ -81,26 +80,12 @@ def test_a_rerun_refuses_other_teacher_files_and_other_images(original, tmp_path
 
 
 def test_a_rerun_refuses_images_that_changed_under_the_same_names(tmp_path: Path):
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for part, n in (("train", 30), ("test", 6)):
-        for cls in ("a", "b"):
-            (tmp_path / "data" / part / cls).mkdir(parents=True)
-            for k in range(n):
-                pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(tmp_path / "data" / part / cls / f"{k}.png")
-    teacher = tmp_path / "teacher"
-    result = run_cli("train", "--dataset", "imagefolder", "--data-root", str(tmp_path / "data"),
-                     "--arch", "resnet8", "--members", "2", "--epochs", "1", "--batch-size", "16",
-                     "--max-steps", "1", "--out", str(teacher))  # fmt: skip
-    assert result.exit_code == 0, result.output
+    data, teacher = png_folder_teacher(tmp_path)
     run = tmp_path / "run"
     result = run_cli("compress", "--teacher", str(teacher), "--arch", "resnet8", "--batch-size",
                      "16", "--max-steps", "1", "--max-acc-drop", "100", "--out", str(run))  # fmt: skip
     assert result.exit_code == 0, result.output
-    for image in sorted((tmp_path / "data" / "test" / "b").glob("*.png")):  # same names
-        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(image)
+    rewrite_pngs(data / "test" / "b")  # same names, other pixels
     with pytest.raises(ConfigError, match="the test images differ from the recorded run's"):
         ensc.compress_ensemble(config=run, out=tmp_path / "again")
     assert not (tmp_path / "again").exists()
