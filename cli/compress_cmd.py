@@ -194,6 +194,13 @@ Examples:
     help="Shuffled training batches for the BN recalibration; 0 = the whole training split.",
 )
 @click.option(
+    "--tensorboard",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Also write the training curves (loss, KD/CE parts, accuracy, lr, validation) as "
+    "TensorBoard event files into DIR, the settings as text and hparams (needs the "
+    "'ensc[tensorboard]' extra).",
+)
+@click.option(
     "--calibrate/--no-calibrate",
     default=True,
     show_default=True,

@@ -25,6 +25,7 @@ from ensc.compress.names import (
     SINGLE_NETWORK_METHODS,
 )
 from ensc.compress.perturb import PerturbConfig
+from ensc.compress.tensorboard import require_tensorboard
 from ensc.engine.loop import FLOAT32_MAX, OptimConfig
 from ensc.errors import ConfigError
 from ensc.models.batchensemble import FAST_WEIGHT_INITS
@@ -120,6 +121,7 @@ class CompressConfig:
     save_every: int | None = None  # mid-epoch saves: every N steps, 0 never, None ~10 min
     # the averaged network on validation during training: at each epoch's end, and every N steps
     eval_every: int | None = None
+    tensorboard: Path | None = None  # also write the curves as TensorBoard event files there
     # --config: what a rerun must find again (the recorded teacher files and image digests)
     expected: dict[str, Any] | None = None
     command: str = ""  # the command line, for the report
@@ -231,6 +233,8 @@ def check_config(config: CompressConfig) -> None:
     if config.force and config.resume:
         raise ConfigError("--force and --resume contradict each other; pass one")
     check_arch_kwargs(config.arch_kwargs)
+    if config.tensorboard is not None:
+        require_tensorboard()
     if config.method not in COMPRESS_METHODS:
         raise ConfigError(
             f"unknown --method {config.method!r}: choose one of {', '.join(COMPRESS_METHODS)}"

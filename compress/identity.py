@@ -28,7 +28,7 @@ SPLITS = ("train", "val", "test")
 # nor the extra evaluations of the finished networks or the baselines beside it: a resumed run
 # may add or drop them
 _NOT_IN_IDENTITY = ("teacher", "out", "runs_dir", "resume", "force", "command", "cache_teacher_logits",
-                    "unsafe_load", "corruptions", "corruption_subset", "ood_data", "save_every", "eval_every", "expected",
+                    "unsafe_load", "corruptions", "corruption_subset", "ood_data", "save_every", "eval_every", "expected", "tensorboard",
                     "baselines")  # fmt: skip
 
 

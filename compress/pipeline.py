@@ -44,6 +44,7 @@ from ensc.compress.run_report import (
     timing_line,
 )
 from ensc.compress.single import SingleNetwork, single_network, validation_record
+from ensc.compress.tensorboard import TensorBoardLog
 from ensc.compress.warmstart import (
     WARM_START_LR,
     init_from_member,
@@ -215,6 +216,8 @@ def _evaluate(
         report["timing"]["baselines_seconds"] = round(run.baseline_seconds, 1)
     report["wall_seconds"] = round(time.perf_counter() - started, 1)
     log.info("after training: %s", timing_line(report["timing"], single.teacher_cache))
+    if config.tensorboard is not None:
+        _final_hparams(report, config)
     be_spec = replace(run.spec, kind="batchensemble", members=run.members,
                       arch_kwargs={**run.spec.arch_kwargs})  # fmt: skip
     info = {"seed": config.seed, "data": jsonable(asdict(run.data_config)), "source": "ensc compress",
@@ -443,6 +446,14 @@ def _distill(
         return result
 
     state_path = run_dir / rundir.STATE if run_dir is not None else None  # None: not resumable
+    board = _tensorboard(config, runtime)
+
+    def on_record(history: dict[str, Any]) -> None:
+        if run_dir is not None:
+            write_csv(rows(history), run_dir / rundir.CURVES_CSV)
+        if board is not None:
+            board.records(history)
+
     try:
         history = train(
             student, step, data.train, config.optim, runtime,
@@ -455,7 +466,7 @@ def _distill(
             timer=timer, save_every=config.save_every, generators=[gen],  # perturbations resume too
             after_save=lambda steps: faults.point("compress.step_saved"),
             evaluate=validator(student, data, runtime), eval_every=config.eval_every,
-            on_record=(lambda h: write_csv(rows(h), run_dir / rundir.CURVES_CSV)) if run_dir else None,
+            on_record=on_record,
         )  # fmt: skip
         # where this process's steps spent their time (data, perturb, teacher, student, ...)
         return {**history, "phase_seconds": dict(timer.seconds)}
@@ -466,6 +477,26 @@ def _distill(
             f"{state_path} is damaged ({one_line(err.__cause__ or err)}), so {run_dir} cannot be "
             "resumed: pass --force to start it over"
         ) from err
+    finally:
+        if board is not None:
+            board.close()
+
+
+def _tensorboard(config: CompressConfig, runtime: Runtime) -> TensorBoardLog | None:
+    """``--tensorboard DIR``'s writer (on the main process), with the run's command as text."""
+    if config.tensorboard is None or not runtime.is_main:
+        return None
+    board = TensorBoardLog(config.tensorboard)
+    board.text("command", config.command or "ensc.compress_ensemble (Python)")
+    return board
+
+
+def _final_hparams(report: dict[str, Any], config: CompressConfig) -> None:
+    """The settings with the single network's test metrics, as TensorBoard hparams."""
+    board = TensorBoardLog(Path(config.tensorboard))  # type: ignore[arg-type]
+    avg = report["student_avg"]
+    board.hparams(report["settings"], {f"test/{k}": avg[k] for k in ("acc", "nll", "cnll", "ece")})
+    board.close()
 
 
 def _enforce_gate(gate: dict[str, Any], run_dir: Path | None) -> None:

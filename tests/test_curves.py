@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -59,3 +60,36 @@ def test_eval_every_is_checked(tiny_teacher: Path, tmp_path: Path):
     result = run_cli("compress", "--teacher", str(tiny_teacher), *FLAGS, "--eval-every", "0",
                      "--out", str(tmp_path / "r"), cwd=tmp_path)  # fmt: skip
     assert result.exit_code != 0 and "--eval-every" in result.output
+
+
+def test_tensorboard_gets_the_same_scalars(tiny_teacher: Path, tmp_path: Path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run, board = tmp_path / "run", tmp_path / "tb"
+    result = run_cli("compress", "--teacher", str(tiny_teacher), *FLAGS, "--eval-every", "5",
+                     "--tensorboard", str(board), "--out", str(run), cwd=tmp_path)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    events = EventAccumulator(str(board))
+    events.Reload()
+    report = json.loads((run / "report.json").read_text())
+    rows = report["curves"]["rows"]
+    got = [(e.step, e.value) for e in events.Scalars("val/acc")]
+    assert got == [(r["step"], pytest.approx(r["val_acc"])) for r in rows]
+    loss = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert loss == [(r["step"], pytest.approx(r["loss"])) for r in rows if r["loss"] is not None]
+    final = events.Scalars("test/acc")
+    assert len(final) == 1 and final[0].value == pytest.approx(report["student_avg"]["acc"])
+    assert "command/text_summary" in events.Tags()["tensors"]
+
+
+def test_tensorboard_without_the_package_is_one_line(tiny_teacher: Path, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if the extra were not installed
+    result = run_cli("compress", "--teacher", str(tiny_teacher), *FLAGS, "--tensorboard",
+                     str(tmp_path / "tb"), "--out", str(tmp_path / "r"), cwd=tmp_path)  # fmt: skip
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert (
+        "Error: --tensorboard needs the tensorboard package: pip install 'ensc[tensorboard]'"
+        in result.output
+    )
+    assert not (tmp_path / "r").exists() and not (tmp_path / "tb").exists()
