@@ -71,12 +71,18 @@ Example:
     "--resume", is_flag=True, help="Keep finished members and continue an interrupted one."
 )
 @save_every_option
+@click.option(
+    "--tensorboard",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Also write each member's training curves (loss, accuracy, lr, validation per epoch) "
+    "as TensorBoard event files into DIR/member<k> (needs the 'ensc[tensorboard]' extra).",
+)
 @code_options
 @runtime_options
 def train_cmd(dataset, data_root, val_size, val_root, train_subset, test_subset, data_seed, download, data_mode, workers,
               image_size, arch, arch_kwargs, members,
               epochs, batch_size, lr, weight_decay, warmup_epochs, max_steps, seed, out, force, resume,
-              save_every, code_path, unsafe_load, device, amp, channels_last) -> None:  # fmt: skip
+              save_every, tensorboard, code_path, unsafe_load, device, amp, channels_last) -> None:  # fmt: skip
     """Train a deep-ensemble teacher of M independently seeded members."""
     from ensc.engine.loop import OptimConfig
     from ensc.engine.runtime import resolve_runtime
@@ -98,6 +104,7 @@ def train_cmd(dataset, data_root, val_size, val_root, train_subset, test_subset,
         code_path=code_path,
         unsafe_load=unsafe_load,
         save_every=save_every,
+        tensorboard=tensorboard,
     )  # fmt: skip
     runtime = resolve_runtime(device, amp, channels_last)
     paths = train_teacher(config, runtime)

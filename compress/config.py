@@ -25,8 +25,8 @@ from ensc.compress.names import (
     SINGLE_NETWORK_METHODS,
 )
 from ensc.compress.perturb import PerturbConfig
-from ensc.compress.tensorboard import require_tensorboard
 from ensc.engine.loop import FLOAT32_MAX, OptimConfig
+from ensc.engine.tensorboard import require_tensorboard
 from ensc.errors import ConfigError
 from ensc.models.batchensemble import FAST_WEIGHT_INITS
 from ensc.models.registry import check_arch_kwargs

@@ -12,21 +12,16 @@ come (rewritten atomically, so a resumed run continues the same rows) and, at th
 
 from __future__ import annotations
 
-import csv
-import io
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from ensc.compress.average import average
 from ensc.data.splits import ImageDataset
+from ensc.engine.curves import COLUMNS, rows
 from ensc.engine.predict import eval_copy, predict_logits_many, probe_batch
 from ensc.engine.runtime import Runtime
 from ensc.evaluation.metrics import accuracy, nll
-from ensc.fileio import atomic_write_text
 from ensc.models.batchensemble import BatchEnsemble
-
-COLUMNS = ("step", "epoch", "loss", "kd", "ce", "acc", "lr", "seconds", "val_acc", "val_nll")
 
 
 def validator(
@@ -44,26 +39,6 @@ def validator(
         return {"val_acc": accuracy(probs, data.val.labels), "val_nll": nll(probs, data.val.labels)}
 
     return evaluate
-
-
-def rows(history: dict[str, Any]) -> list[dict[str, Any]]:
-    """The records in step order: epoch ends (every column) and evaluations between them."""
-    records = [*history.get("epochs", []), *history.get("evals", [])]
-    return sorted(records, key=lambda r: (r["step"], "loss" not in r))
-
-
-def write_csv(records: list[dict[str, Any]], path: Path) -> None:
-    """``curves.csv``: one row per record (:func:`rows`), empty cells where it has no value."""
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for record in records:
-        writer.writerow({k: _cell(record.get(k)) for k in COLUMNS})
-    atomic_write_text(path, out.getvalue())
-
-
-def _cell(value: Any) -> Any:
-    return "" if value is None else round(value, 6) if isinstance(value, float) else value
 
 
 def report_section(history: dict[str, Any]) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from ensc.compress.config import (
     is_single_network,
     with_recorded_data_mode,
 )
-from ensc.compress.curves import report_section, rows, validator, write_csv
+from ensc.compress.curves import report_section, validator
 from ensc.compress.distill import (
     fast_teachers,
     fast_weight_hook,
@@ -44,7 +44,6 @@ from ensc.compress.run_report import (
     timing_line,
 )
 from ensc.compress.single import SingleNetwork, single_network, validation_record
-from ensc.compress.tensorboard import TensorBoardLog
 from ensc.compress.warmstart import (
     WARM_START_LR,
     init_from_member,
@@ -54,10 +53,12 @@ from ensc.compress.warmstart import (
 from ensc.data.datasets import load_dataset
 from ensc.data.source import check_compatible, data_config_for, ood_split
 from ensc.data.splits import DataConfig, ImageDataset, Split
+from ensc.engine.curves import rows, write_csv
 from ensc.engine.loop import BackwardFn, StepResult, steady_seconds_per_step, train
 from ensc.engine.predict import probe_batch
 from ensc.engine.runtime import Runtime
 from ensc.engine.seeding import seeded
+from ensc.engine.tensorboard import TensorBoardLog
 from ensc.engine.timing import PhaseTimer, StageClock
 from ensc.errors import CheckpointError, CompressParityError, ConfigError, one_line, plural
 from ensc.evaluation.metrics import accuracy

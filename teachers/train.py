@@ -20,10 +20,12 @@ import torch.nn.functional as F
 from ensc import faults, rundir
 from ensc.data.datasets import load_dataset
 from ensc.data.splits import DataConfig, ImageDataset
+from ensc.engine.curves import rows
 from ensc.engine.loop import BackwardFn, OptimConfig, StepResult, train
 from ensc.engine.predict import predict_probs
 from ensc.engine.runtime import Runtime
 from ensc.engine.seeding import seeded
+from ensc.engine.tensorboard import TensorBoardLog, require_tensorboard
 from ensc.errors import CheckpointError, ConfigError
 from ensc.evaluation.metrics import accuracy, nll
 from ensc.fileio import jsonable, torch_load
@@ -50,6 +52,9 @@ class TeacherTrainConfig:
     unsafe_load: bool = False  # allow an --arch callable from any importable module
     save_every: int | None = None  # mid-epoch saves: every N steps, 0 never, None ~10 min
     arch_kwargs: dict[str, Any] = field(default_factory=dict)  # the architecture's arguments
+    tensorboard: Path | None = (
+        None  # each member's curves as TensorBoard event files, DIR/member<k>
+    )
 
 
 REPLACED = rundir.REPLACED  # --force: the folder's old members, kept until every new one exists
@@ -106,6 +111,8 @@ def train_teacher(
     """
     check_output_folder(config)
     check_arch_kwargs(config.arch_kwargs)
+    if config.tensorboard is not None:
+        require_tensorboard()
     config = _resumed_mode(config)
     data = data or load_dataset(config.data)
     config = _mode_used(config, data)  # what every member records: later loads reuse it
@@ -312,6 +319,12 @@ def _identity(config: TeacherTrainConfig, data: ImageDataset, k: int) -> dict[st
     }
 
 
+def _val_metrics(model: torch.nn.Module, data: ImageDataset, runtime: Runtime) -> dict[str, float]:
+    """The member's validation accuracy (%) and NLL, for its record at each epoch's end."""
+    probs = predict_probs(model, data.val, runtime)
+    return {"val_acc": accuracy(probs, data.val.labels), "val_nll": nll(probs, data.val.labels)}
+
+
 def _train_member(config: TeacherTrainConfig, runtime: Runtime, data: ImageDataset, k: int) -> None:
     seed = config.seed + k
     spec = ModelSpec.for_data(config.arch, data, data_root=str(config.data.root or ""),
@@ -325,8 +338,14 @@ def _train_member(config: TeacherTrainConfig, runtime: Runtime, data: ImageDatas
         logits = net(images)
         loss = F.cross_entropy(logits, labels)
         backward(loss)
-        return StepResult(loss.detach(), int((logits.argmax(-1) == labels).sum()), len(labels))
+        correct, loss = int((logits.argmax(-1) == labels).sum()), loss.detach()
+        return StepResult(loss, correct, len(labels), loss.new_zeros(()), loss)  # all of it CE
 
+    board = (
+        TensorBoardLog(config.tensorboard / f"member{k}")
+        if config.tensorboard is not None and runtime.is_main
+        else None
+    )
     state_path = _state_path(config.out, k)
     if config.force and runtime.is_main:
         state_path.unlink(missing_ok=True)
@@ -340,12 +359,16 @@ def _train_member(config: TeacherTrainConfig, runtime: Runtime, data: ImageDatas
         seed=seed,
         state_path=state_path,
         resume=config.resume,
-        desc=f"member {k + 1}/{config.members}",
+        desc=f"member {k} ({k + 1} of {config.members})",  # numbered as its file is
         identity=_identity(config, data, k),
         after_epoch=lambda epochs: faults.point("train.epoch_saved"),
         save_every=config.save_every,
         after_save=lambda steps: faults.point("train.step_saved"),
+        evaluate=lambda: _val_metrics(model, data, runtime),
+        on_record=board.records if board is not None else None,
     )
+    if board is not None:
+        board.close()
     val_probs = predict_probs(model, data.val, runtime)
     metrics = {
         "val_acc": accuracy(val_probs, data.val.labels),
@@ -354,7 +377,8 @@ def _train_member(config: TeacherTrainConfig, runtime: Runtime, data: ImageDatas
         "train_steps": history["steps"],
         "train_seconds": round(history["seconds"], 1),
     }
-    info = {"seed": seed, "data": jsonable(asdict(config.data)), "optim": asdict(config.optim)}
+    info = {"seed": seed, "data": jsonable(asdict(config.data)), "optim": asdict(config.optim),
+            "curves": rows(history)}  # fmt: skip
     if runtime.is_main:
         save_checkpoint(
             member_path(config.out, k), model, spec, metrics=metrics, info=info,

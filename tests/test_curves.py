@@ -93,3 +93,28 @@ def test_tensorboard_without_the_package_is_one_line(tiny_teacher: Path, tmp_pat
         in result.output
     )
     assert not (tmp_path / "r").exists() and not (tmp_path / "tb").exists()
+
+
+def test_ensc_train_records_each_member(tmp_path: Path):
+    """Each member's record (its validation at every epoch's end) is kept in its checkpoint, and
+    --tensorboard writes it under DIR/member<k>."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from ensc.models.checkpoint import load_checkpoint
+
+    out, board = tmp_path / "ckpts", tmp_path / "tb"
+    result = run_cli("train", "--dataset", "fashion-mnist", "--arch", "resnet8", "--members", "2",
+                     "--epochs", "2", "--train-subset", "600", "--batch-size", "64",
+                     "--max-steps", "12", "--tensorboard", str(board), "--out", str(out))  # fmt: skip
+    assert result.exit_code == 0, result.output
+    for k in (0, 1):
+        ckpt = load_checkpoint(out / f"member{k}.pt")
+        rows = ckpt.info["curves"]
+        assert [r["epoch"] for r in rows] == [1, 2] and [r["step"] for r in rows] == [8, 12]
+        assert rows[-1]["val_acc"] == pytest.approx(ckpt.metrics["val_acc"])
+        assert all(r["ce"] == pytest.approx(r["loss"]) and r["kd"] == 0 for r in rows)
+        events = EventAccumulator(str(board / f"member{k}"))
+        events.Reload()
+        assert [e.step for e in events.Scalars("val/acc")] == [8, 12]
+    assert sorted(p.name for p in out.iterdir()) == ["member0.pt", "member1.pt"]  # nothing else

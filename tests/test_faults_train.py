@@ -99,10 +99,10 @@ def test_killed_train_resumes_to_the_uninterrupted_teacher(point, left, referenc
     [
         # member 0 saves after step 3, 4 (epoch end), 6, 8 (epoch end): killed writing the last
         ("save..member0.state.pt:4", {".member0.state.pt", "tmp"},
-         "member 1/2: resuming at step 6 (epoch 2, after batch 2 of 4)"),
+         "member 0 (1 of 2): resuming at step 6 (epoch 2, after batch 2 of 4)"),
         # member 1 killed right after its first step save (member 0 reached the point twice)
         ("train.step_saved:3", {"member0.pt", ".member1.state.pt"},
-         "member 2/2: resuming at step 3 (epoch 1, after batch 3 of 4)"),
+         "member 1 (2 of 2): resuming at step 3 (epoch 1, after batch 3 of 4)"),
     ],
 )  # fmt: skip
 def test_killed_mid_epoch_train_resumes_from_its_last_step_save(
@@ -208,7 +208,7 @@ def test_diverged_training_fails_and_writes_no_member(tmp_path):
         "--lr", "1e6", "--out", str(out),
     )  # fmt: skip
     line = _error(result)
-    assert "member 1/1" in line and "lower --lr" in line
+    assert "member 0 (1 of 1)" in line and "lower --lr" in line
     assert not (out / "member0.pt").exists()
 
 

@@ -1,6 +1,6 @@
-"""``--tensorboard DIR``: the run's curves as TensorBoard event files (``torch.utils.tensorboard``).
+"""``--tensorboard DIR``: a run's curves as TensorBoard event files (``torch.utils.tensorboard``).
 
-The same scalars as ``curves.csv`` (compress/curves.py), written as each record comes:
+The same scalars as ``curves.csv`` (:mod:`ensc.engine.curves`), written as each record comes:
 ``train/loss``, ``train/kd``, ``train/ce``, ``train/acc``, ``train/lr`` at every epoch's end and
 ``val/acc``, ``val/nll`` wherever the averaged network was validated, by optimizer step; the
 run's command and settings as text at the start; at the end the settings as hparams with the
@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ensc.engine.curves import rows
 from ensc.errors import MissingExtraError
 
 MISSING = "--tensorboard needs the tensorboard package: pip install 'ensc[tensorboard]'"
@@ -46,8 +47,6 @@ class TensorBoardLog:
         """Every record of ``history`` not written yet (a resumed run: from where it resumed)."""
         if self.done_step < 0 and history.get("resumed_steps"):
             self.done_step = history["resumed_steps"]
-        from ensc.compress.curves import rows
-
         for record in rows(history):
             step = record["step"]
             if step <= self.done_step:
