@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 DEMO := runs/demo
 
-.PHONY: demo test lint setup data tcmalloc clean
+.PHONY: demo test lint setup data tcmalloc clean gpu-check
 
 setup: $(VENV)/.installed
 
@@ -46,6 +46,12 @@ demo: setup data tcmalloc
 
 test: setup data tcmalloc
 	$(BIN)/python -m pytest -q
+
+# On a machine with one CUDA GPU (torch, onnx, onnxruntime there; no network needed): checks and
+# measures the GPU path into gpu-check/ (benchmarks/gpu_check.py). --device cpu --tiny elsewhere.
+gpu-check:
+	python -m pip install --quiet --no-deps --no-build-isolation -e .
+	python benchmarks/gpu_check.py --out gpu-check
 
 lint: setup
 	$(BIN)/ruff check .
