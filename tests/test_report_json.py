@@ -15,6 +15,7 @@ import pytest
 
 from ensc import rundir
 from ensc.compress.config import compress_config
+from ensc.compress.warmstart import WARM_START_LOSS
 from ensc.errors import ConfigError
 from ensc.evaluation.corruptions import CORRUPTIONS, SEVERITIES
 from tests.conftest import REPO, run_cli
@@ -150,10 +151,11 @@ def test_report_md_header_is_read_from_report_json(full_run: Path):
     assert md_line(md, "- data:") == "- data: fashion-mnist: 540 train / 60 val / 200 test"
     # the defaults of a warm-started BatchEnsemble
     assert (s["members"], s["perturbation"], s["perturbation_step"], s["alpha"], s["temperature"]) == (
-        2, "tdiv-sdiv", 1.0, 1.0, 1.0
+        2, "tdiv-sdiv", 1.0, WARM_START_LOSS["alpha"], WARM_START_LOSS["temperature"]
     )  # fmt: skip
     assert md_line(md, "- student:") == (
-        "- student: BE-2 resnet8 (init ones), perturbation tdiv-sdiv (step 1/255), α=1, T=1"
+        f"- student: BE-2 resnet8 (init ones), perturbation tdiv-sdiv (step 1/255), "
+        f"α={s['alpha']:g}, T={s['temperature']:g}"
     )
     assert md_line(md, "- teacher:") == f"- teacher: 2 × resnet8 from {s['teacher']}"
     assert train["steps"] == 2 and s["device"] == "cpu"
