@@ -123,8 +123,7 @@ Examples:
 @click.option(
     "--temperature",
     type=click.FloatRange(min=0, min_open=True),
-    help="KD temperature ([WA] 4, [DM] 1). Default: 4 when the student starts from a teacher "
-    "member, 1 from scratch (docs/method.md §10).",
+    help="KD temperature ([WA] 4, [DM] 1). Default: 1 (docs/method.md §10).",
 )
 @click.option(
     "--init",
