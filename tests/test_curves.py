@@ -118,3 +118,17 @@ def test_ensc_train_records_each_member(tmp_path: Path):
         events.Reload()
         assert [e.step for e in events.Scalars("val/acc")] == [8, 12]
     assert sorted(p.name for p in out.iterdir()) == ["member0.pt", "member1.pt"]  # nothing else
+
+
+def test_the_curve_validates_on_a_fixed_balanced_subset(tiny_teacher: Path, tmp_path, monkeypatch):
+    """At most CURVE_VAL_IMAGES validation images per evaluation (the final report uses all)."""
+    import ensc.compress.curves as curves
+
+    monkeypatch.setattr(curves, "CURVE_VAL_IMAGES", 10)  # one image per class of the 40
+    result = run_cli("compress", "--teacher", str(tiny_teacher), *FLAGS, "--eval-every", "5",
+                     "--out", str(tmp_path / "run"), cwd=tmp_path)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["n_val"] == 40
+    for row in report["curves"]["rows"]:  # 10 images: accuracy in steps of 10 %
+        assert row["val_acc"] == pytest.approx(round(row["val_acc"] / 10) * 10)
