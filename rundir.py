@@ -160,13 +160,14 @@ class RunWriter:
 
     def commit(self, runs_dir: Path | None) -> None:
         """Unfinished → finished, once every file is written: ``.state.pt`` goes, then the
-        marker; then ``runs_dir/latest`` points here (unless ``runs_dir`` is None)."""
+        marker; then ``runs_dir/latest`` points here when the run is inside ``runs_dir`` (a run
+        written elsewhere with --out leaves the current folder's runs/latest alone)."""
         (self.path / STATE).unlink(missing_ok=True)
         if (self.path / REPLACED).exists():  # the run --force replaced: no longer needed
             shutil.rmtree(self.path / REPLACED)
         (self.path / MARKER).unlink()
         self._committed = True
-        if runs_dir is not None:
+        if runs_dir is not None and is_inside(self.path, runs_dir):
             point_latest(runs_dir, self.path)
 
     def _start(self, *, force: bool, resume: bool) -> None:
@@ -476,6 +477,11 @@ def _differences(old: Any, new: Any, key: str = "") -> list[str]:
 
 
 # --- finding and reading runs ----------------------------------------------------------------
+
+
+def is_inside(run_dir: Path, runs_dir: Path) -> bool:
+    """Whether ``run_dir`` lies under ``runs_dir`` (both resolved)."""
+    return Path(run_dir).resolve().is_relative_to(Path(runs_dir).resolve())
 
 
 def point_latest(runs_dir: Path, run_dir: Path) -> None:

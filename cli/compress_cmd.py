@@ -285,4 +285,8 @@ def compress_cmd(ctx: click.Context, device: str, amp: bool | None, channels_las
     if result is None:  # a non-main process of a torchrun launch: rank 0 reports
         return
     click.echo(result.report_md)
-    click.echo(f"run folder: {result.run_dir} (runs/latest points here)")
+    latest = Path("runs") / "latest"
+    points_here = latest.exists() and latest.resolve() == Path(result.run_dir).resolve()
+    click.echo(
+        f"run folder: {result.run_dir}" + (" (runs/latest points here)" if points_here else "")
+    )

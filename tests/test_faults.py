@@ -569,3 +569,20 @@ def test_resume_refuses_images_that_changed_under_the_same_names(tmp_path: Path)
     line = error_line(run_cli(*args, "--resume", cwd=tmp_path))
     assert "--resume: the train" in line and "images differ from those" in line
     assert "--force" in line and rundir.state_of(run) == "unfinished"
+
+
+def test_a_run_written_elsewhere_leaves_runs_latest_alone(tiny_teacher: Path, tmp_path: Path):
+    """`make test` used to re-point the checkout's runs/latest at a test's temp folder: a run whose
+    --out lies outside runs/ no longer moves it; one inside does."""
+    elsewhere = tmp_path / "elsewhere" / "r"
+    result = run_cli(
+        *compress(tiny_teacher, "--max-steps", "1", "--out", str(elsewhere)), cwd=tmp_path
+    )
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "runs" / "latest").exists()
+    assert result.output.rstrip().endswith(f"run folder: {elsewhere}")
+    inside = tmp_path / "runs" / "r"
+    result = run_cli(*compress(tiny_teacher, "--max-steps", "1", "--out", "runs/r"), cwd=tmp_path)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "runs" / "latest").resolve() == inside.resolve()
+    assert result.output.rstrip().endswith("(runs/latest points here)")
