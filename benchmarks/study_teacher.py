@@ -268,10 +268,25 @@ def command(spec: dict[str, Any], run_dir: Path, work: Path, plan: str) -> list[
     return base + spec["flags"]
 
 
+def portable(value: Any, work: Path) -> Any:
+    """``value`` with this machine's paths as a reader's clone has them: ``WORK`` for the study's
+    folder, the repository's own files relative to it, the shared data as ``../shared/...``."""
+    if isinstance(value, dict):
+        return {k: portable(v, work) for k, v in value.items()}
+    if isinstance(value, list):
+        return [portable(v, work) for v in value]
+    if not isinstance(value, str):
+        return value
+    return (value.replace(str(work), "WORK").replace(f"{REPO}/", "")
+            .replace(f"{REPO.parent}/", "../"))  # fmt: skip
+
+
 def summary(
-    spec: dict[str, Any], report: dict[str, Any], cmd: list[str], wall: float, threads: int
-) -> dict:
-    """What a row keeps: its flags, validation and test metrics of every model, and its cost."""
+    spec: dict[str, Any], report: dict[str, Any], cmd: list[str], wall: float, threads: int,
+    work: Path,
+) -> dict:  # fmt: skip
+    """What a row keeps: its flags, validation and test metrics of every model, and its cost,
+    with no path of this machine (:func:`portable`)."""
     keep = (
         "student_avg",
         "student_avg_alternative",
@@ -279,7 +294,7 @@ def summary(
         "student_be",
         "teacher",
     )
-    return {
+    return portable({
         "name": spec["name"],
         "flags": spec["flags"],
         "command": " ".join(Path(c).name if c.endswith("/ensc") else c for c in cmd),
@@ -297,7 +312,7 @@ def summary(
         "threads": threads,
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
                                  capture_output=True, text=True).stdout.strip(),
-    }  # fmt: skip
+    }, work)  # fmt: skip
 
 
 RUNNING: set[subprocess.Popen] = set()  # rows in training, stopped with the study
@@ -338,7 +353,7 @@ def run_row(spec: dict[str, Any], work: Path, plan: str, threads: int, commit: b
     report = json.loads((run_dir / "report.json").read_text())
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = result.with_suffix(".tmp")
-    tmp.write_text(json.dumps(summary(spec, report, cmd, wall, threads), indent=1) + "\n")
+    tmp.write_text(json.dumps(summary(spec, report, cmd, wall, threads, work), indent=1) + "\n")
     tmp.rename(result)
     if commit:
         _commit(result, f"study: row {spec['name']}")
