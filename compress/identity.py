@@ -37,6 +37,11 @@ def data_sha256(data: ImageDataset) -> dict[str, str]:
     return {name: split_sha256(getattr(data, name)) for name in SPLITS}
 
 
+def changed_splits(recorded: dict[str, str], digests: dict[str, str]) -> list[str]:
+    """The splits whose recorded digest differs from the one read now (unrecorded ones pass)."""
+    return [name for name in SPLITS if recorded.get(name) not in (None, digests.get(name))]
+
+
 def check_same_data(run_dir: Path, digests: dict[str, str]) -> None:
     """Refuse to resume ``run_dir`` on other images than it started with (runs that recorded no
     digest, from before it was recorded, are not checked)."""
@@ -46,7 +51,7 @@ def check_same_data(run_dir: Path, digests: dict[str, str]) -> None:
         return  # no config.json yet: stopped before anything was trained on the data
     if not isinstance(recorded, dict):
         return
-    changed = [name for name in SPLITS if recorded.get(name) not in (None, digests.get(name))]
+    changed = changed_splits(recorded, digests)
     if changed:
         raise ConfigError(
             f"--resume: the {' and '.join(changed)} images differ from those {run_dir} started "

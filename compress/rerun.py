@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ensc.compress.identity import changed_splits
 from ensc.errors import ConfigError
 
 # config.json's nested settings -> the flat options (the CLI's flags, with _ for -)
@@ -104,7 +105,7 @@ def check_data(expected: dict[str, Any] | None, digests: dict[str, str]) -> None
     """The images the rerun read are the recorded run's (each split's digest)."""
     if not expected or "data_sha256" not in expected:
         return
-    changed = [k for k, v in expected["data_sha256"].items() if digests.get(k) != v]
+    changed = changed_splits(expected["data_sha256"], digests)
     if changed:
         raise ConfigError(
             f"--config {expected['from']}: the {' and '.join(changed)} images differ from the "
