@@ -136,8 +136,14 @@ PLANS: dict[str, list[dict[str, Any]]] = {
     ],
     # T 4 with both baselines at T 4 too, 300 steps (what made T 4 wait: results.md §1, step 4)
     "indomain-t4-versus": [versus(300, seed=s, temperature=4) for s in (0, 1)],
-    # T 4 with its step scaled back to T 1's (lr 0.03 / 4): what the demo teacher needed
-    "indomain-t4-lr": [product(300, seed=s, temperature=4, lr=0.0075) for s in (0, 1)],
+    # T 4 with its step scaled back to T 1's (lr 0.03 / 4): what the demo teacher needed; KD into
+    # one network at the same T and lr beside each seed, and the longer budget (longest first)
+    "indomain-t4-lr": [
+        product(1000, temperature=4, lr=0.0075),
+        *(product(300, seed=s, temperature=4, lr=0.0075) for s in (0, 1, 2)),
+        *(baseline(300, seed=s, temperature=4, lr=0.0075) for s in (0, 1, 2)),
+        baseline(1000, temperature=4, lr=0.0075),
+    ],
     # the same, run at the defaults before the in-domain choice (α 0.9, T 1, perturbation none):
     # each perturbation, the papers' member batch and member-wise targets, on validation
     "indomain-v1": [
