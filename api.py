@@ -52,8 +52,9 @@ def compress_ensemble(
     out: str | Path | None = None,
     save: bool | None = None,
     device: str = "auto",
-    amp: bool | None = None,
+    amp: bool | str | None = "auto",
     channels_last: bool | None = None,
+    threads: str | int = "auto",
     hflip: bool = True,
     check: bool = True,
     progress: bool = True,
@@ -88,7 +89,8 @@ def compress_ensemble(
             nothing touches the disk (no teacher-logits cache either) until
             :meth:`CompressResult.save`.
         save: write a run folder even without ``out`` (under ``runs_dir``, as the CLI does).
-        device, amp, channels_last: as ``ensc compress --device/--amp/--channels-last``.
+        device, amp, channels_last, threads: as ``ensc compress --device/--amp/--channels-last/
+            --threads`` (amp auto|on|off, or True/False; threads auto or a count).
         hflip: whether horizontal flips are a valid augmentation of ``train_data``.
         check: raise CompressParityError when the averaged network lost the BE student's
             accuracy (the report is still written when ``out`` is given).
@@ -106,7 +108,7 @@ def compress_ensemble(
     tune_malloc()  # the CLI's malloc settings (tcmalloc needs the `ensc` command: docs/bench-distill.md)
     with _progress_lines(progress):
         return _compress(teachers, student, train_data, test_data, val_data, out, save,
-                         resolve_runtime(device, amp, channels_last), hflip, check, options)  # fmt: skip
+                         resolve_runtime(device, amp, channels_last, threads), hflip, check, options)  # fmt: skip
 
 
 def _with_recorded(

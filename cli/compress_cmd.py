@@ -260,7 +260,7 @@ Examples:
                    "student's architecture (else random weights), member:K, or scratch.")  # fmt: skip
 @runtime_options
 @click.pass_context
-def compress_cmd(ctx: click.Context, device: str, amp: bool | None, channels_last: bool | None,
+def compress_cmd(ctx: click.Context, device: str, amp: str, channels_last: bool | None, threads: str,
                  arch_kwargs: str | None, teacher_arch_kwargs: str | None, student_init: str,
                  **flags: Any) -> None:  # fmt: skip
     """Distill a teacher ensemble into a BatchEns student and average it into one network."""
@@ -280,7 +280,7 @@ def compress_cmd(ctx: click.Context, device: str, amp: bool | None, channels_las
     result = compress_ensemble(
         flags.pop("teacher", None), flags.pop("arch", None), config=config_path,
         out=flags.pop("out"), save=True, device=device, amp=amp, channels_last=channels_last,
-        command=command_line(ctx), **flags,
+        threads=threads, command=command_line(ctx), **flags,
     )  # fmt: skip
     if result is None:  # a non-main process of a torchrun launch: rank 0 reports
         return

@@ -59,7 +59,7 @@ Examples:
 @teacher_options
 @runtime_options
 def eval_cmd(teacher, students, dataset, data_root, test_subset, json_path, ood_data, plot_dir, force, teacher_arch, teacher_arch_kwargs,
-             code_path, unsafe_load, device, amp, channels_last, corruptions, corruption_subset,
+             code_path, unsafe_load, device, amp, channels_last, threads, corruptions, corruption_subset,
              data_mode, workers, image_size) -> None:  # fmt: skip
     """Evaluate teacher members, DE-1 ... DE-M and single networks on the test split."""
     from ensc.engine.runtime import resolve_runtime
@@ -90,7 +90,7 @@ def eval_cmd(teacher, students, dataset, data_root, test_subset, json_path, ood_
     ) if teacher is not None else None  # fmt: skip
     with user_code(code_path, unsafe=unsafe_load):  # students of a user architecture
         result = evaluate_saved(
-            resolve_runtime(device, amp, channels_last), ens, students,
+            resolve_runtime(device, amp, channels_last, threads), ens, students,
             dataset=dataset, data_root=data_root, test_subset=test_subset,
             ood_data=ood_data, details=details,
             corruptions=corruptions, corruption_subset=corruption_subset,

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ensc.data.catalog import DATASETS
+from ensc.engine.precision import AMP_CHOICES
 
 if TYPE_CHECKING:
     from ensc.data.splits import DataConfig
@@ -103,20 +104,33 @@ def parse_image_size(
 
 
 def runtime_options(f: Callable) -> Callable:
-    """--device, --amp/--no-amp, --channels-last/--no-channels-last."""
+    """--device, --amp auto|on|off, --channels-last/--no-channels-last, --threads auto|N."""
     opts = [
         click.option(
             "--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."
         ),
         click.option(
-            "--amp/--no-amp",
-            default=None,
-            help="Mixed precision. Default: on for CUDA, off for CPU.",
+            "--amp",
+            type=click.Choice(AMP_CHOICES),
+            default="auto",
+            show_default=True,
+            is_flag=False,
+            flag_value="on",
+            help="Mixed precision (a bare --amp means on). auto: float16 on CUDA; bfloat16 on a "
+            "CPU only where it has native bf16 and a probe shows it faster (docs/bench-amp.md).",
         ),
         click.option(
             "--channels-last/--no-channels-last",
             default=None,
             help="NHWC layout. Default: on for CUDA.",
+        ),
+        click.option(
+            "--threads",
+            default="auto",
+            show_default=True,
+            metavar="auto|N",
+            help="torch threads. auto: the cores other processes leave free at start "
+            "(OMP_NUM_THREADS when set); docs/bench-threads.md.",
         ),
     ]
     for opt in reversed(opts):

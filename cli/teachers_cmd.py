@@ -30,7 +30,7 @@ Examples:
 )
 @runtime_options
 def inspect_cmd(path, teacher_arch, teacher_arch_kwargs, code_path, unsafe_load, dataset, data_root,
-                device, amp, channels_last) -> None:  # fmt: skip
+                device, amp, channels_last, threads) -> None:  # fmt: skip
     """Per member: file, format, architecture, parameters, classes, input, normalization."""
     from ensc.engine.runtime import resolve_runtime
     from ensc.errors import plural
@@ -44,7 +44,7 @@ def inspect_cmd(path, teacher_arch, teacher_arch_kwargs, code_path, unsafe_load,
     )  # fmt: skip
     rows = member_rows(teacher)
     if dataset is not None:
-        runtime = resolve_runtime(device, amp, channels_last)
+        runtime = resolve_runtime(device, amp, channels_last, threads)
         for row, acc in zip(rows, spot_check(teacher, dataset, data_root, runtime), strict=True):
             row["acc@256"] = f"{acc:.1f} %"
     header = list(rows[0])

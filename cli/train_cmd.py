@@ -82,7 +82,7 @@ Example:
 def train_cmd(dataset, data_root, val_size, val_root, train_subset, test_subset, data_seed, download, data_mode, workers,
               image_size, arch, arch_kwargs, members,
               epochs, batch_size, lr, weight_decay, warmup_epochs, max_steps, seed, out, force, resume,
-              save_every, tensorboard, code_path, unsafe_load, device, amp, channels_last) -> None:  # fmt: skip
+              save_every, tensorboard, code_path, unsafe_load, device, amp, channels_last, threads) -> None:  # fmt: skip
     """Train a deep-ensemble teacher of M independently seeded members."""
     from ensc.engine.loop import OptimConfig
     from ensc.engine.runtime import resolve_runtime
@@ -106,7 +106,7 @@ def train_cmd(dataset, data_root, val_size, val_root, train_subset, test_subset,
         save_every=save_every,
         tensorboard=tensorboard,
     )  # fmt: skip
-    runtime = resolve_runtime(device, amp, channels_last)
+    runtime = resolve_runtime(device, amp, channels_last, threads)
     paths = train_teacher(config, runtime)
     if runtime.is_main:
         click.echo(f"teacher with {plural(len(paths), 'member')} in {out}")

@@ -401,6 +401,9 @@ def _settings(run: _Run, runtime: Runtime) -> dict[str, Any]:
         "alpha": distill.alpha,
         "temperature": distill.temperature,
         "device": str(runtime.device),
+        "amp": str(runtime.amp_dtype).removeprefix("torch.") if runtime.amp else "off",
+        "amp_reason": runtime.amp_reason,
+        "threads": torch.get_num_threads(),
     }
 
 

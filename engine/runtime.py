@@ -8,12 +8,15 @@ DistributedDataParallel and each process takes its share of every global batch.
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ensc.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,7 @@ class Runtime:
     channels_last: bool = False  # NHWC memory layout; pays off on CUDA tensor cores
     rank: int = 0  # this process in a data-parallel group (torchrun sets RANK / WORLD_SIZE)
     world_size: int = 1
+    amp_reason: str = ""  # why autocast is on or off (--amp auto decides: engine/precision.py)
 
     @property
     def is_main(self) -> bool:
@@ -91,14 +95,26 @@ class Runtime:
 
 
 def resolve_runtime(
-    device: str = "auto", amp: bool | None = None, channels_last: bool | None = None
+    device: str = "auto",
+    amp: bool | str | None = None,
+    channels_last: bool | None = None,
+    threads: str | int | None = None,
 ) -> Runtime:
-    """``device`` is auto | cpu | cuda | cuda:N; AMP and channels_last default to on for CUDA only.
+    """``device`` is auto | cpu | cuda | cuda:N; ``amp`` auto | on | off (None/True/False too:
+    engine/precision.py decides auto); channels_last defaults to on for CUDA only. ``threads``
+    (auto | N, engine/threads.py) sets torch's intra-op threads; None leaves them as they are.
 
     Under torchrun (WORLD_SIZE > 1) this also joins the process group, and each process on CUDA
     takes the GPU of its LOCAL_RANK.
     """
     import os
+
+    from ensc.engine.precision import choose_amp, parse_amp
+    from ensc.engine.threads import apply_threads
+
+    parse_amp(amp)  # a bad value fails before any process group is joined
+    if threads is not None:
+        apply_threads(threads)
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if device == "auto":
@@ -130,9 +146,14 @@ def resolve_runtime(
         if not torch.distributed.is_initialized():
             torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     on_cuda = dev.type == "cuda"
+    amp_choice = choose_amp(amp, dev)
+    if parse_amp(amp) == "auto" and dev.type == "cpu":  # quiet on CPUs without native bf16
+        say = log.info if amp_choice.probed else log.debug
+        say("amp %s (%s)", "on" if amp_choice.on else "off", amp_choice.reason)
     return Runtime(
         device=dev,
-        amp=on_cuda if amp is None else amp,
+        amp=amp_choice.on,
+        amp_reason=amp_choice.reason,
         channels_last=on_cuda if channels_last is None else channels_last,
         rank=rank,
         world_size=world_size,

@@ -1,0 +1,103 @@
+"""--threads auto|N (the cores other processes leave free) and --amp auto|on|off."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ensc.engine import precision, threads
+from ensc.errors import ConfigError
+from tests.conftest import TINY_COMPRESS, run_cli
+
+BUSY = "import time\nend = time.time() + 20\nwhile time.time() < end: pass"
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "1.5", "two", "2x"])
+def test_bad_thread_counts_are_refused_with_the_fix(value: str):
+    with pytest.raises(ConfigError, match="--threads must be auto or a whole number >= 1"):
+        threads.parse_threads(value)
+
+
+def test_explicit_counts_win_over_the_environment(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert threads.choose_threads("2").threads == 2
+    chosen = threads.choose_threads("auto")
+    assert (chosen.threads, chosen.reason) == (3, "OMP_NUM_THREADS")
+
+
+def test_auto_leaves_the_core_a_busy_process_holds(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cores = threads.usable_cores()
+    busy = subprocess.Popen([sys.executable, "-c", BUSY])
+    try:
+        time.sleep(0.5)
+        chosen = threads.choose_threads("auto")
+    finally:
+        busy.kill()
+    assert chosen.busy is not None and chosen.busy >= 0.7  # the busy loop, at least
+    assert chosen.threads == max(1, min(cores, round(cores - chosen.busy)))
+    assert chosen.threads <= max(1, cores - 1)
+    assert "busy with other work" in chosen.describe()
+
+
+def test_cli_threads_reach_torch_and_the_report(tiny_teacher: Path, tmp_path: Path):
+    before = torch.get_num_threads()
+    try:
+        result = run_cli("compress", "--teacher", str(tiny_teacher), *TINY_COMPRESS,
+                         "--threads", "1", "--amp", "off", "--out", str(tmp_path / "run"))  # fmt: skip
+        assert result.exit_code == 0, result.output
+        settings = json.loads((tmp_path / "run" / "report.json").read_text())["settings"]
+        assert (settings["threads"], settings["amp"]) == (1, "off")
+        assert settings["amp_reason"] == "--amp off"
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_bad_threads_on_the_command_line_is_one_line(tiny_teacher: Path, tmp_path: Path):
+    result = run_cli("compress", "--teacher", str(tiny_teacher), *TINY_COMPRESS,
+                     "--threads", "0", "--out", str(tmp_path / "run"))  # fmt: skip
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1] == (
+        "Error: --threads must be auto or a whole number >= 1; got '0'"
+    )
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("value", "mode"),
+    [(None, "auto"), (True, "on"), (False, "off"), ("auto", "auto"), ("on", "on")],
+)
+def test_amp_spellings(value, mode: str):
+    assert precision.parse_amp(value) == mode
+
+
+def test_bad_amp_is_refused():
+    with pytest.raises(ConfigError, match="--amp must be one of auto, on, off"):
+        precision.parse_amp("bf16")
+
+
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path: Path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f amx_bf16 amx_tile\n")
+    assert precision.native_bf16(precision.cpu_flags(cpuinfo))
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 fma\n")
+    assert not precision.native_bf16(precision.cpu_flags(cpuinfo))
+
+
+def test_auto_amp_on_this_cpu_is_off_and_says_why():
+    chosen = precision.choose_amp("auto", torch.device("cpu"))
+    assert not chosen.on  # no native bf16, or its quality against float32 not measured yet
+    assert chosen.reason.startswith("auto: ")
+    assert precision.choose_amp("on", torch.device("cpu")).on
+    assert precision.choose_amp("auto", torch.device("cuda")).on
+
+
+def test_the_probe_times_both_precisions():
+    speedup = precision.bf16_speedup()
+    assert 0.01 < speedup < 100  # a ratio of two real timings
