@@ -103,6 +103,14 @@ Examples:
     help="Step budget: warm-up and cosine decay fit N optimizer steps (overrides --epochs).",
 )
 @click.option(
+    "--ema",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=0.0,
+    show_default=True,
+    help="Keep an exponential moving average of the student's weights with this decay per step "
+    "(e.g. 0.99) and ship it (torch.optim.swa_utils); 0: off.",
+)
+@click.option(
     "--perturb",
     type=click.Choice(PERTURBATIONS),
     help="Input perturbation meant to carry the teachers' diversity ([DM], [WA]). Default: "

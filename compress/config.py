@@ -46,7 +46,7 @@ VALUE_RULES: dict[str, tuple[bool, float, bool, float | None]] = {
     "lr": (False, 0, False, None), "weight_decay": (False, 0, True, None),
     "step": (False, 0, True, None), "alpha": (False, 0, True, 1),
     "temperature": (False, 0, False, None), "max_acc_drop": (False, 0, True, None),
-    "fold_tolerance": (False, 0, False, None),
+    "fold_tolerance": (False, 0, False, None), "ema": (False, 0, True, 1),
 }  # fmt: skip
 
 # The choices of the named options, for the CLI's flags (click.Choice) and the API's keywords alike
@@ -161,6 +161,7 @@ def compress_config(
     weight_decay: float = 5e-4,
     max_steps: int | None = None,
     steps: int | None = None,
+    ema: float = 0.0,
     perturb: str | None = None,
     step: float | None = None,
     alpha: float | None = None,
@@ -214,7 +215,7 @@ def compress_config(
         arch=arch,
         data_overrides=data,
         optim=OptimConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                          max_steps=max_steps, steps=steps),
+                          max_steps=max_steps, steps=steps, ema=ema),
         distill=DistillConfig(alpha=alpha, temperature=temperature, perturb=perturb_config,
                               fast_weights=fast_weights or ("wa" if init == "ones" else "dm"),
                               member_batch=member_batch, targets=targets, mix=mix),

@@ -400,6 +400,7 @@ def _settings(run: _Run, runtime: Runtime) -> dict[str, Any]:
         "mix": distill.mix,
         "alpha": distill.alpha,
         "temperature": distill.temperature,
+        "ema": config.optim.ema,
         "device": str(runtime.device),
         "amp": str(runtime.amp_dtype).removeprefix("torch.") if runtime.amp else "off",
         "amp_reason": runtime.amp_reason,

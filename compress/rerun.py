@@ -18,7 +18,8 @@ from ensc.errors import ConfigError
 
 # config.json's nested settings -> the flat options (the CLI's flags, with _ for -)
 _OPTIM = {"epochs": "epochs", "batch_size": "batch_size", "lr": "lr",
-          "weight_decay": "weight_decay", "max_steps": "max_steps", "steps": "steps"}  # fmt: skip
+          "weight_decay": "weight_decay", "max_steps": "max_steps", "steps": "steps",
+          "ema": "ema"}  # fmt: skip
 _DISTILL = {"alpha": "alpha", "temperature": "temperature", "fast_weights": "fast_weights",
             "member_batch": "member_batch", "targets": "targets", "mix": "mix"}  # fmt: skip
 _DATA = {"name": "dataset", "root": "data_root", "train_subset": "train_subset",

@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from ensc.data.batches import iterate_batches, steps_per_epoch
@@ -54,10 +55,13 @@ class OptimConfig:
     warmup_epochs: float | None = None  # None: 5 for runs of ≥ 50 epochs, else 10 % of the run
     max_steps: int | None = None  # stop after this many optimizer steps (smoke runs)
     steps: int | None = None  # a step budget: warm-up + cosine fit these steps; overrides epochs
+    ema: float = 0.0  # decay of an exponential moving average of the weights (0: none), kept
 
     def __post_init__(self) -> None:
         # the CLIs and the API check their ranges first; this is the bound torch itself sets
         # (--lr 1e300 ended in a raw "cannot be converted to type float without overflow")
+        if not 0.0 <= self.ema < 1.0:
+            raise ConfigError(f"--ema must be a decay in [0, 1) (0: off); got {self.ema!r}")
         for name, value in (("lr", self.lr), ("weight_decay", self.weight_decay)):
             if value is not None and not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
                 raise ConfigError(
@@ -106,6 +110,14 @@ BackwardFn = Callable[[torch.Tensor], None]
 StepFn = Callable[[torch.Tensor, torch.Tensor, BackwardFn], StepResult]
 LOG_EVERY_SECONDS = 60.0  # progress lines in the log, also when no terminal shows the bar
 SAVE_EVERY_SECONDS = 600.0  # default mid-epoch saves: about every 10 minutes of training
+
+
+def moving_average(model: nn.Module, decay: float) -> AveragedModel | None:
+    """An exponential moving average of ``model``'s parameters and buffers (BatchNorm statistics
+    too, so it needs no re-estimation), updated after every optimizer step; None for decay 0."""
+    if not decay:
+        return None
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def _val_text(record: dict[str, Any]) -> str:
@@ -188,7 +200,10 @@ def train(
         save_every=save_every, generators=generators, after_save=after_save,
     )  # fmt: skip
     loop.evaluate, loop.eval_every, loop.on_record = evaluate, eval_every, on_record
-    identity = {"config": asdict(config), **(identity or {})}
+    settings = asdict(config)
+    if not config.ema:  # runs without an average keep the identity they had before --ema
+        del settings["ema"]
+    identity = {"config": settings, **(identity or {})}
     if state_path is not None and resume and Path(state_path).exists():
         loop.resume(Path(state_path), identity)
     return loop.run(Path(state_path) if state_path is not None else None, identity)
@@ -276,6 +291,7 @@ class _Loop:
         self.epoch_gen = self.gen.get_state()  # the data-order generator at the epoch's start
         self.generators, self.after_save = tuple(generators), after_save
         self.clock = _SaveClock(save_every, runtime)
+        self.average = moving_average(model, config.ema)
         self.history: dict[str, Any] = {"epochs": [], "steps": 0, "seconds": 0.0}
         self.start_epoch, self.start_batch, self.start_sums = 0, 0, _Sums()
         self.state_path: Path | None = None
@@ -286,8 +302,9 @@ class _Loop:
         self.on_record: Callable[[dict[str, Any]], None] | None = None
 
     def _parts(self) -> dict[str, Any]:
-        return {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler,
-                "scaler": self.scaler}  # fmt: skip
+        parts = {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler,
+                 "scaler": self.scaler}  # fmt: skip
+        return parts if self.average is None else {**parts, "average": self.average}
 
     def resume(self, state_path: Path, identity: dict[str, Any]) -> None:
         """Continue from the last saved state: an epoch's end, or a step inside an epoch."""
@@ -382,6 +399,8 @@ class _Loop:
             if self.after_epoch is not None:
                 self.after_epoch(epoch + 1)
         self.bar.close()
+        if self.average is not None:  # the run's result is the average
+            self.model.load_state_dict(self.average.module.state_dict())
         return history
 
     def _save_step(self, epoch: int, batches: int, sums: _Sums) -> None:
@@ -495,6 +514,8 @@ class _Loop:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.scheduler.step()
+            if self.average is not None:
+                self.average.update_parameters(self.model)
         loss_value = float(result.loss)
         if not math.isfinite(loss_value):
             raise DivergenceError(

@@ -203,7 +203,12 @@ def test_eval_mode_restores_each_mode_even_on_errors():
 
 
 def _noisy_run(
-    state: Path, *, save_every: int | None, stop_at: int | None = None, resume: bool = False
+    state: Path,
+    *,
+    save_every: int | None,
+    stop_at: int | None = None,
+    resume: bool = False,
+    ema: float = 0.0,
 ) -> tuple[torch.nn.Module, dict]:
     """A small net with dropout (torch's global RNG) whose step adds noise from a generator of
     its own, on augmented batches: 297 images of 50, 5 steps an epoch, 3 epochs. ``stop_at``: the
@@ -231,8 +236,9 @@ def _noisy_run(
         for p in model.parameters():
             torch.nn.init.normal_(p)
     history = train(
-        model, step, data.train, OptimConfig(epochs=3, batch_size=50), resolve_runtime("cpu"),
-        seed=7, state_path=state, resume=resume, hflip=True, save_every=save_every,
+        model, step, data.train, OptimConfig(epochs=3, batch_size=50, ema=ema),
+        resolve_runtime("cpu"), seed=7, state_path=state, resume=resume, hflip=True,
+        save_every=save_every,
         generators=[noise],
     )  # fmt: skip
     return model, history
@@ -291,3 +297,28 @@ def test_negative_save_every_is_refused():
 
 def _timeless(records: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+
+def test_ema_ships_the_average_and_resumes_bit_for_bit(tmp_path: Path):
+    """--ema: the run ends with the moving average of its weights (not the last step's), and a
+    run killed mid-epoch and resumed ends with the same average bit for bit."""
+    last, _ = _noisy_run(tmp_path / "plain.pt", save_every=None)
+    straight, _ = _noisy_run(tmp_path / "a.pt", save_every=None, ema=0.8)
+    with pytest.raises(Interrupt):
+        _noisy_run(tmp_path / "b.pt", save_every=2, stop_at=9, ema=0.8)
+    resumed, got = _noisy_run(tmp_path / "b.pt", save_every=1, resume=True, ema=0.8)
+    assert got["resumed_steps"] == 8
+    for (name, a), b in zip(
+        straight.state_dict().items(), resumed.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    weight = "5.weight"  # the last Linear: same steps, so any difference is the averaging
+    assert not torch.allclose(straight.state_dict()[weight], last.state_dict()[weight])
+
+
+def test_ema_changes_the_resume_identity_and_bad_decays_are_refused(tmp_path: Path):
+    _noisy_run(tmp_path / "s.pt", save_every=None)
+    with pytest.raises(ConfigError, match="different settings"):
+        _noisy_run(tmp_path / "s.pt", save_every=None, resume=True, ema=0.5)
+    with pytest.raises(ConfigError, match=r"--ema must be a decay in \[0, 1\)"):
+        OptimConfig(ema=1.0)

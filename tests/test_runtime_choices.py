@@ -50,10 +50,13 @@ def test_cli_threads_reach_torch_and_the_report(tiny_teacher: Path, tmp_path: Pa
     before = torch.get_num_threads()
     try:
         result = run_cli("compress", "--teacher", str(tiny_teacher), *TINY_COMPRESS,
-                         "--threads", "1", "--amp", "off", "--out", str(tmp_path / "run"))  # fmt: skip
+                         "--threads", "1", "--amp", "off", "--ema", "0.9",
+                         "--out", str(tmp_path / "run"))  # fmt: skip
         assert result.exit_code == 0, result.output
         settings = json.loads((tmp_path / "run" / "report.json").read_text())["settings"]
-        assert (settings["threads"], settings["amp"]) == (1, "off")
+        assert (settings["threads"], settings["amp"], settings["ema"]) == (1, "off", 0.9)
+        config = json.loads((tmp_path / "run" / "config.json").read_text())
+        assert config["optim"]["ema"] == 0.9
         assert settings["amp_reason"] == "--amp off"
     finally:
         torch.set_num_threads(before)
