@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from ensc.data.splits import Split
-
-if TYPE_CHECKING:
-    from ensc.data.splits import Streamed
+from ensc.data.splits import Split, Streamed
 
 
 def augment(

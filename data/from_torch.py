@@ -33,7 +33,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ensc.data.datasets import sampled_sizes, split_stats
+from ensc.data.datasets import split_stats
+from ensc.data.imagefolder import sampled_sizes
 from ensc.data.mode import MEMORY_SHARE, MODES, auto_mode
 from ensc.data.splits import DataConfig, ImageDataset, Split, split_indices, take_subset
 from ensc.data.stream import StreamSplit, auto_workers, file_array

@@ -7,14 +7,10 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
+from ensc.data.builtin import FASHION_MNIST_SYSTEM_DIR, default_data_root
 from ensc.data.catalog import DATASETS, PYTHON_DATA
-from ensc.data.datasets import (
-    FASHION_MNIST_SYSTEM_DIR,
-    default_data_root,
-    load_image_files,
-    load_test_split,
-    to_input_shape,
-)
+from ensc.data.datasets import load_test_split
+from ensc.data.imagefolder import load_image_files, to_input_shape
 from ensc.data.splits import DataConfig, ImageDataset, Split
 from ensc.errors import ConfigError, DataError
 from ensc.fileio import not_a_folder
@@ -87,7 +83,7 @@ def ood_split(
     ``source`` is a dataset name (fashion-mnist, cifar10, cifar100: its test split, from the
     default location) or a folder of images (an ImageFolder's class folders or a flat folder;
     write ``./cifar10`` for a folder that has a dataset's name). Images are brought to
-    ``in_channels`` × ``image_size`` by :func:`~ensc.data.datasets.to_input_shape` (grayscale to
+    ``in_channels`` × ``image_size`` by :func:`~ensc.data.imagefolder.to_input_shape` (grayscale to
     RGB repeats the channel, RGB to grayscale takes the luminance, other sizes are resized);
     ``subset`` keeps that many images (seeded; class-balanced for a dataset).
     """

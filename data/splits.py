@@ -5,24 +5,20 @@ streamed from disk (:class:`ensc.data.stream.StreamSplit`) or read from a torch 
 (:class:`ensc.data.torch_stream.TorchStreamSplit`) answers the same ``len``, ``labels``,
 ``channels``, ``image_size``, ``subset`` and ``take``. Validation is carved from the training
 images by :func:`split_indices` unless a clean validation folder is given (``val_root``).
-This module imports no other module of :mod:`ensc.data`: every other one builds on it.
+This module imports no other module of :mod:`ensc.data`: every other one builds on it (streamed
+splits are typed by the :class:`Streamed` protocol, which they implement).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
 from ensc.errors import DataError, plural
-
-if TYPE_CHECKING:
-    from ensc.data.stream import StreamSplit
-    from ensc.data.torch_stream import TorchStreamSplit
-
-    Streamed = StreamSplit | TorchStreamSplit  # image files, or a torch Dataset's items
 
 VAL_FRACTION = 0.1  # validation carved from train: 10 % ...
 VAL_CAP = 5000  # ... capped at 5,000 images
@@ -50,6 +46,31 @@ class DataConfig:
     # a loaded dataset's ImageDataset.config holds the mode used (never "auto"): record that one
     mode: str = "auto"
     workers: int | None = None  # stream: reader processes; None = one per core, at most 8
+
+
+class Streamed(Protocol):
+    """A split read while iterating: image files (``data.stream.StreamSplit``) or a torch
+    Dataset's items (``data.torch_stream.TorchStreamSplit``). Both implement this, so that this
+    module needs neither (the modules of :mod:`ensc.data` import one way, from here outwards)."""
+
+    labels: torch.Tensor
+
+    def __len__(self) -> int: ...
+
+    @property
+    def channels(self) -> int: ...
+
+    @property
+    def image_size(self) -> tuple[int, int]: ...
+
+    def subset(self, index: torch.Tensor) -> Streamed: ...
+
+    def take(self, index: torch.Tensor | None = None) -> Split: ...
+
+    def batches(
+        self, batch_size: int, *, gen: torch.Generator | None = None, shuffle: bool = False,
+        augment_hflip: bool | None = None, drop_last: bool = False, start: int = 0,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...  # fmt: skip
 
 
 @dataclass(frozen=True)

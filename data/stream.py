@@ -22,18 +22,14 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ensc.data.splits import Split
+from ensc.data.splits import Split, Streamed
 from ensc.data.transforms import make_batch
 from ensc.errors import DataError
-
-if TYPE_CHECKING:
-    from ensc.data.torch_stream import TorchStreamSplit
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +223,7 @@ def batch_seed(epoch_seed: int, k: int) -> int:
 
 
 def sample_stats(
-    split: StreamSplit | TorchStreamSplit, *, n: int = STATS_SAMPLE, seed: int = 0
+    split: Streamed, *, n: int = STATS_SAMPLE, seed: int = 0
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std in [0, 1] units, as :func:`ensc.data.datasets.channel_stats`
     computes them, on a seeded sample of ``n`` images (evaluation view: no augmentation) of any

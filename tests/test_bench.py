@@ -221,3 +221,11 @@ def test_bench_bad_input_is_one_line(args, message, tiny_run: Path, tmp_path: Pa
 def test_bench_cuda_without_gpu_is_one_line(tiny_run: Path):
     result = run_cli("bench", "--run", str(tiny_run), "--provider", "cuda")
     assert result.exit_code == 1 and "Error: --provider cuda needs onnxruntime-gpu" in result.output
+
+
+def test_int8_uses_7_bit_weights_only_where_the_cpu_lacks_vnni():
+    from ensc.export.quantize import reduce_range_here
+
+    assert reduce_range_here({"avx2", "fma"})  # U8S8 could saturate: 7-bit weights
+    assert not reduce_range_here({"avx2", "avx512_vnni"})
+    assert not reduce_range_here({"avx2", "avx_vnni"})

@@ -17,7 +17,8 @@ from PIL import Image
 from torchvision.transforms.v2.functional import pil_to_tensor, resize
 
 from ensc import fileio
-from ensc.data.datasets import _decode_images, load_dataset
+from ensc.data.datasets import load_dataset
+from ensc.data.imagefolder import decode_images
 from ensc.data.source import data_config_for
 from ensc.data.splits import DataConfig, split_indices
 from ensc.errors import DataError, WriteError, plural, signed
@@ -95,7 +96,7 @@ def test_most_common_size_wins_even_when_the_first_image_is_odd(tmp_path: Path, 
     root = _image_folder(tmp_path / "d", odd={"train/a/0.png": (40, 30), "train/a/1.png": (24, 24)})
     paths = [root / "train/a" / f"{i}.png" for i in range(5)]  # 40×30, 24×24, then three 16×16
     with caplog.at_level(logging.WARNING):
-        images = _decode_images([str(p) for p in paths], split="train")
+        images = decode_images([str(p) for p in paths], split="train")
     assert tuple(images.shape) == (5, 3, 16, 16)
     for row, path in zip(images, paths, strict=True):
         assert torch.equal(row, resize(_pixels(path), [16, 16], antialias=True))  # no-op at 16×16

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ensc.data.datasets import load_dataset, load_image_files, to_input_shape
+from ensc.data.datasets import load_dataset
+from ensc.data.imagefolder import load_image_files, to_input_shape
 from ensc.data.source import data_config_for, ood_split
 from ensc.data.splits import DataConfig
 from ensc.errors import DataError

@@ -29,9 +29,9 @@ def write_folder(root: Path, per_split: dict[str, int], size: tuple[int, int] | 
     resized to ``size`` (W×H kept at 28×28 when None); every 5th image is 5/4 as wide."""
     from PIL import Image
 
-    from ensc.data.datasets import _load_fashion_mnist
+    from ensc.data.builtin import load_fashion_mnist
 
-    full, _ = _load_fashion_mnist(DataConfig("fashion-mnist"))
+    full, _ = load_fashion_mnist(DataConfig("fashion-mnist"))
     start = 0
     for split, n in per_split.items():
         for i in range(n):
@@ -317,7 +317,7 @@ def test_16_bit_pngs_decode_to_the_same_scaled_pixels_in_memory_and_streamed(tmp
     import numpy as np
     from PIL import Image
 
-    from ensc.data.datasets import _decode_images
+    from ensc.data.imagefolder import decode_images
     from ensc.data.transforms import read_image
 
     values = (np.arange(64, dtype=np.int64).reshape(8, 8) * 1031 + 7).astype(np.uint16)
@@ -329,6 +329,6 @@ def test_16_bit_pngs_decode_to_the_same_scaled_pixels_in_memory_and_streamed(tmp
     for name, want in (("gray", np.stack([values] * 3)), ("rgb", rgb.transpose(2, 0, 1))):
         expected = torch.from_numpy((want >> 8).astype(np.uint8))  # the high byte
         streamed = read_image(str(tmp_path / f"{name}.png"))
-        memory = _decode_images([str(tmp_path / f"{name}.png")])[0]
+        memory = decode_images([str(tmp_path / f"{name}.png")])[0]
         assert streamed.dtype == memory.dtype == torch.uint8
         assert torch.equal(streamed, expected) and torch.equal(memory, expected), name
