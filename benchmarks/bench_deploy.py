@@ -2,6 +2,12 @@
 
     python benchmarks/bench_deploy.py                       # uses runs/demo/ckpts when present
     python benchmarks/bench_deploy.py --teacher ckpts/ --repeats 300
+    python benchmarks/bench_deploy.py --shared-de4          # the real DE-4 of ../shared (docs/bench.md)
+
+``--shared-de4``: the pretrained CIFAR-10 DE-4 (ResNet-20/32/44/56, another codebase, read through
+a manifest and --code-path) against a ResNet-32 averaged network warm-started from its ResNet-32
+member and distilled on the CIFAR-10 JPEGs (``--steps``), fp32, fp16 and int8, as a user would
+deploy it.
 
 Runs the three product commands in a work folder, exactly as a user would:
 `ensc compress` (student of the teacher's architecture), `ensc export --onnx` (fp32, int8, and the
@@ -33,7 +39,20 @@ from ensc.fileio import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_TEACHER = REPO / "runs" / "demo" / "ckpts"
-TARGETS = {"teacher_vs_student_ort_b64": 3.6, "ort_vs_eager_b1": 2.0}
+TARGETS = {"teacher_vs_student_ort_b64": 3.6, "ort_vs_eager_b1": 2.0, "int8_vs_fp32_b64": 3.0,
+           "int8_vs_teacher_b64": 15.0, "int8_acc_drop": 0.3}  # fmt: skip
+
+
+def shared_de4(work: Path) -> list[str]:
+    """The compress flags that read the shared DE-4 (its manifest written into ``work``) with a
+    ResNet-32 student, as benchmarks/study_teacher.py reads it."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import study_teacher  # one definition of the manifest and the flags
+
+    if not study_teacher.TEACHER_DIR.is_dir():
+        sys.exit(f"{study_teacher.TEACHER_DIR} not found: --shared-de4 needs ../shared/data")
+    study_teacher.manifest(work)
+    return study_teacher.teacher_flags("main", work)
 
 
 def ensc(args: list[str], cwd: Path, log: list[str]) -> None:
@@ -64,8 +83,15 @@ def main() -> None:
         "--teacher", type=Path, default=DEMO_TEACHER, help="DE-M teacher folder (copied)."
     )
     parser.add_argument("--work", type=Path, help="Work folder. Default: a fresh temporary folder.")
+    parser.add_argument(
+        "--shared-de4",
+        action="store_true",
+        help="The shared real DE-4 and a ResNet-32 student (instead of --teacher).",
+    )
     parser.add_argument("--train-subset", type=int, default=12000, help="Distillation images.")
     parser.add_argument("--epochs", type=int, default=1, help="Distillation epochs.")
+    parser.add_argument("--steps", type=int, help="Distillation steps (instead of --epochs).")
+    parser.add_argument("--test-subset", type=int, default=1000, help="Test images (accuracy).")
     parser.add_argument("--batch-sizes", default="1,8,64")
     parser.add_argument(
         "--repeats", type=int, default=200, help="Timed calls per model and batch size."
@@ -96,26 +122,34 @@ def main() -> None:
         print(f"wrote {args.out}")
         return
 
-    if not args.teacher.is_dir():
+    work = args.work or Path(tempfile.mkdtemp(prefix="ensc-bench-deploy-"))
+    work.mkdir(parents=True, exist_ok=True)
+    if args.shared_de4:
+        teacher_flags = shared_de4(work)
+    elif not args.teacher.is_dir():
         sys.exit(
             f"teacher {args.teacher} not found: run `make demo` (trains runs/demo/ckpts) or pass --teacher DIR"
         )
-    work = args.work or Path(tempfile.mkdtemp(prefix="ensc-bench-deploy-"))
-    work.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(args.teacher, work / "ckpts", dirs_exist_ok=True)
-    teacher_info = json.loads(
-        subprocess.run(
-            [sys.executable, "-c", "import json,sys; from ensc.teachers.ensemble import load_teacher; "
-             "t = load_teacher(sys.argv[1]); print(json.dumps({'members': len(t), 'arch': t.spec.arch, "
-             "'dataset': t.spec.dataset}))", str(work / "ckpts")],
+    else:
+        shutil.copytree(args.teacher, work / "ckpts", dirs_exist_ok=True)
+        arch = json.loads(subprocess.run(
+            [sys.executable, "-c", "import sys; from ensc.teachers.ensemble import load_teacher; "
+             "print(load_teacher(sys.argv[1]).spec.arch)", str(work / "ckpts")],
             capture_output=True, text=True, check=True,
-        ).stdout
-    )  # fmt: skip
+        ).stdout.strip().join('""'))  # fmt: skip
+        teacher_flags = ["--teacher", "ckpts/", "--arch", arch]
+    budget = ["--steps", str(args.steps)] if args.steps else ["--epochs", str(args.epochs)]
     commands: list[str] = []
-    ensc(["compress", "--teacher", "ckpts/", "--arch", teacher_info["arch"], "--epochs", str(args.epochs),
-          "--train-subset", str(args.train_subset), "--test-subset", "1000", "--recalibrate-bn",
-          "--max-acc-drop", "100", "--out", "runs/deploy", "--force"], work, commands)  # fmt: skip
+    ensc(["compress", *teacher_flags, *budget, "--train-subset", str(args.train_subset),
+          "--test-subset", str(args.test_subset), "--max-acc-drop", "100", "--out", "runs/deploy",
+          "--force"], work, commands)  # fmt: skip
+    report = json.loads((work / "runs" / "deploy" / "report.json").read_text())
+    settings = report["settings"]
+    teacher_info = {"members": len(report["teacher_members"]), "arch": settings["teacher_arch"],
+                    "student": settings["student_arch"], "dataset": report["dataset"],
+                    "teacher": settings["teacher"], "command": commands[0]}  # fmt: skip
     ensc(["export", "--onnx", "--force"], work, commands)
+    ensc(["export", "--onnx", "--precision", "fp16", "--force"], work, commands)
     ensc(["export", "--onnx", "--precision", "int8", "--force"], work, commands)
     ensc(["export", "--onnx", "--what", "teacher", "--force"], work, commands)
     ensc(["export", "--onnx", "--what", "student-be", "--force"], work, commands)
@@ -126,7 +160,8 @@ def main() -> None:
               str(args.repeats), "--threads", str(threads), "--json", json_path, "--force"], work, commands)  # fmt: skip
         results[threads] = BenchResult.from_dict(json.loads((work / json_path).read_text()))
     record = {"commands": commands, "teacher": teacher_info, "lscpu": lscpu(),
-              "args": {k: vars(args)[k] for k in ("repeats", "warmup", "epochs", "train_subset", "threads")}}  # fmt: skip
+              "args": {k: vars(args)[k] for k in ("repeats", "warmup", "epochs", "steps", "train_subset",
+                                                  "test_subset", "threads", "shared_de4")}}  # fmt: skip
     (work / "record.json").write_text(json.dumps(record, indent=2))
     atomic_write_text(
         args.out, render(results, commands, teacher_info, cpu=record["lscpu"], args=args)
@@ -147,15 +182,48 @@ def oversubscribed(result: BenchResult) -> bool:
 
 
 def ratio(
-    result: BenchResult, batch: int, family: str, engine: str, vs_family: str, vs_engine: str
-) -> float | None:
-    """How many times faster ``family`` on ``engine`` is than ``vs_family`` on ``vs_engine`` (p50, fp32)."""
+    result: BenchResult, batch: int, family: str, engine: str, vs_family: str, vs_engine: str,
+    precision: str = "fp32",
+) -> float | None:  # fmt: skip
+    """How many times faster ``family`` on ``engine`` at ``precision`` is than ``vs_family`` on
+    ``vs_engine`` in fp32 (p50)."""
     try:
-        mine = result.row(family, engine, batch).p50_ms
+        mine = result.row(family, engine, batch, precision).p50_ms
         theirs = result.row(vs_family, vs_engine, batch).p50_ms
     except KeyError:
         return None
     return theirs / mine
+
+
+def int8_drop(result: BenchResult) -> float | None:
+    """Accuracy points the int8 averaged network lost against the fp32 one (same test images)."""
+    try:
+        return (
+            result.row("student", "onnxruntime", 1).accuracy
+            - result.row("student", "onnxruntime", 1, "int8").accuracy
+        )
+    except KeyError:
+        return None
+
+
+def target_row(name: str, threads: int, got: float | None, goal: float, busy: bool) -> list[str]:
+    verdict = "-" if got is None else ("met" if got >= goal else "missed")
+    verdict += " (cores busy, see below)" if busy else ""
+    shown = "-" if got is None else f"{got:.2f}×"
+    return [name, str(threads), shown, f"≥ {goal:g}×", verdict]
+
+
+def budget_text(args: argparse.Namespace) -> str:
+    return f"{args.steps} steps" if args.steps else f"{args.epochs} epoch(s)"
+
+
+def invocation(args: argparse.Namespace) -> str:
+    """The flags this file was made with."""
+    flags = ["--shared-de4"] if args.shared_de4 else []
+    flags += ["--steps", str(args.steps)] if args.steps else ["--epochs", str(args.epochs)]
+    flags += ["--train-subset", str(args.train_subset), "--test-subset", str(args.test_subset),
+              "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--threads", args.threads]  # fmt: skip
+    return " ".join(flags)
 
 
 def render(results: dict[int, BenchResult], commands: list[str], teacher: dict, cpu: dict,
@@ -173,18 +241,23 @@ def render(results: dict[int, BenchResult], commands: list[str], teacher: dict, 
              ratio(result, 64, "student", "onnxruntime", "teacher", "onnxruntime"), TARGETS["teacher_vs_student_ort_b64"]),
             ("onnxruntime vs PyTorch eager, averaged student, batch 1",
              ratio(result, 1, "student", "onnxruntime", "student", "pytorch"), TARGETS["ort_vs_eager_b1"]),
+            ("int8 vs fp32 averaged student, onnxruntime, batch 64",
+             ratio(result, 64, "student", "onnxruntime", "student", "onnxruntime", "int8"), TARGETS["int8_vs_fp32_b64"]),
+            (f"int8 averaged student vs fp32 DE-{m} teacher, onnxruntime, batch 64",
+             ratio(result, 64, "student", "onnxruntime", "teacher", "onnxruntime", "int8"), TARGETS["int8_vs_teacher_b64"]),
         ):  # fmt: skip
-            verdict = "-" if got is None else ("met" if got >= goal else "missed")
-            shown = "-" if got is None else f"{got:.2f}×"
-            if oversubscribed(result):
-                verdict += " (cores busy, see below)"
-            target_rows.append([name, str(threads), shown, f"≥ {goal:g}×", verdict])
+            target_rows.append(target_row(name, threads, got, goal, oversubscribed(result)))
+    drop = int8_drop(first)
+    target_rows.append([
+        "int8 accuracy drop against fp32 (points)", "-", "-" if drop is None else f"{drop:.2f}",
+        f"≤ {TARGETS['int8_acc_drop']:g}", "-" if drop is None else
+        ("met" if drop <= TARGETS["int8_acc_drop"] else "missed"),
+    ])  # fmt: skip
     lines = [
         f"# Deployment benchmark: DE-{m} teacher vs the compressed single network",
         "",
-        f"Measured {datetime.now():%Y-%m-%d} with `python benchmarks/bench_deploy.py --repeats {args.repeats} "
-        f"--warmup {args.warmup} --epochs {args.epochs} --train-subset {args.train_subset} --threads "
-        f"{args.threads}`, which runs the commands below in a fresh work folder and writes this file.",
+        f"Measured {datetime.now():%Y-%m-%d} with `python benchmarks/bench_deploy.py {invocation(args)}`, "
+        "which runs the commands below in a fresh work folder and writes this file.",
         "",
         f"- **hardware:** `lscpu` model name *{cpu.get('Model name', env.get('cpu'))}*, "
         f"{cpu.get('CPU(s)', env.get('logical_cpus'))} CPUs, {cpu.get('Thread(s) per core', '?')} thread per "
@@ -197,12 +270,12 @@ def render(results: dict[int, BenchResult], commands: list[str], teacher: dict, 
         "round, the median of the rounds) and are the numbers to read.",
         f"- **software:** torch {env['torch']}, onnxruntime {env['onnxruntime']} "
         f"({', '.join(env['onnxruntime_providers'])}), Python {env['python']}, {env['platform']}.",
-        f"- **models:** teacher DE-{m} {teacher['arch']} trained by `make demo` on {teacher['dataset']} "
-        f"(`runs/demo/ckpts`, 4 epochs on 12,000 images); student BE-{m} {teacher['arch']} distilled with "
-        f"ensc's default recipe for {args.epochs} epoch(s) on {args.train_subset:,} images (a short run: speed "
-        f"does not depend on training) and averaged into one {teacher['arch']} with BatchNorm statistics "
-        "re-estimated on training data; `--max-acc-drop 100` keeps compress's parity gate from stopping the "
-        f"script after such a short run. Accuracy on {first.n_test} test images.",
+        f"- **models:** teacher DE-{m} ({teacher['arch']}, `{teacher['teacher']}`) on {teacher['dataset']}; "
+        f"student BE-{m} {teacher['student']} distilled with ensc's default recipe "
+        f"({budget_text(args)} on {args.train_subset:,} training images; a short run: speed does not "
+        f"depend on training) and averaged into one {teacher['student']}; `--max-acc-drop 100` keeps "
+        "compress's parity gate from stopping the script after such a short run; fp16 and int8 are "
+        f"`ensc export --precision`'s. Accuracy on {first.n_test} test images.",
         f"- **timing:** {first.config['warmup']} warm-up + {first.config['repeats']} timed calls per model, batch "
         "size and thread count; p50/p90/p99 are per-call wall times of one batch; images/s = batch / p50; "
         "*vs teacher* = teacher p50 / p50 on the same engine and batch size. Both engines use the same number "
