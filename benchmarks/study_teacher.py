@@ -143,6 +143,9 @@ PLANS: dict[str, list[dict[str, Any]]] = {
         *(product(300, seed=s, temperature=4, lr=0.0075) for s in (0, 1, 2)),
         *(baseline(300, seed=s, temperature=4, lr=0.0075) for s in (0, 1, 2)),
         baseline(1000, temperature=4, lr=0.0075),
+        # KD at its better lr at T 4 (seeds 0, 1 ran in indomain-t4-versus at lr 0.03)
+        baseline(300, seed=2, temperature=4, lr=0.03),
+        baseline(1000, temperature=4, lr=0.03),
     ],
     # the same, run at the defaults before the in-domain choice (α 0.9, T 1, perturbation none):
     # each perturbation, the papers' member batch and member-wise targets, on validation
@@ -211,6 +214,9 @@ FROZEN = {
 }
 FROZEN["indomain-mix"] = FROZEN["indomain-t4"] = (
     "ran at α 1, T 1 but for the flags named, before calibration"
+)
+FROZEN["indomain"] = FROZEN["indomain-t4-versus"] = (
+    "ran at the warm-start defaults before T 4 (α 1, T 1, lr 0.03 unless named)"
 )
 
 

@@ -90,8 +90,9 @@ Examples:
 @click.option(
     "--lr",
     type=click.FloatRange(min=0, min_open=True),
-    help="Peak learning rate. Default: 0.03 × batch/128 for a warm-started student (chosen on "
-    "validation, docs/results.md), 0.1 × batch/128 from scratch.",
+    help="Peak learning rate. Default: 0.03 × batch/128 / T for a warm-started student (T the KD "
+    "temperature; fine-tuning on labels: 0.03 × batch/128; chosen on validation, "
+    "docs/results.md), 0.1 × batch/128 from scratch.",
 )
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=5e-4, show_default=True)
 @click.option(
@@ -131,7 +132,8 @@ Examples:
 @click.option(
     "--temperature",
     type=click.FloatRange(min=0, min_open=True),
-    help="KD temperature ([WA] 4, [DM] 1). Default: 1 (docs/method.md §10).",
+    help="KD temperature ([WA] 4, [DM] 1). Default: 4 when the student starts from a teacher "
+    "member, 1 from scratch (docs/method.md §10).",
 )
 @click.option(
     "--init",

@@ -16,10 +16,10 @@ from ensc.compress.config import (
     is_single_network,
 )
 from ensc.compress.warmstart import (
-    WARM_START_LR,
     init_from_member,
     loss_defaults,
     matching_member,
+    warm_start_lr,
 )
 from ensc.data.datasets import load_dataset
 from ensc.data.source import check_compatible, data_config_for, ood_split
@@ -96,8 +96,9 @@ def set_up(config: CompressConfig, runtime: Runtime, sources: Sources) -> Run:
 
 def with_start_defaults(config: CompressConfig, warm: bool) -> CompressConfig:
     """The settings that depend on the student's start: α and T unless given (loss_defaults), and
-    the peak learning rate: a warm-started student fine-tunes at :data:`WARM_START_LR` ×
-    batch/128 unless ``--lr`` was given (from scratch: the papers' 0.1 × batch/128)."""
+    the peak learning rate: a warm-started student fine-tunes at
+    :func:`~ensc.compress.warmstart.warm_start_lr` unless ``--lr`` was given (from scratch: the
+    papers' 0.1 × batch/128)."""
     distill = loss_defaults(config.distill, warm)
     if distill != config.distill:
         log.info("%s start: alpha %g, temperature %g (--alpha/--temperature to change them)",
@@ -105,7 +106,8 @@ def with_start_defaults(config: CompressConfig, warm: bool) -> CompressConfig:
         config = replace(config, distill=distill)
     if not warm or config.optim.lr is not None:
         return config
-    lr = WARM_START_LR * config.optim.batch_size / 128
+    distill = config.distill
+    lr = warm_start_lr(config.method, distill.alpha, distill.temperature, config.optim.batch_size)
     log.info("warm start: peak learning rate %g (--lr to change it)", lr)
     return replace(config, optim=replace(config.optim, lr=lr))
 

@@ -85,9 +85,11 @@ def test_compress_writes_run_folder_and_latest(tiny_teacher: Path, tmp_path: Pat
     assert "gap closed (from teacher 0)" in (latest / "report.md").read_text()
     # warm start by default: the student has the members' architecture
     assert "student starts from teacher member 0" in (latest / "log.txt").read_text()
-    # ... and fine-tunes at the warm-start learning rate, scaled to the batch (32 here)
+    # ... and fine-tunes at the warm-start learning rate, scaled to the batch (32 here) and
+    # divided by the KD temperature
     config = json.loads((latest / "config.json").read_text())
-    assert config["optim"]["lr"] == pytest.approx(WARM_START_LR * 32 / 128)
+    want = WARM_START_LR * 32 / 128 / WARM_START_LOSS["temperature"]
+    assert config["optim"]["lr"] == pytest.approx(want)
     # ... with the warm start's loss and the BatchEnsemble's default perturbation
     settings = report["settings"]
     assert (settings["alpha"], settings["temperature"]) == (WARM_START_LOSS["alpha"], WARM_START_LOSS["temperature"])  # fmt: skip
@@ -294,3 +296,12 @@ def test_kd_single_baseline_trains_one_plain_network(tiny_teacher: Path, tmp_pat
         "--perturb", "tdiv-sdiv", "--out", str(tmp_path / "kd2"), cwd=tmp_path,
     )  # fmt: skip
     assert refused.exit_code != 0 and "use --perturb ods" in refused.output
+
+
+def test_warm_start_lr_is_divided_by_t_only_with_a_kd_term():
+    from ensc.compress.warmstart import warm_start_lr
+
+    assert warm_start_lr("batchensemble", 1.0, 4.0, 128) == pytest.approx(WARM_START_LR / 4)
+    assert warm_start_lr("kd-single", 1.0, 1.0, 256) == pytest.approx(WARM_START_LR * 2)
+    assert warm_start_lr("finetune", 1.0, 4.0, 128) == pytest.approx(WARM_START_LR)
+    assert warm_start_lr("batchensemble", 0.0, 4.0, 128) == pytest.approx(WARM_START_LR)
