@@ -19,6 +19,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -545,7 +546,7 @@ def seed_summary(results: list[dict[str, Any]]) -> str:
     groups: dict[str, list[dict[str, Any]]] = {}
     expanded = [*results, *(b for result in results for b in baseline_results(result))]
     for r in expanded:
-        groups.setdefault(r["name"].split("-seed")[0], []).append(r)
+        groups.setdefault(re.sub(r"-seed\d+", "", r["name"]), []).append(r)
     lines = ["| setting | seeds | ACC % | cNLL | NLL | gap ACC % | gap cNLL % |",
              "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for name, rows in groups.items():
@@ -567,7 +568,11 @@ def seed_summary(results: list[dict[str, Any]]) -> str:
             )  # fmt: skip
             for key in ("acc", "cnll")
         ]
-        lines.append(f"| {describe(rows[0]['flags'], rows[0].get('settings'))} ({name}) | {len(rows)} | "
+        flags = rows[0]["flags"]
+        unseeded = [
+            f for i, f in enumerate(flags) if "--seed" not in (f, flags[i - 1] if i else "")
+        ]
+        lines.append(f"| {describe(unseeded, rows[0].get('settings'))} ({name}) | {len(rows)} | "
                      f"{stat('acc', '{:.2f}')} | {stat('cnll', '{:.4f}')} | {stat('nll', '{:.4f}')} | "
                      f"{gaps[0]} | {gaps[1]} |")  # fmt: skip
     return "\n".join(lines) + "\n" if len(lines) > 2 else ""
