@@ -92,6 +92,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1, help="Distillation epochs.")
     parser.add_argument("--steps", type=int, help="Distillation steps (instead of --epochs).")
     parser.add_argument("--test-subset", type=int, default=1000, help="Test images (accuracy).")
+    parser.add_argument(
+        "--reuse-run",
+        action="store_true",
+        help="Keep the compress run already in --work (export and bench again).",
+    )
     parser.add_argument("--batch-sizes", default="1,8,64")
     parser.add_argument(
         "--repeats", type=int, default=200, help="Timed calls per model and batch size."
@@ -140,24 +145,28 @@ def main() -> None:
         teacher_flags = ["--teacher", "ckpts/", "--arch", arch]
     budget = ["--steps", str(args.steps)] if args.steps else ["--epochs", str(args.epochs)]
     commands: list[str] = []
-    ensc(["compress", *teacher_flags, *budget, "--train-subset", str(args.train_subset),
-          "--test-subset", str(args.test_subset), "--max-acc-drop", "100", "--out", "runs/deploy",
-          "--force"], work, commands)  # fmt: skip
+    at = teacher_flags.index("--code-path") if "--code-path" in teacher_flags else None
+    code = [] if at is None else teacher_flags[at : at + 2]  # export and bench build it too
+    compress = ["compress", *teacher_flags, *budget, "--train-subset", str(args.train_subset),
+                "--test-subset", str(args.test_subset), "--max-acc-drop", "100", "--out",
+                "runs/deploy", "--force"]  # fmt: skip
+    if args.reuse_run and (work / "runs" / "deploy" / "report.json").exists():
+        commands.append(f"ensc {shlex.join(compress)}   # run by an earlier call (--reuse-run)")
+    else:
+        ensc(compress, work, commands)
     report = json.loads((work / "runs" / "deploy" / "report.json").read_text())
     settings = report["settings"]
     teacher_info = {"members": len(report["teacher_members"]), "arch": settings["teacher_arch"],
                     "student": settings["student_arch"], "dataset": report["dataset"],
-                    "teacher": settings["teacher"], "command": commands[0]}  # fmt: skip
-    ensc(["export", "--onnx", "--force"], work, commands)
-    ensc(["export", "--onnx", "--precision", "fp16", "--force"], work, commands)
-    ensc(["export", "--onnx", "--precision", "int8", "--force"], work, commands)
-    ensc(["export", "--onnx", "--what", "teacher", "--force"], work, commands)
-    ensc(["export", "--onnx", "--what", "student-be", "--force"], work, commands)
+                    "teacher": settings["teacher"]}  # fmt: skip
+    for extra in ([], ["--precision", "fp16"], ["--precision", "int8"], ["--what", "teacher"],
+                  ["--what", "student-be"]):  # fmt: skip
+        ensc(["export", "--onnx", *extra, *code, "--force"], work, commands)
     results = {}
     for threads in [int(t) for t in args.threads.split(",")]:
         json_path = f"bench-{threads}threads.json"
         ensc(["bench", "--batch-sizes", args.batch_sizes, "--warmup", str(args.warmup), "--repeats",
-              str(args.repeats), "--threads", str(threads), "--json", json_path, "--force"], work, commands)  # fmt: skip
+              str(args.repeats), "--threads", str(threads), *code, "--json", json_path, "--force"], work, commands)  # fmt: skip
         results[threads] = BenchResult.from_dict(json.loads((work / json_path).read_text()))
     record = {"commands": commands, "teacher": teacher_info, "lscpu": lscpu(),
               "args": {k: vars(args)[k] for k in ("repeats", "warmup", "epochs", "steps", "train_subset",
@@ -281,7 +290,7 @@ def render(results: dict[int, BenchResult], commands: list[str], teacher: dict, 
         "*vs teacher* = teacher p50 / p50 on the same engine and batch size. Both engines use the same number "
         "of intra-op threads; onnxruntime's threads do not spin between calls.",
         "",
-        "Commands (in the work folder, next to a copy of the teacher in `ckpts/`):",
+        "Commands (in the work folder, next to the teacher: a copy in `ckpts/`, or the manifest `ensemble.json`):",
         "",
         "```bash",
         *commands,

@@ -112,6 +112,15 @@ LOG_EVERY_SECONDS = 60.0  # progress lines in the log, also when no terminal sho
 SAVE_EVERY_SECONDS = 600.0  # default mid-epoch saves: about every 10 minutes of training
 
 
+def optim_identity(config: OptimConfig) -> dict[str, Any]:
+    """The optimizer settings a resumable state records and must match on resume (``ema`` only
+    when on, so that runs without an average keep the identity they had before ``--ema``)."""
+    settings = asdict(config)
+    if not config.ema:
+        del settings["ema"]
+    return settings
+
+
 def moving_average(model: nn.Module, decay: float) -> AveragedModel | None:
     """An exponential moving average of ``model``'s parameters and buffers (BatchNorm statistics
     too, so it needs no re-estimation), updated after every optimizer step; None for decay 0."""
@@ -200,10 +209,7 @@ def train(
         save_every=save_every, generators=generators, after_save=after_save,
     )  # fmt: skip
     loop.evaluate, loop.eval_every, loop.on_record = evaluate, eval_every, on_record
-    settings = asdict(config)
-    if not config.ema:  # runs without an average keep the identity they had before --ema
-        del settings["ema"]
-    identity = {"config": settings, **(identity or {})}
+    identity = {"config": optim_identity(config), **(identity or {})}
     if state_path is not None and resume and Path(state_path).exists():
         loop.resume(Path(state_path), identity)
     return loop.run(Path(state_path) if state_path is not None else None, identity)

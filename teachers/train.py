@@ -21,7 +21,7 @@ from ensc import faults, rundir
 from ensc.data.datasets import load_dataset
 from ensc.data.splits import DataConfig, ImageDataset
 from ensc.engine.curves import rows
-from ensc.engine.loop import BackwardFn, OptimConfig, StepResult, train
+from ensc.engine.loop import BackwardFn, OptimConfig, StepResult, optim_identity, train
 from ensc.engine.predict import predict_probs
 from ensc.engine.runtime import Runtime
 from ensc.engine.seeding import seeded
@@ -239,7 +239,7 @@ def _check_resumable(config: TeacherTrainConfig, data: ImageDataset) -> None:
                     "same settings with --resume, or --force to retrain every member"
                 )
         elif state.exists() and torch_load(state).get("identity") != {
-            "config": asdict(config.optim),  # as engine.loop.train records it
+            "config": optim_identity(config.optim),  # as engine.loop.train records it
             **_identity(config, data, k),
         }:
             raise ConfigError(
@@ -255,7 +255,7 @@ def _settings(config: TeacherTrainConfig) -> dict[str, Any]:
         "arch_kwargs": jsonable(config.arch_kwargs),
         "seed": config.seed,
         "data": jsonable(asdict(config.data)),
-        "optim": asdict(config.optim),
+        "optim": optim_identity(config.optim),
     }
 
 
@@ -295,7 +295,7 @@ def _difference(recorded: dict[str, Any], wanted: dict[str, Any]) -> tuple[str, 
             was = recorded[group].get(f.name, default)
             if label == "--data-mode" and was == "auto":  # recorded before the mode was: unknown
                 continue
-            pairs.append((label, was, wanted[group][f.name]))
+            pairs.append((label, was, wanted[group].get(f.name, default)))
     for label, was, now in pairs:
         if was != now:
             return _show(label, was), _show(label, now)
@@ -377,7 +377,7 @@ def _train_member(config: TeacherTrainConfig, runtime: Runtime, data: ImageDatas
         "train_steps": history["steps"],
         "train_seconds": round(history["seconds"], 1),
     }
-    info = {"seed": seed, "data": jsonable(asdict(config.data)), "optim": asdict(config.optim),
+    info = {"seed": seed, "data": jsonable(asdict(config.data)), "optim": optim_identity(config.optim),
             "curves": rows(history)}  # fmt: skip
     if runtime.is_main:
         save_checkpoint(
