@@ -2,6 +2,7 @@
 
     python benchmarks/bench_int8.py --run RUN              # a finished `ensc compress` run
     python benchmarks/bench_int8.py --run RUN --test-samples 2000 --repeats 30
+    python benchmarks/bench_int8.py --run RUN --code-path DIR   # an architecture from your code
 
 Exports the run's fp32 averaged network once (``ensc.export.onnx``), then quantizes it with
 onnxruntime's ``quantize_static`` in each variant below, times every graph with onnxruntime on
@@ -107,13 +108,21 @@ def main() -> None:
     parser.add_argument("--test-samples", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--code-path", type=Path, help="The architecture's code (as ensc export).")
     args = parser.parse_args()
+    from ensc.teachers.ensemble import user_code
+
+    with user_code(args.code_path, unsafe=False):
+        measure(args)
+
+
+def measure(args: argparse.Namespace) -> None:
     from ensc.export.pipeline import ExportConfig, run_export
     from ensc.export.sources import load_check_images, load_exportable
 
     tmp = Path(tempfile.mkdtemp(prefix="ensc-int8-"))
     fp32 = tmp / "fp32.onnx"
-    run_export(ExportConfig(run=args.run, out=fp32, force=True))
+    run_export(ExportConfig(run=args.run, out=fp32, force=True, code_path=args.code_path))
     exportable = load_exportable("student", run=args.run)
     images = load_check_images(exportable.spec, exportable.recorded_data,
                                test_samples=args.test_samples, calib_samples=2048)  # fmt: skip
@@ -154,7 +163,7 @@ def main() -> None:
         "# int8 variants of the averaged network (onnxruntime, 1 thread)",
         "",
         f"    python benchmarks/bench_int8.py --run RUN --test-samples {args.test_samples} "
-        f"--repeats {args.repeats}",
+        f"--repeats {args.repeats}" + (" --code-path DIR" if args.code_path else ""),
         "",
         f"Run: `{args.run.name}` ({exportable.spec.arch}); batch {args.batch}, p50 of "
         f"{args.repeats} round-robin calls; accuracy on {len(test_y)} test images. CPU VNNI: "
