@@ -6,7 +6,8 @@ runs several times slower than with fewer threads (docs/bench-threads.md measure
 ``--threads auto`` (the default) counts the cores this process may use (its CPU affinity),
 subtracts the ones other processes kept busy over a short sample of ``/proc/stat``, and gives
 torch the rest (at least 1). ``--threads N`` (or ``OMP_NUM_THREADS`` in the environment, when no
-``--threads`` is given) is used as it is.
+``--threads`` is given) is used as it is. From Python, a thread count the program already set
+with ``torch.set_num_threads`` (other than one per core) is kept under auto.
 """
 
 from __future__ import annotations
@@ -110,6 +111,10 @@ def apply_threads(value: str | int | None = "auto") -> ThreadChoice:
     import torch
 
     auto = parse_threads(value) is None
+    now, ours = torch.get_num_threads(), {usable_cores(), *([_auto.threads] if _auto else [])}
+    if auto and now not in ours and not os.environ.get("OMP_NUM_THREADS", "").strip():
+        # the program called torch.set_num_threads itself (a script, a notebook, a test): keep it
+        return ThreadChoice(now, usable_cores(), None, "set by the program (torch.set_num_threads)")
     choice = _auto if auto and _auto is not None else choose_threads(value)
     if auto and _auto is None:
         _auto = choice

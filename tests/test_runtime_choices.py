@@ -104,3 +104,18 @@ def test_auto_amp_on_this_cpu_is_off_and_says_why():
 def test_the_probe_times_both_precisions():
     speedup = precision.bf16_speedup()
     assert 0.01 < speedup < 100  # a ratio of two real timings
+
+
+def test_auto_keeps_a_thread_count_the_program_set(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cores = threads.usable_cores()
+    if cores < 2:
+        pytest.skip("needs 2 cores to tell a program's choice from one thread per core")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(cores + 1)  # neither one per core nor an auto choice
+        chosen = threads.apply_threads("auto")
+        assert (chosen.threads, torch.get_num_threads()) == (cores + 1, cores + 1)
+        assert chosen.reason.startswith("set by the program")
+    finally:
+        torch.set_num_threads(before)
