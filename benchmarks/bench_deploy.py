@@ -113,7 +113,7 @@ def main() -> None:
     if args.render_only:
         if args.work is None:
             sys.exit("--render-only needs --work DIR of an earlier run")
-        record = json.loads((args.work / "record.json").read_text())
+        record = readable(json.loads((args.work / "record.json").read_text()), args.work)
         results = {
             int(t): BenchResult.from_dict(
                 json.loads((args.work / f"bench-{t}threads.json").read_text())
@@ -172,10 +172,21 @@ def main() -> None:
               "args": {k: vars(args)[k] for k in ("repeats", "warmup", "epochs", "steps", "train_subset",
                                                   "test_subset", "threads", "shared_de4")}}  # fmt: skip
     (work / "record.json").write_text(json.dumps(record, indent=2))
+    record = readable(record, work)
     atomic_write_text(
-        args.out, render(results, commands, teacher_info, cpu=record["lscpu"], args=args)
+        args.out,
+        render(results, record["commands"], record["teacher"], cpu=record["lscpu"], args=args),
     )
     print(f"wrote {args.out} (work folder {work})")
+
+
+def readable(record: dict, work: Path) -> dict:
+    """``record`` with this machine's paths as a reader's clone has them: the work folder's own
+    files relative to it (the commands run there), the shared data as ``../shared/...``."""
+    text = json.dumps(record)
+    for old, new in ((f"{work}/", ""), (f"{REPO.parent}/", "../")):
+        text = text.replace(old, new)
+    return json.loads(text)
 
 
 def oversubscribed(result: BenchResult) -> bool:
@@ -290,7 +301,8 @@ def render(results: dict[int, BenchResult], commands: list[str], teacher: dict, 
         "*vs teacher* = teacher p50 / p50 on the same engine and batch size. Both engines use the same number "
         "of intra-op threads; onnxruntime's threads do not spin between calls.",
         "",
-        "Commands (in the work folder, next to the teacher: a copy in `ckpts/`, or the manifest `ensemble.json`):",
+        "Commands (in the work folder, next to the teacher: a copy in `ckpts/`, or the manifest "
+        "`ensemble.json`; `../shared/` is the shared data beside the repository):",
         "",
         "```bash",
         *commands,

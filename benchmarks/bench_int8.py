@@ -153,7 +153,7 @@ def measure(args: argparse.Namespace) -> None:
     from ensc.export.quantize import VNNI_FLAGS, reduce_range_here
 
     flags = cpu_flags()
-    result = {"run": str(args.run), "batch": args.batch, "threads": 1, "repeats": args.repeats,
+    result = {"run": args.run.name, "batch": args.batch, "threads": 1, "repeats": args.repeats,
               "test_images": len(test_y), "vnni": sorted(f for f in VNNI_FLAGS if f in flags),
               "reduce_range_here": reduce_range_here(flags), "load_before": os.getloadavg()[0],
               "rows": rows}  # fmt: skip
