@@ -147,6 +147,9 @@ PLANS: dict[str, list[dict[str, Any]]] = {
         # KD at its better lr at T 4 (seeds 0, 1 ran in indomain-t4-versus at lr 0.03)
         baseline(300, seed=2, temperature=4, lr=0.03),
         baseline(1000, temperature=4, lr=0.03),
+        # at 1,000 steps KD at lr 0.03 beat the defaults: ensc at the same lr, and KD's seed 1
+        product(1000, temperature=4, lr=0.03),
+        baseline(1000, seed=1, temperature=4, lr=0.03),
     ],
     # the same, run at the defaults before the in-domain choice (α 0.9, T 1, perturbation none):
     # each perturbation, the papers' member batch and member-wise targets, on validation
