@@ -19,7 +19,14 @@ from ensc.cli.options import (
     teacher_options,
     val_root_option,
 )
-from ensc.compress.names import COMPRESS_METHODS, MIXES, PERTURBATIONS
+from ensc.compress.names import (
+    COMPRESS_METHODS,
+    FAST_WEIGHT_REGIMES,
+    MEMBER_BATCH_MODES,
+    MIXES,
+    PERTURBATIONS,
+    TARGET_MODES,
+)
 from ensc.data.catalog import DATASETS
 
 
@@ -144,7 +151,7 @@ Examples:
 )
 @click.option(
     "--fast-weights",
-    type=click.Choice(("wa", "dm")),
+    type=click.Choice(FAST_WEIGHT_REGIMES),
     help="Fast-weight regularization. Default: wa for --init ones, dm for normal.",
 )
 @click.option(
@@ -165,7 +172,7 @@ Examples:
 )
 @click.option(
     "--member-batch",
-    type=click.Choice(("repeat", "split")),
+    type=click.Choice(MEMBER_BATCH_MODES),
     default="split",
     show_default=True,
     help="repeat: every member sees the whole batch (M x the compute of one network, the papers' "
@@ -173,7 +180,7 @@ Examples:
 )
 @click.option(
     "--targets",
-    type=click.Choice(("member", "mean")),
+    type=click.Choice(TARGET_MODES),
     default="mean",
     show_default=True,
     help="What each student member distills: member = teacher m for member m ([DM], [WA]); "

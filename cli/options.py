@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ensc.data.catalog import DATASETS
+from ensc.data.mode import MODES as DATA_MODES
 from ensc.engine.precision import AMP_CHOICES
 
 if TYPE_CHECKING:
@@ -74,7 +75,7 @@ def data_config(dataset: str, data_root: Path | None, val_size: int | None, trai
 def data_mode_options(f: Callable) -> Callable:
     """--data-mode, --workers, --image-size: how image-folder data reaches the model."""
     opts = [
-        click.option("--data-mode", type=click.Choice(("auto", "memory", "stream")),
+        click.option("--data-mode", type=click.Choice(DATA_MODES),
                      help="imagefolder: decode every image into memory, or stream them from disk in reader "
                           "processes (for data larger than memory, e.g. ImageNet). Default: auto (stream when "
                           "the decoded images would take over 25 % of the available memory; saved models: as recorded)."),

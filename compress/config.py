@@ -14,15 +14,17 @@ from pathlib import Path
 from typing import Any
 
 from ensc import rundir
-from ensc.compress.distill import FAST_WEIGHT_REGIMES, MEMBER_BATCH_MODES, DistillConfig
-from ensc.compress.losses import TARGET_MODES
+from ensc.compress.distill import DistillConfig
 from ensc.compress.names import (
     BASELINES,
     COMPRESS_METHODS,
     DEFAULT_PERTURB,
+    FAST_WEIGHT_REGIMES,
+    MEMBER_BATCH_MODES,
     MIXES,
     PERTURBATIONS,
     SINGLE_NETWORK_METHODS,
+    TARGET_MODES,
 )
 from ensc.compress.perturb import PerturbConfig
 from ensc.engine.loop import FLOAT32_MAX, OptimConfig

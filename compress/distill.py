@@ -18,8 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ensc.compress.losses import TARGET_MODES, DistillationLoss
+from ensc.compress.losses import DistillationLoss
 from ensc.compress.mix import check_mix, mix_batch
+from ensc.compress.names import FAST_WEIGHT_REGIMES, MEMBER_BATCH_MODES, TARGET_MODES
 from ensc.compress.perturb import MemberLogits, PerturbConfig, perturb
 from ensc.engine.loop import BackwardFn, StepFn, StepResult
 from ensc.engine.runtime import Runtime
@@ -29,12 +30,6 @@ from ensc.models.batchensemble import BE_LAYERS, BatchEnsemble
 from ensc.models.modes import eval_mode
 
 log = logging.getLogger(__name__)
-
-FAST_WEIGHT_REGIMES = ("wa", "dm")
-# "repeat": every member sees the whole batch (M× the compute of one network; the papers' setup);
-# "split": member m sees only the m-th 1/M of it (the compute of one network, as MIMO's and the
-# original BatchEnsemble's training batches).
-MEMBER_BATCH_MODES = ("repeat", "split")
 
 
 @dataclass(frozen=True)

@@ -6,10 +6,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# each student member's KD target: "member" = teacher m for member m (when the ensembles have the
-# same size, [DM], [WA]); "mean" = the teacher ensemble's mean prediction for every member
-TARGET_MODES = ("member", "mean")
-
 
 class DistillationLoss(nn.Module):
     """L = (1 − α)·L_ce + α·L_kd, member-wise ([DM] NeurIPS 2021, [WA] ICML 2022).

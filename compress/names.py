@@ -17,3 +17,12 @@ MIXES = ("none", "mixup", "cutmix")
 COMPRESS_METHODS = ("batchensemble", "kd-single", "finetune")
 SINGLE_NETWORK_METHODS = ("kd-single", "finetune")  # the student is one plain network
 BASELINES = ("finetune", "kd-single")  # what --baselines may train beside a run
+# fast-weight regularization (ensc.compress.distill.param_groups; docs/method.md §6)
+FAST_WEIGHT_REGIMES = ("wa", "dm")
+# "repeat": every member sees the whole batch (M× the compute of one network; the papers' setup);
+# "split": member m sees only the m-th 1/M of it (the compute of one network, as MIMO's and the
+# original BatchEnsemble's training batches).
+MEMBER_BATCH_MODES = ("repeat", "split")
+# each student member's KD target: "member" = teacher m for member m (when the ensembles have the
+# same size, [DM], [WA]); "mean" = the teacher ensemble's mean prediction for every member
+TARGET_MODES = ("member", "mean")
