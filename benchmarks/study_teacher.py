@@ -150,6 +150,7 @@ PLANS: dict[str, list[dict[str, Any]]] = {
         # at 1,000 steps KD at lr 0.03 beat the defaults: ensc at the same lr, and KD's seed 1
         product(1000, temperature=4, lr=0.03),
         baseline(1000, seed=1, temperature=4, lr=0.03),
+        product(1000, seed=1, temperature=4, lr=0.03),
     ],
     # the same, run at the defaults before the in-domain choice (α 0.9, T 1, perturbation none):
     # each perturbation, the papers' member batch and member-wise targets, on validation
