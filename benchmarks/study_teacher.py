@@ -201,6 +201,7 @@ PLANS: dict[str, list[dict[str, Any]]] = {
         *(product(300, perturb=kind) for kind in ("none", "gaussian", "ods", "confods")),
         product(300, member_batch="repeat"),
         baseline(300, lr=0.03),
+        product(300, lr=0.03),  # KD preferred lr 0.03 here too: ensc at the same lr
     ],
     # the first teacher again, with the fine-tune baseline: out of its domain on JPEGs
     "outdomain": [finetune(300), finetune(1000)],
