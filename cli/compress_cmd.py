@@ -97,8 +97,8 @@ Examples:
 @click.option(
     "--lr",
     type=click.FloatRange(min=0, min_open=True),
-    help="Peak learning rate. Default: 0.03 × batch/128 / T for a warm-started student (T the KD "
-    "temperature; fine-tuning on labels: 0.03 × batch/128; chosen on validation, "
+    help="Peak learning rate. Default: 0.03 × batch/128 / T for a warm-started BatchEnsemble (T "
+    "the KD temperature), 0.03 × batch/128 for kd-single and finetune (chosen on validation, "
     "docs/results.md), 0.1 × batch/128 from scratch.",
 )
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=5e-4, show_default=True)

@@ -298,10 +298,11 @@ def test_kd_single_baseline_trains_one_plain_network(tiny_teacher: Path, tmp_pat
     assert refused.exit_code != 0 and "use --perturb ods" in refused.output
 
 
-def test_warm_start_lr_is_divided_by_t_only_with_a_kd_term():
+def test_warm_start_lr_is_divided_by_t_only_for_the_batchensemble_with_a_kd_term():
     from ensc.compress.warmstart import warm_start_lr
 
     assert warm_start_lr("batchensemble", 1.0, 4.0, 128) == pytest.approx(WARM_START_LR / 4)
     assert warm_start_lr("kd-single", 1.0, 1.0, 256) == pytest.approx(WARM_START_LR * 2)
+    assert warm_start_lr("kd-single", 1.0, 4.0, 128) == pytest.approx(WARM_START_LR)
     assert warm_start_lr("finetune", 1.0, 4.0, 128) == pytest.approx(WARM_START_LR)
     assert warm_start_lr("batchensemble", 0.0, 4.0, 128) == pytest.approx(WARM_START_LR)
