@@ -413,13 +413,17 @@ def member_with_bn_reestimated(work: Path, plan: str, batches: int = 20) -> dict
     out = REPO / "docs" / "study" / plan / "_member-bn.json"
     if out.exists():
         return json.loads(out.read_text())
-    if in_domain(plan):  # the data the members record (10,000 train / 5,000 val), member 0
-        teacher = load_teacher(INDOMAIN_TEACHER)
-        data = load_dataset(data_config_for(teacher.spec, teacher.data_record, root=CIFAR_JPEG))
+    if in_domain(plan) or plan == "fmnist1k":  # the data the members record, member 0
+        own = INDOMAIN_TEACHER if in_domain(plan) else FMNIST1K_TEACHER
+        teacher = load_teacher(own)
+        root = CIFAR_JPEG if in_domain(plan) else None
+        data = load_dataset(data_config_for(teacher.spec, teacher.data_record, root=root))
         member = teacher.members[0]
-    else:
+    elif plan in ("search", "main", "outdomain"):  # the shared DE-4's ResNet-32, on JPEGs
         data = load_dataset(DataConfig("imagefolder", root=CIFAR_JPEG))
         member = load_teacher(work / "ensemble.json", code_path=TEACHER_DIR / "code").members[1]
+    else:
+        sys.exit(f"--member-bn does not know plan {plan}'s start member")
     runtime = resolve_runtime("cpu")
     config = CompressConfig(teacher=work / "ensemble.json", arch=STUDENT, bn_recal_batches=batches)
     recalibrate_on_train(config, member, data, runtime)  # as `ensc compress` does it, seed 0
