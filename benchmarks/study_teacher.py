@@ -193,6 +193,12 @@ PLANS: dict[str, list[dict[str, Any]]] = {
     # within 2 % and that term is about zero), at KD's better lr 0.03. It lost to mean targets on
     # validation by a point (78.92 % / 0.6050 against 80.00 / 0.5887), so the default lr was not run
     "indomain-targets": [product(300, temperature=4, lr=0.03, targets="member")],
+    # at KD's better lr 0.03 (T 4) ensc only tied KD: does its perturbation still help there
+    # (none), and would a larger step (2/255)?
+    "indomain-lr03": [
+        product(300, temperature=4, lr=0.03, perturb="none"),
+        product(300, temperature=4, lr=0.03, step=2),
+    ],
     # the embedded default in its own domain: a DE-4 of ResNet-8s on 1,000 Fashion-MNIST images
     # (one budget, seed 0: the defaults with both baselines, each other perturbation, the papers'
     # member batch, KD at the lr it preferred on CIFAR-10)
