@@ -36,8 +36,6 @@ from ensc.teachers.ensemble import Teacher
 
 log = logging.getLogger(__name__)
 
-Logits = dict[str, torch.Tensor]  # a network's logits by split name: val, test (and ood)
-
 
 @dataclass(frozen=True)
 class SingleNetwork:
@@ -75,13 +73,12 @@ def single_network(
         if config.recalibrate_bn:
             recalibrate_on_train(config, averaged, data, runtime)
     with clock("eval_seconds"):
-        preds, teacher_cache, (kept_logits, raw_logits) = predict_all(
+        preds, teacher_cache = predict_all(
             config, teacher, student, averaged, data, runtime, raw, ood
         )
     bn_statistics = "re-estimated" if config.recalibrate_bn else "as trained"
     if raw is not None and keeps_trained_bn(preds, data.val.labels):
         averaged, raw, bn_statistics = raw, averaged, "as trained"
-        kept_logits = raw_logits
         preds = replace(preds, avg_val=preds.alt_val, avg_test=preds.alt_test, avg_ood=preds.alt_ood,
                         alt_val=preds.avg_val, alt_test=preds.avg_test, alt_ood=preds.avg_ood,
                         alt_name="averaged, BN re-estimated (not kept)")  # fmt: skip
@@ -91,7 +88,7 @@ def single_network(
             probe = probe_batch([data.val], runtime, n=64)
             calibration = calibrate(averaged, preds.avg_val, data.val.labels, probe)
             if calibration["folded"]:
-                preds = with_temperature(preds, kept_logits, float(calibration["temperature"]))
+                preds = predict_again(preds, averaged, data, runtime, ood)
     return SingleNetwork(averaged, raw, fold_diff, preds, bn_statistics, teacher_cache, calibration)
 
 
@@ -159,7 +156,7 @@ def predict_all(
     runtime: Runtime,
     raw: torch.nn.Module | None = None,
     ood: Split | None = None,
-) -> tuple[Predictions, str, tuple[Logits, Logits | None]]:
+) -> tuple[Predictions, str]:
     """Every model's probabilities on validation and test (and ``ood``, when given), each from
     one pass per split.
 
@@ -169,7 +166,7 @@ def predict_all(
     the BE student's members and the averaged network run as fast evaluation copies (BatchNorm
     folded into the convolutions, checked against the originals on a probe batch), side by side
     on a CPU (``predict_logits_many``). The second value says whether the teacher cache was used
-    (see ``cached_teacher_logits``); the third, the logits of ``averaged`` and ``raw`` by split.
+    (see ``cached_teacher_logits``).
     """
     splits = {"val": data.val, "test": data.test}
     # keyed by the member files: teachers handed over from Python have none
@@ -198,37 +195,36 @@ def predict_all(
     def probs(logits: dict[str, torch.Tensor] | None, split: str) -> torch.Tensor | None:
         return None if logits is None or split not in logits else logits[split].softmax(-1)
 
-    return (
-        Predictions(
-            teacher_val=t_logits["val"].softmax(-1),
-            teacher_test=t_logits["test"].softmax(-1),
-            student_val=s_logits["val"].softmax(-1),
-            student_test=s_logits["test"].softmax(-1),
-            avg_val=a_logits["val"].softmax(-1),
-            avg_test=a_logits["test"].softmax(-1),
-            alt_val=probs(r_logits, "val"),
-            alt_test=probs(r_logits, "test"),
-            alt_name="averaged, BN as trained (not kept)",
-            teacher_ood=probs(t_logits, "ood"),
-            student_ood=probs(s_logits, "ood"),
-            avg_ood=probs(a_logits, "ood"),
-            alt_ood=probs(r_logits, "ood"),
-        ),
-        cache,
-        (a_logits, r_logits),
-    )
+    return Predictions(
+        teacher_val=t_logits["val"].softmax(-1),
+        teacher_test=t_logits["test"].softmax(-1),
+        student_val=s_logits["val"].softmax(-1),
+        student_test=s_logits["test"].softmax(-1),
+        avg_val=a_logits["val"].softmax(-1),
+        avg_test=a_logits["test"].softmax(-1),
+        alt_val=probs(r_logits, "val"),
+        alt_test=probs(r_logits, "test"),
+        alt_name="averaged, BN as trained (not kept)",
+        teacher_ood=probs(t_logits, "ood"),
+        student_ood=probs(s_logits, "ood"),
+        avg_ood=probs(a_logits, "ood"),
+        alt_ood=probs(r_logits, "ood"),
+    ), cache
 
 
-def with_temperature(preds: Predictions, logits: Logits, temperature: float) -> Predictions:
-    """``preds`` with the kept averaged network's probabilities once ``temperature`` is folded
-    into it: softmax(logits / T). No second pass is needed: :func:`~ensc.compress.calibrate.
-    fold_temperature` checked on a probe batch that the folded network's logits are these over T,
-    so these are the probabilities of the file users get."""
-
-    def scaled(split: str) -> torch.Tensor | None:
-        return (logits[split] / temperature).softmax(-1) if split in logits else None
-
-    return replace(preds, avg_val=scaled("val"), avg_test=scaled("test"), avg_ood=scaled("ood"))
+def predict_again(
+    preds: Predictions, averaged: torch.nn.Module, data: ImageDataset, runtime: Runtime,
+    ood: Split | None,
+) -> Predictions:  # fmt: skip
+    """``preds`` with the averaged network's probabilities from its current weights (after the
+    temperature was folded in), computed as :func:`predict_all` computes them."""
+    splits = {"val": data.val, "test": data.test, **({"ood": ood} if ood is not None else {})}
+    probe = probe_batch(splits.values(), runtime)
+    (logits,) = predict_logits_many([eval_copy(averaged, runtime, probe)], splits, runtime)
+    return replace(
+        preds, avg_val=logits["val"].softmax(-1), avg_test=logits["test"].softmax(-1),
+        avg_ood=logits["ood"].softmax(-1) if ood is not None else None,
+    )  # fmt: skip
 
 
 def validation_record(config: DataConfig, dataset: str, teacher: Teacher) -> dict[str, Any]:
