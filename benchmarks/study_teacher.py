@@ -419,11 +419,10 @@ def member_with_bn_reestimated(work: Path, plan: str, batches: int = 20) -> dict
     out = REPO / "docs" / "study" / plan / "_member-bn.json"
     if out.exists():
         return json.loads(out.read_text())
+    own = (INDOMAIN_TEACHER, CIFAR_JPEG) if in_domain(plan) else (FMNIST1K_TEACHER, None)
     if in_domain(plan) or plan == "fmnist1k":  # the data the members record, member 0
-        own = INDOMAIN_TEACHER if in_domain(plan) else FMNIST1K_TEACHER
-        teacher = load_teacher(own)
-        root = CIFAR_JPEG if in_domain(plan) else None
-        data = load_dataset(data_config_for(teacher.spec, teacher.data_record, root=root))
+        teacher = load_teacher(own[0])
+        data = load_dataset(data_config_for(teacher.spec, teacher.data_record, root=own[1]))
         member = teacher.members[0]
     elif plan in ("search", "main", "outdomain"):  # the shared DE-4's ResNet-32, on JPEGs
         data = load_dataset(DataConfig("imagefolder", root=CIFAR_JPEG))

@@ -35,6 +35,7 @@ from ensc.evaluation.logits_cache import (
     cached_teacher_logits,
     load_logits,
 )
+from ensc.evaluation.metrics import accuracy, nll
 from ensc.models import build_model
 from ensc.models.batchensemble import to_batchensemble
 from ensc.models.checkpoint import load_checkpoint, load_model, read_payload
@@ -392,10 +393,8 @@ def test_each_model_is_predicted_once_per_split(
     probs = predict_logits(shipped.eval(), data.test, CPU).softmax(-1)  # the run's test images
     labels = data.test.labels
     assert len(labels) == n_test
-    acc = 100.0 * float((probs.argmax(-1) == labels).float().mean())
-    nll = float(-probs[torch.arange(len(labels)), labels].clamp_min(1e-12).log().mean())
-    assert acc == pytest.approx(report["student_avg"]["acc"], abs=1e-6)
-    assert nll == pytest.approx(report["student_avg"]["nll"], rel=1e-6)
+    assert accuracy(probs, labels) == pytest.approx(report["student_avg"]["acc"], abs=1e-6)
+    assert nll(probs, labels) == pytest.approx(report["student_avg"]["nll"], rel=1e-6)
     assert "student_avg_alternative" in report and set(report["val"]) == {
         "teacher",
         "student_be",
