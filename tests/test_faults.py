@@ -435,6 +435,17 @@ def test_a_stale_lock_is_taken_over_and_a_live_one_refuses(holder: str, tmp_path
     assert names(run) == [rundir.MARKER]  # released; the run was not committed: unfinished
 
 
+def test_export_of_a_run_just_started_says_it_is_being_written(tmp_path: Path):
+    run = tmp_path / "run"  # compress has taken the lock, and written nothing else yet
+    run.mkdir()
+    pid = os.getppid()
+    (run / rundir.LOCK).write_text(json.dumps({"pid": pid, "host": socket.gethostname(),
+                                               "command": "compress", "since": "now"}))  # fmt: skip
+    line = error_line(run_cli("export", "--onnx", "--run", str(run)))
+    assert f"run {run} is unfinished: another ensc (compress, pid {pid}) is writing it" in line
+    assert names(run) == [rundir.LOCK]
+
+
 def test_export_holds_a_finished_runs_lock_while_it_writes(tiny_run: Path, tmp_path: Path):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
