@@ -199,6 +199,15 @@ PLANS: dict[str, list[dict[str, Any]]] = {
         product(300, temperature=4, lr=0.03, perturb="none"),
         product(300, temperature=4, lr=0.03, step=2),
     ],
+    # bf16 autocast (--amp on) against float32 at ensc's defaults (T 4, lr 0.0075: the rows of
+    # indomain-t4-lr, spelled out), same seeds, on a CPU with native bf16 (issue 23): whether
+    # `--amp auto` may turn it on. Float32 at seed 0 again on that CPU (its kernels differ from
+    # the AVX2 machine's that ran indomain-t4-lr) beside bf16's seed 0 (the first pair to run)
+    "indomain-bf16": [
+        product(300, temperature=4, lr=0.0075, amp="on"),
+        product(300, temperature=4, lr=0.0075, amp="off"),
+        *(product(300, seed=s, temperature=4, lr=0.0075, amp="on") for s in (1, 2)),
+    ],
     # the embedded default in its own domain: a DE-4 of ResNet-8s on 1,000 Fashion-MNIST images
     # (one budget, seed 0: the defaults with both baselines, each other perturbation, the papers'
     # member batch, KD at the lr it preferred on CIFAR-10)
