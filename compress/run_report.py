@@ -15,6 +15,16 @@ from ensc.errors import MissingExtraError, plural
 from ensc.evaluation.metrics import reliability_bins
 
 
+def _precision_words(settings: dict[str, Any]) -> str:
+    """How training ran, when not in float32: autocast's dtype, and on a CPU that the numbers
+    are still the float32 network's (ensc.engine.runtime.Runtime.eval_amp)."""
+    amp = settings.get("amp", "off")
+    if amp == "off":
+        return ""
+    where = " (evaluated in float32)" if str(settings.get("device", "")).startswith("cpu") else ""
+    return f" under {amp} autocast{where}"
+
+
 def render_run_report(report: dict[str, Any], run_dir: Path) -> str:
     """report.md: the metrics table with what was run, on what, and how long it took; every
     number in it read from ``report`` (report.json)."""
@@ -24,7 +34,7 @@ def render_run_report(report: dict[str, Any], run_dir: Path) -> str:
         "student": _student_line(report["method"], settings),
         "data": f"{report['dataset']}: {report['n_train']} train / {report['n_val']} val / {report['n_test']} test",
         "validation": _validation_line(report["validation"]),
-        "training": f"{plural(train['steps'], 'step')}, {train['seconds']:.0f} s on {settings['device']}; run total {report['wall_seconds']:.0f} s",
+        "training": f"{plural(train['steps'], 'step')}, {train['seconds']:.0f} s on {settings['device']}{_precision_words(settings)}; run total {report['wall_seconds']:.0f} s",
         "after training": timing_line(report["timing"], report["teacher_logits_cache"]),
         "BatchNorm statistics of the single network": (
             f"{report['bn_statistics']} (kept: the lower validation NLL of the two)"

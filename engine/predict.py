@@ -67,7 +67,7 @@ def predict_logits(
     out = []
     with eval_mode(model):
         for images, _ in iterate_batches(split, batch_size):
-            with runtime.autocast():
+            with runtime.eval_autocast():
                 out.append(model(runtime.to_device(images)).float().cpu())
     return torch.cat(out)
 
@@ -103,7 +103,7 @@ def predict_logits_many(
 
     def run(job: tuple[int, str, Callable[[], torch.Tensor]]) -> torch.Tensor:
         k, _, images = job
-        with torch.inference_mode(), runtime.autocast():
+        with torch.inference_mode(), runtime.eval_autocast():
             return models[k](runtime.to_device(images())).float().cpu()
 
     parts: list[dict[str, list[torch.Tensor]]] = [{name: [] for name in splits} for _ in models]
@@ -178,7 +178,7 @@ def predict_member_logits(
     out = []
     with eval_mode(student):
         for images, _ in iterate_batches(split, batch_size):
-            with runtime.autocast():
+            with runtime.eval_autocast():
                 out.append(student.forward_members(runtime.to_device(images)).float().cpu())
     return torch.cat(out, dim=1)  # [M, N, K]
 

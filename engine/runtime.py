@@ -77,6 +77,19 @@ class Runtime:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
+    @property
+    def eval_amp(self) -> bool:
+        """Whether evaluation and prediction run under autocast: with ``amp`` on CUDA; never on
+        a CPU, where bf16 only speeds training up and the numbers a run reports are those of
+        the float32 network it ships (docs/bench-amp.md)."""
+        return self.amp and self.device.type == "cuda"
+
+    def eval_autocast(self) -> contextlib.AbstractContextManager:
+        """:meth:`autocast` for evaluation and prediction (see :attr:`eval_amp`)."""
+        if not self.eval_amp:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
     def grad_scaler(self) -> torch.amp.GradScaler:
         """A loss scaler that is active only for float16 autocast (CUDA)."""
         return torch.amp.GradScaler(

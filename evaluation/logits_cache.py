@@ -99,7 +99,7 @@ def cache_key(teacher: Teacher, splits: Mapping[str, Split], runtime: Runtime) -
         "members": members,
         "splits": {name: split_sha256(split) for name, split in splits.items()},
         "device": runtime.device.type,
-        "autocast": str(runtime.amp_dtype) if runtime.amp else "off",
+        "autocast": str(runtime.amp_dtype) if runtime.eval_amp else "off",
     }
     blob = json.dumps(record, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()
