@@ -159,8 +159,10 @@ def test_report_md_header_is_read_from_report_json(full_run: Path):
     )
     assert md_line(md, "- teacher:") == f"- teacher: 2 × resnet8 from {s['teacher']}"
     assert train["steps"] == 2 and s["device"] == "cpu"
+    amp = "" if s["amp"] == "off" else f" under {s['amp']} autocast (evaluated in float32)"
+    assert s["amp"] in ("off", "bfloat16")  # --amp auto: bf16 only on a CPU with native bf16
     assert md_line(md, "- training:") == (
-        f"- training: 2 steps, {train['seconds']:.0f} s on cpu; run total {report['wall_seconds']:.0f} s"
+        f"- training: 2 steps, {train['seconds']:.0f} s on cpu{amp}; run total {report['wall_seconds']:.0f} s"
     )
     assert md.splitlines()[2] == f"`{s['command']}`" and "--ood-data" in s["command"]
 

@@ -93,12 +93,30 @@ def test_native_bf16_is_read_from_the_cpu_flags(tmp_path: Path):
     assert not precision.native_bf16(precision.cpu_flags(cpuinfo))
 
 
-def test_auto_amp_on_this_cpu_is_off_and_says_why():
+def test_auto_amp_on_this_cpu_follows_native_bf16_and_says_why():
     chosen = precision.choose_amp("auto", torch.device("cpu"))
-    assert not chosen.on  # no native bf16, or its quality against float32 not measured yet
     assert chosen.reason.startswith("auto: ")
+    if not precision.native_bf16():
+        assert not chosen.on and "no native bf16" in chosen.reason and not chosen.probed
+    else:  # on only where the real probe measured bf16 faster (its ratio is in the reason)
+        assert chosen.probed and chosen.on == chosen.reason.startswith("auto: native bf16, ")
     assert precision.choose_amp("on", torch.device("cpu")).on
+    assert not precision.choose_amp("off", torch.device("cpu")).on
     assert precision.choose_amp("auto", torch.device("cuda")).on
+
+
+@pytest.mark.parametrize(
+    "flags, speedup, on",
+    [({"avx2"}, 3.0, False), ({"avx512_bf16"}, 1.0, False), ({"avx512_bf16"}, 2.0, True),
+     ({"amx_bf16"}, 1.2, True)],
+)  # fmt: skip
+def test_auto_amp_needs_native_bf16_and_a_faster_probe(monkeypatch, flags, speedup, on):
+    # other CPUs' answers: their /proc/cpuinfo flags and what their probe would measure
+    monkeypatch.setattr(precision, "cpu_flags", lambda: set(flags))
+    monkeypatch.setattr(precision, "bf16_speedup", lambda: speedup)
+    chosen = precision.choose_amp("auto", torch.device("cpu"))
+    assert chosen.on is on and chosen.probed is (flags != {"avx2"})
+    assert (f"{speedup:.2f}x" in chosen.reason) is chosen.probed
 
 
 def test_the_probe_times_both_precisions():
