@@ -170,9 +170,15 @@ def render(machines: dict[str, dict[str, Any]], rows: list[dict[str, Any]], verd
             f"| {r['label']} | {r['seed']} | {r['val_acc']:.2f} | {r['val_cnll']:.4f} | "
             f"{r['test_acc']:.2f} | {r['test_cnll']:.4f} | {r['s_per_step']:.2f} | {r['row']} |"
         )
-    lines += ["", "s/step is each row's own, measured beside the other rows of its plan (two, at "
-              "times three, on 2 cores; the float32 rows of indomain-t4-lr on a slower AVX2 CPU): "
-              "read speed from the table above.", "", *verdict_lines(verdict), ""]
+    lines += [
+        "",
+        "s/step is each row's own, measured beside the other rows of its plan (two, at "
+        "times three, on 2 cores; the float32 rows of indomain-t4-lr on a slower AVX2 CPU): "
+        "read speed from the table above.",
+        "",
+        *verdict_lines(verdict),
+        "",
+    ]
     return "\n".join(lines)
 
 
