@@ -15,9 +15,11 @@ from tests.conftest import TINY_COMPRESS, png_folder_teacher, rewrite_pngs, run_
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # the same arithmetic run after run
 
-# what differs between two runs of the same settings: times, and how the command was spelled
+# what differs between two runs of the same settings: times (amp_reason holds the speed-up that
+# --amp auto's probe measured on a CPU with native bf16), and how the command was spelled
 TIMES = ("seconds", "s_per_step", "phase_seconds", "wall_seconds", "timing", "eval_seconds",
-         "eval_share", "first_step_seconds", "command", "teacher", "teacher_logits_cache")  # fmt: skip
+         "eval_share", "first_step_seconds", "amp_reason", "command", "teacher",
+         "teacher_logits_cache")  # fmt: skip
 
 
 def flat(value, prefix: str = "") -> dict:
