@@ -166,7 +166,8 @@ def main() -> None:
     for threads in [int(t) for t in args.threads.split(",")]:
         json_path = f"bench-{threads}threads.json"
         ensc(["bench", "--batch-sizes", args.batch_sizes, "--warmup", str(args.warmup), "--repeats",
-              str(args.repeats), "--threads", str(threads), *code, "--json", json_path, "--force"], work, commands)  # fmt: skip
+              str(args.repeats), "--threads", str(threads), "--test-samples", str(args.test_subset), *code,
+              "--json", json_path, "--force"], work, commands)  # fmt: skip
         results[threads] = BenchResult.from_dict(json.loads((work / json_path).read_text()))
     record = {"commands": commands, "teacher": teacher_info, "lscpu": lscpu(),
               "args": {k: vars(args)[k] for k in ("repeats", "warmup", "epochs", "steps", "train_subset",

@@ -9,9 +9,10 @@ onnxruntime's ``quantize_static`` in each variant below, times every graph with 
 1 thread at batch 64 (round-robin, the median of the rounds) and measures its test accuracy on
 the same images. Variants: ensc's choice (QDQ, per-channel, U8S8, reduce_range where the CPU lacks
 VNNI, MinMax on 512 images), then one change at a time: full 8-bit weights, per-tensor weights,
-QOperator format, Entropy and Percentile calibration, 128 and 2,048 calibration images. Conv +
-BN + ReLU are fused by ``quant_pre_process`` (onnxruntime's graph optimizer) before each. Writes
-``docs/bench-int8.json`` and ``docs/bench-int8.md``.
+QOperator format, Entropy and Percentile calibration, 128 and 2,048 calibration images, int8
+activations (S8S8), convolutions only (residual adds left in float). Conv + BN + ReLU are fused
+by ``quant_pre_process`` (onnxruntime's graph optimizer) before each. Writes
+``docs/bench-int8.json`` and ``docs/bench-int8.md``, one table per kind of CPU (VNNI or not).
 """
 
 from __future__ import annotations
@@ -26,7 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ensc.fileio import atomic_write_text
+
 REPO = Path(__file__).resolve().parents[1]
+JSON_PATH = REPO / "docs" / "bench-int8.json"
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,8 @@ class Variant:
     reduce_range: bool | None = None  # None: ensc's choice for this CPU
     method: str = "MinMax"
     calib: int = 512
+    activations: str = "QUInt8"  # U8S8; "QInt8": S8S8
+    ops: tuple[str, ...] | None = None  # the op types quantized; None: every one it can
 
 
 def variants() -> list[Variant]:
@@ -51,6 +57,8 @@ def variants() -> list[Variant]:
         replace(base, name="Percentile calibration", method="Percentile"),
         replace(base, name="128 calibration images", calib=128),
         replace(base, name="2,048 calibration images", calib=2048),
+        replace(base, name="int8 activations (S8S8)", activations="QInt8"),
+        replace(base, name="convolutions only (adds in float)", ops=("Conv", "Gemm", "MatMul")),
     ]
 
 
@@ -81,8 +89,9 @@ def quantize(fp32: Path, out: Path, variant: Variant, calib: np.ndarray) -> None
         str(pre), str(out), Reader(), quant_format=getattr(QuantFormat, variant.fmt),
         per_channel=variant.per_channel,
         reduce_range=reduce_range_here() if variant.reduce_range is None else variant.reduce_range,
-        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+        activation_type=getattr(QuantType, variant.activations), weight_type=QuantType.QInt8,
         calibrate_method=getattr(CalibrationMethod, variant.method),
+        op_types_to_quantize=list(variant.ops) if variant.ops else None,
     )  # fmt: skip
 
 
@@ -124,7 +133,9 @@ def measure(args: argparse.Namespace) -> None:
     fp32 = tmp / "fp32.onnx"
     run_export(ExportConfig(run=args.run, out=fp32, force=True, code_path=args.code_path))
     exportable = load_exportable("student", run=args.run)
-    images = load_check_images(exportable.spec, exportable.recorded_data,
+    # the test images: the run's recorded test split, not its subset (--test-samples caps them)
+    recorded = {**(exportable.recorded_data or {}), "test_subset": None}
+    images = load_check_images(exportable.spec, recorded,
                                test_samples=args.test_samples, calib_samples=2048)  # fmt: skip
     test_x = images.test_images.numpy().astype("float32")
     test_y = images.test_labels.numpy()
@@ -157,30 +168,55 @@ def measure(args: argparse.Namespace) -> None:
               "test_images": len(test_y), "vnni": sorted(f for f in VNNI_FLAGS if f in flags),
               "reduce_range_here": reduce_range_here(flags), "load_before": os.getloadavg()[0],
               "rows": rows}  # fmt: skip
-    (REPO / "docs" / "bench-int8.json").write_text(json.dumps(result, indent=2) + "\n")
-    fp32_acc = rows[0]["accuracy"]
-    lines = [
-        "# int8 variants of the averaged network (onnxruntime, 1 thread)",
-        "",
-        f"    python benchmarks/bench_int8.py --run RUN --test-samples {args.test_samples} "
-        f"--repeats {args.repeats}" + (" --code-path DIR" if args.code_path else ""),
-        "",
-        f"Run: `{args.run.name}` ({exportable.spec.arch}); batch {args.batch}, p50 of "
-        f"{args.repeats} round-robin calls; accuracy on {len(test_y)} test images. CPU VNNI: "
-        f"{', '.join(result['vnni']) or 'none'} (so ensc's default uses "
-        f"{'7-bit' if result['reduce_range_here'] else '8-bit'} weights).",
-        "",
-        "| variant | p50 ms | × fp32 | accuracy % | Δ vs fp32 | size |",
-        "|---|---:|---:|---:|---:|---:|",
-        *(
-            f"| {r['variant']} | {r['p50_ms']:.2f} | {r['speedup_vs_fp32']:.2f} | {r['accuracy']:.2f} "
-            f"| {r['accuracy'] - fp32_acc:+.2f} | {r['bytes'] / 1e6:.2f} MB |"
-            for r in rows
-        ),  # fmt: skip
-        "",
-    ]
-    (REPO / "docs" / "bench-int8.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    result["command"] = (
+        f"python benchmarks/bench_int8.py --run RUN --test-samples {args.test_samples} "
+        f"--repeats {args.repeats}" + (" --code-path DIR" if args.code_path else "")
+    )
+    result["arch"], result["date"] = exportable.spec.arch, time.strftime("%Y-%m-%d")
+    machines = {**load_machines(), machine_key(result): result}
+    atomic_write_text(JSON_PATH, json.dumps({"machines": machines}, indent=2) + "\n")
+    text = render(machines)
+    atomic_write_text(JSON_PATH.with_suffix(".md"), text)
+    print(text)
+
+
+def machine_key(result: dict) -> str:
+    return f"VNNI ({', '.join(result['vnni'])})" if result["vnni"] else "no VNNI"
+
+
+def load_machines() -> dict[str, dict]:
+    """Each CPU kind's last measurement (a file from before the per-machine format: one)."""
+    if not JSON_PATH.is_file():
+        return {}
+    data = json.loads(JSON_PATH.read_text())
+    return data.get("machines", {machine_key(data): data} if "rows" in data else {})
+
+
+def render(machines: dict[str, dict]) -> str:
+    lines = ["# int8 variants of the averaged network (onnxruntime, 1 thread)", "",
+             "One table per kind of CPU (its last measurement); `python benchmarks/bench_int8.py` "
+             "adds or refreshes the one it runs on.", ""]  # fmt: skip
+    for key, result in sorted(machines.items()):
+        rows, fp32_acc = result["rows"], result["rows"][0]["accuracy"]
+        lines += [
+            f"## CPU with {key}", "",
+            f"    {result.get('command', 'python benchmarks/bench_int8.py --run RUN')}", "",
+            f"Run: `{result['run']}` ({result.get('arch', 'resnet_cifar:resnet32')}); batch "
+            f"{result['batch']}, p50 of {result['repeats']} round-robin calls; accuracy on "
+            f"{result['test_images']} test images; measured {result.get('date', 'before 2026-12-04')}, "
+            f"1-minute load average {result['load_before']:.2f} at the start. ensc's default uses "
+            f"{'7-bit' if result['reduce_range_here'] else '8-bit'} weights here.",
+            "",
+            "| variant | p50 ms | × fp32 | accuracy % | Δ vs fp32 | size |",
+            "|---|---:|---:|---:|---:|---:|",
+            *(
+                f"| {r['variant']} | {r['p50_ms']:.2f} | {r['speedup_vs_fp32']:.2f} | "
+                f"{r['accuracy']:.2f} | {r['accuracy'] - fp32_acc:+.2f} | {r['bytes'] / 1e6:.2f} MB |"
+                for r in rows
+            ),
+            "",
+        ]  # fmt: skip
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
