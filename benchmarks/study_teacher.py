@@ -208,6 +208,13 @@ PLANS: dict[str, list[dict[str, Any]]] = {
         product(300, temperature=4, lr=0.0075, amp="off"),
         *(product(300, seed=s, temperature=4, lr=0.0075, amp="on") for s in (1, 2)),
     ],
+    # a longer budget (2,000 steps, 32 epochs of the 10,000 images): does the BatchEnsemble pull
+    # ahead of KD into one network where they tied at 300 and 1,000 steps? Both at lr 0.03 (KD's
+    # better lr, and ensc's at 1,000 steps), T 4, bf16 autocast (quality-neutral: indomain-bf16)
+    "indomain-long": [
+        product(2000, temperature=4, lr=0.03, amp="on"),
+        baseline(2000, temperature=4, lr=0.03, amp="on"),
+    ],
     # the embedded default in its own domain: a DE-4 of ResNet-8s on 1,000 Fashion-MNIST images
     # (one budget, seed 0: the defaults with both baselines, each other perturbation, the papers'
     # member batch, KD at the lr it preferred on CIFAR-10)
