@@ -214,6 +214,16 @@ PLANS: dict[str, list[dict[str, Any]]] = {
     "indomain-long": [
         product(2000, temperature=4, lr=0.03, amp="on"),
         baseline(2000, temperature=4, lr=0.03, amp="on"),
+        # seed 0 put ensc ahead on both splits: the other seeds, and fine-tuning at that budget
+        *(
+            row
+            for s in (1, 2)
+            for row in (
+                product(2000, seed=s, temperature=4, lr=0.03, amp="on"),
+                baseline(2000, seed=s, temperature=4, lr=0.03, amp="on"),
+            )
+        ),
+        finetune(2000, amp="on"),
     ],
     # the embedded default in its own domain: a DE-4 of ResNet-8s on 1,000 Fashion-MNIST images
     # (one budget, seed 0: the defaults with both baselines, each other perturbation, the papers'
