@@ -563,8 +563,9 @@ def check_not_unfinished(checkpoint: Path) -> None:
 def check_finished(run_dir: Path) -> Path:
     """``run_dir`` if it holds a finished run; a one-line error otherwise (see the module docstring)."""
     state = state_of(run_dir)
-    holder = _read_json(Path(run_dir) / LOCK) if state != "finished" else None
-    if holder is not None and not _is_stale(Path(run_dir) / LOCK, holder):
+    lock = Path(run_dir) / LOCK
+    holder = _read_json(lock) if state != "finished" else None
+    if holder is not None and not _is_stale(lock, holder):
         raise CheckpointError(
             f"run {run_dir} is unfinished: another ensc ({holder.get('command')}, pid "
             f"{holder.get('pid')}) is writing it now; wait for it to finish"

@@ -17,6 +17,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,9 @@ import torch
 from ensc.engine import precision
 from ensc.fileio import atomic_write_text
 from ensc.models import build_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import entries_by_machine  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 JSON_PATH, MD_PATH = REPO / "docs" / "bench-amp.json", REPO / "docs" / "bench-amp.md"
@@ -85,14 +89,6 @@ def measure(repeats: int) -> dict[str, Any]:
 
 def machine_key(entry: dict[str, Any]) -> str:
     return f"{entry['capability']} ({', '.join(entry['flags_found']) or 'no native bf16'})"
-
-
-def load_machines() -> dict[str, dict[str, Any]]:
-    """The entries measured so far (a file from before the per-machine format is one entry)."""
-    if not JSON_PATH.is_file():
-        return {}
-    data = json.loads(JSON_PATH.read_text())
-    return data.get("machines", {machine_key(data): data} if "capability" in data else {})
 
 
 def quality_rows() -> list[dict[str, Any]]:
@@ -201,7 +197,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     entry = measure(args.repeats)
-    machines = {**load_machines(), machine_key(entry): entry}
+    machines = {
+        **entries_by_machine(JSON_PATH, machine_key, "capability"),
+        machine_key(entry): entry,
+    }
     rows = quality_rows()
     verdict = quality_verdict(rows)
     data = {"machines": machines, "quality": {"rows": rows, "verdict": verdict}}

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -28,6 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from ensc.fileio import atomic_write_text
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import entries_by_machine  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 JSON_PATH = REPO / "docs" / "bench-int8.json"
@@ -173,7 +177,7 @@ def measure(args: argparse.Namespace) -> None:
         f"--repeats {args.repeats}" + (" --code-path DIR" if args.code_path else "")
     )
     result["arch"], result["date"] = exportable.spec.arch, time.strftime("%Y-%m-%d")
-    machines = {**load_machines(), machine_key(result): result}
+    machines = {**entries_by_machine(JSON_PATH, machine_key, "rows"), machine_key(result): result}
     atomic_write_text(JSON_PATH, json.dumps({"machines": machines}, indent=2) + "\n")
     text = render(machines)
     atomic_write_text(JSON_PATH.with_suffix(".md"), text)
@@ -182,14 +186,6 @@ def measure(args: argparse.Namespace) -> None:
 
 def machine_key(result: dict) -> str:
     return f"VNNI ({', '.join(result['vnni'])})" if result["vnni"] else "no VNNI"
-
-
-def load_machines() -> dict[str, dict]:
-    """Each CPU kind's last measurement (a file from before the per-machine format: one)."""
-    if not JSON_PATH.is_file():
-        return {}
-    data = json.loads(JSON_PATH.read_text())
-    return data.get("machines", {machine_key(data): data} if "rows" in data else {})
 
 
 def render(machines: dict[str, dict]) -> str:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,3 +28,14 @@ def hardware() -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "python": platform.python_version(),
     }
+
+
+def entries_by_machine(
+    path: Path, key: Callable[[dict[str, Any]], str], legacy_field: str
+) -> dict[str, dict[str, Any]]:
+    """The entries of a benchmark file that keeps one per kind of machine (``{"machines": {key:
+    entry}}``); a file from before that format, one flat entry holding ``legacy_field``, is one."""
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    return data.get("machines", {key(data): data} if legacy_field in data else {})

@@ -216,12 +216,9 @@ PLANS: dict[str, list[dict[str, Any]]] = {
         baseline(2000, temperature=4, lr=0.03, amp="on"),
         # seed 0 put ensc ahead on both splits: the other seeds, and fine-tuning at that budget
         *(
-            row
+            f(2000, seed=s, temperature=4, lr=0.03, amp="on")
             for s in (1, 2)
-            for row in (
-                product(2000, seed=s, temperature=4, lr=0.03, amp="on"),
-                baseline(2000, seed=s, temperature=4, lr=0.03, amp="on"),
-            )
+            for f in (product, baseline)
         ),
         finetune(2000, amp="on"),
     ],

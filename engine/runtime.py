@@ -73,9 +73,7 @@ class Runtime:
         return torch.float16 if self.device.type == "cuda" else torch.bfloat16
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        if not self.amp:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return self._autocast(self.amp)
 
     @property
     def eval_amp(self) -> bool:
@@ -86,7 +84,10 @@ class Runtime:
 
     def eval_autocast(self) -> contextlib.AbstractContextManager:
         """:meth:`autocast` for evaluation and prediction (see :attr:`eval_amp`)."""
-        if not self.eval_amp:
+        return self._autocast(self.eval_amp)
+
+    def _autocast(self, enabled: bool) -> contextlib.AbstractContextManager:
+        if not enabled:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
