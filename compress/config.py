@@ -28,6 +28,7 @@ from ensc.compress.names import (
 )
 from ensc.compress.perturb import PerturbConfig
 from ensc.engine.loop import FLOAT32_MAX, OptimConfig
+from ensc.engine.runtime import Runtime
 from ensc.engine.tensorboard import require_tensorboard
 from ensc.errors import ConfigError
 from ensc.models.batchensemble import FAST_WEIGHT_INITS
@@ -306,6 +307,15 @@ def is_single_network(method: str) -> bool:
     return method in SINGLE_NETWORK_METHODS
 
 
+def _recorded(run_dir: Path | None) -> dict[str, Any]:
+    """The run folder's config.json as the run wrote it ({} when there is none yet)."""
+    try:
+        record = json.loads((Path(run_dir) / rundir.CONFIG).read_text())  # type: ignore[arg-type]
+    except (OSError, ValueError, TypeError):  # none yet: nothing was trained on it
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
 def with_recorded_data_mode(config: CompressConfig, run_dir: Path | None) -> CompressConfig:
     """A ``--resume`` keeps the data mode (memory or stream) its run started with, as the run
     folder's config.json records it, unless ``--data-mode memory|stream`` is given (another than
@@ -314,10 +324,22 @@ def with_recorded_data_mode(config: CompressConfig, run_dir: Path | None) -> Com
     asked = config.data_overrides.get("mode")
     if not config.resume or run_dir is None or asked not in (None, "auto"):
         return config
-    try:
-        recorded = json.loads((Path(run_dir) / rundir.CONFIG).read_text())["data"]["mode"]
-    except (OSError, ValueError, KeyError, TypeError):  # none yet: nothing was trained on it
-        return config
+    recorded = (_recorded(run_dir).get("data") or {}).get("mode")
     if recorded not in ("memory", "stream"):
         return config
     return replace(config, data_overrides={**config.data_overrides, "mode": recorded})
+
+
+def with_recorded_amp(runtime: Runtime, config: CompressConfig, run_dir: Path | None) -> Runtime:
+    """A ``--resume`` under ``--amp auto`` trains on in the precision its run started with (the
+    ``amp`` config.json records): auto would decide again from a speed probe of the machine as
+    it is now, and the student would go on in another precision. ``--amp on|off`` is obeyed."""
+    if not config.resume or run_dir is None or not runtime.amp_reason.startswith("auto"):
+        return runtime
+    recorded = _recorded(run_dir).get("amp")
+    if recorded not in ("off", runtime.precision(True)):
+        return runtime  # none recorded (an older run), or another device's autocast
+    if (recorded != "off") == runtime.amp:
+        return runtime
+    return replace(runtime, amp=recorded != "off",
+                   amp_reason=f"auto: {'on' if recorded != 'off' else 'off'} as the resumed run started")  # fmt: skip

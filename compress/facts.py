@@ -79,8 +79,9 @@ def settings(run: Run, runtime: Runtime) -> dict[str, Any]:
         "temperature": distill.temperature,
         "ema": config.optim.ema,
         "device": str(runtime.device),
-        "amp": str(runtime.amp_dtype).removeprefix("torch.") if runtime.amp else "off",
+        "amp": runtime.precision(runtime.amp),
         "amp_reason": runtime.amp_reason,
+        "eval_amp": runtime.precision(runtime.eval_amp),
         "threads": torch.get_num_threads(),
     }
 

@@ -21,6 +21,7 @@ from ensc.compress.config import (
     CompressConfig,
     check_config,
     is_single_network,
+    with_recorded_amp,
     with_recorded_data_mode,
 )
 from ensc.compress.curves import report_section
@@ -138,8 +139,9 @@ def run_compress(
             writer = stack.enter_context(_open_run_dir(config, identity))
         run_dir = runtime.broadcast(writer.path if writer is not None else None) if write else None
         stack.enter_context(rundir.run_log(writer.path if writer is not None else None))
+        runtime = with_recorded_amp(runtime, config, run_dir)  # resumed: the run's precision
         run = set_up(with_recorded_data_mode(config, run_dir), runtime, sources)
-        record = config_record(run, identity)
+        record = {**config_record(run, identity), "amp": runtime.precision(runtime.amp)}
         if writer is not None or config.expected:  # the images (the API's are in identity)
             record["data_sha256"] = identity.get("data_sha256") or data_sha256(run.data)
             check_data(config.expected, record["data_sha256"])  # --config: the recorded images

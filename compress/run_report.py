@@ -16,12 +16,13 @@ from ensc.evaluation.metrics import reliability_bins
 
 
 def _precision_words(settings: dict[str, Any]) -> str:
-    """How training ran, when not in float32: autocast's dtype, and on a CPU that the numbers
-    are still the float32 network's (ensc.engine.runtime.Runtime.eval_amp)."""
+    """How training ran, when not in float32: autocast's dtype, and whether the numbers are
+    still the float32 network's (ensc.engine.runtime.Runtime.eval_amp, recorded as eval_amp)."""
     amp = settings.get("amp", "off")
     if amp == "off":
         return ""
-    where = " (evaluated in float32)" if str(settings.get("device", "")).startswith("cpu") else ""
+    evaluated = settings.get("eval_amp", "off")
+    where = " (evaluated in float32)" if evaluated == "off" else ""
     return f" under {amp} autocast{where}"
 
 

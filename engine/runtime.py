@@ -75,6 +75,11 @@ class Runtime:
     def autocast(self) -> contextlib.AbstractContextManager:
         return self._autocast(self.amp)
 
+    def precision(self, enabled: bool) -> str:
+        """The autocast dtype's name when ``enabled`` ("bfloat16", "float16"), else "off"
+        (report.json and config.json: ``precision(amp)``, ``precision(eval_amp)``)."""
+        return str(self.amp_dtype).removeprefix("torch.") if enabled else "off"
+
     @property
     def eval_amp(self) -> bool:
         """Whether evaluation and prediction run under autocast: with ``amp`` on CUDA; never on

@@ -160,6 +160,9 @@ def test_report_md_header_is_read_from_report_json(full_run: Path):
     assert md_line(md, "- teacher:") == f"- teacher: 2 × resnet8 from {s['teacher']}"
     assert train["steps"] == 2 and s["device"] == "cpu"
     amp = "" if s["amp"] == "off" else f" under {s['amp']} autocast (evaluated in float32)"
+    assert s["eval_amp"] == "off"  # on a CPU the numbers are the float32 network's
+    # config.json records the precision it trained in (a --resume under auto keeps it)
+    assert json.loads((full_run / "config.json").read_text())["amp"] == s["amp"]
     assert s["amp"] in ("off", "bfloat16")  # --amp auto: bf16 only on a CPU with native bf16
     assert md_line(md, "- training:") == (
         f"- training: 2 steps, {train['seconds']:.0f} s on cpu{amp}; run total {report['wall_seconds']:.0f} s"

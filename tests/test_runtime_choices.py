@@ -119,6 +119,28 @@ def test_auto_amp_needs_native_bf16_and_a_faster_probe(monkeypatch, flags, speed
     assert (f"{speedup:.2f}x" in chosen.reason) is chosen.probed
 
 
+@pytest.mark.parametrize("recorded", ["bfloat16", "off"])
+def test_a_resumed_run_trains_on_in_the_precision_it_started_with(tmp_path: Path, recorded: str):
+    """--resume under --amp auto takes the precision config.json records, whatever a probe of
+    the machine as it is now would say; --amp on/off and a fresh run decide for themselves."""
+    from dataclasses import replace
+
+    from ensc import rundir
+    from ensc.compress.config import compress_config, with_recorded_amp
+    from ensc.engine.runtime import Runtime
+
+    (tmp_path / rundir.CONFIG).write_text(json.dumps({"amp": recorded}))
+    config = compress_config(teacher=tmp_path, arch="resnet8", resume=True)
+    auto = Runtime(torch.device("cpu"), amp=recorded == "off", amp_reason="auto: probed now")
+    resumed = with_recorded_amp(auto, config, tmp_path)
+    assert resumed.amp is (recorded != "off") and "as the resumed run started" in resumed.amp_reason
+    assert resumed.precision(resumed.amp) == recorded
+    asked = replace(auto, amp_reason="--amp on" if auto.amp else "--amp off")
+    assert with_recorded_amp(asked, config, tmp_path) == asked
+    assert with_recorded_amp(auto, replace(config, resume=False), tmp_path) == auto
+    assert with_recorded_amp(auto, config, tmp_path / "none") == auto  # no config.json yet
+
+
 def test_the_probe_times_both_precisions():
     speedup = precision.bf16_speedup()
     assert 0.01 < speedup < 100  # a ratio of two real timings
