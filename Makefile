@@ -40,7 +40,7 @@ demo: setup data tcmalloc
 	  --train-subset 12000 --out $(DEMO)/ckpts --force
 	$(BIN)/ensc eval --teacher $(DEMO)/ckpts --test-subset 2000 --json $(DEMO)/teacher.json --force
 	$(BIN)/ensc compress --teacher $(DEMO)/ckpts --arch resnet8 --epochs 2 --train-subset 6000 \
-	  --test-subset 2000 --out $(DEMO)/run --force
+	  --test-subset 2000 --baselines finetune,kd-single --out $(DEMO)/run --force
 	$(BIN)/ensc export --onnx --force
 	$(BIN)/ensc bench --batch-sizes 1,64 --warmup 5 --repeats 30
 

@@ -82,7 +82,7 @@ def set_up(config: CompressConfig, runtime: Runtime, sources: Sources) -> Run:
         student, spec, init_member = build_student(
             config, teacher, data, members, runtime, sources.build_student
         )
-    config = with_start_defaults(config, init_member is not None)
+    config = with_start_defaults(config, init_member is not None, len(data.train))
     teacher.to(runtime.device)
     ood = None
     if runtime.is_main and config.ood_data is not None:  # before training: a wrong path fails now
@@ -94,11 +94,11 @@ def set_up(config: CompressConfig, runtime: Runtime, sources: Sources) -> Run:
     return Run(config, teacher, data_config, data, members, student, spec, init_member, ood)
 
 
-def with_start_defaults(config: CompressConfig, warm: bool) -> CompressConfig:
+def with_start_defaults(config: CompressConfig, warm: bool, n_train: int) -> CompressConfig:
     """The settings that depend on the student's start: α and T unless given (loss_defaults), and
     the peak learning rate: a warm-started student fine-tunes at
-    :func:`~ensc.compress.warmstart.warm_start_lr` unless ``--lr`` was given (from scratch: the
-    papers' 0.1 × batch/128)."""
+    :func:`~ensc.compress.warmstart.warm_start_lr` (which depends on the length of the schedule
+    over ``n_train`` images) unless ``--lr`` was given (from scratch: the papers' 0.1 × batch/128)."""
     distill = loss_defaults(config.distill, warm)
     if distill != config.distill:
         log.info("%s start: alpha %g, temperature %g (--alpha/--temperature to change them)",
@@ -106,10 +106,14 @@ def with_start_defaults(config: CompressConfig, warm: bool) -> CompressConfig:
         config = replace(config, distill=distill)
     if not warm or config.optim.lr is not None:
         return config
-    distill = config.distill
-    lr = warm_start_lr(config.method, distill.alpha, distill.temperature, config.optim.batch_size)
-    log.info("warm start: peak learning rate %g (--lr to change it)", lr)
-    return replace(config, optim=replace(config.optim, lr=lr))
+    distill, optim = config.distill, config.optim
+    scheduled = replace(optim, max_steps=None).total_steps(n_train)  # the schedule, not a smoke cut
+    lr = warm_start_lr(
+        config.method, distill.alpha, distill.temperature, optim.batch_size, scheduled
+    )
+    log.info("warm start: peak learning rate %g over a %d-step schedule (--lr to change it)",
+             lr, scheduled)  # fmt: skip
+    return replace(config, optim=replace(optim, lr=lr))
 
 
 def build_student(

@@ -86,7 +86,7 @@ def test_compress_writes_run_folder_and_latest(tiny_teacher: Path, tmp_path: Pat
     # warm start by default: the student has the members' architecture
     assert "student starts from teacher member 0" in (latest / "log.txt").read_text()
     # ... and fine-tunes at the warm-start learning rate, scaled to the batch (32 here) and
-    # divided by the KD temperature
+    # divided by the KD temperature (a 13-step schedule: a short run)
     config = json.loads((latest / "config.json").read_text())
     want = WARM_START_LR * 32 / 128 / WARM_START_LOSS["temperature"]
     assert config["optim"]["lr"] == pytest.approx(want)
@@ -302,11 +302,14 @@ def test_kd_single_baseline_trains_one_plain_network(tiny_teacher: Path, tmp_pat
     assert refused.exit_code != 0 and "use --perturb ods" in refused.output
 
 
-def test_warm_start_lr_is_divided_by_t_only_for_the_batchensemble_with_a_kd_term():
-    from ensc.compress.warmstart import warm_start_lr
+def test_warm_start_lr_is_divided_by_t_only_for_a_short_batchensemble_with_a_kd_term():
+    from ensc.compress.warmstart import SHORT_RUN_STEPS, warm_start_lr
 
-    assert warm_start_lr("batchensemble", 1.0, 4.0, 128) == pytest.approx(WARM_START_LR / 4)
-    assert warm_start_lr("kd-single", 1.0, 1.0, 256) == pytest.approx(WARM_START_LR * 2)
-    assert warm_start_lr("kd-single", 1.0, 4.0, 128) == pytest.approx(WARM_START_LR)
-    assert warm_start_lr("finetune", 1.0, 4.0, 128) == pytest.approx(WARM_START_LR)
-    assert warm_start_lr("batchensemble", 0.0, 4.0, 128) == pytest.approx(WARM_START_LR)
+    short, long = SHORT_RUN_STEPS - 1, SHORT_RUN_STEPS
+    assert warm_start_lr("batchensemble", 1.0, 4.0, 128, short) == pytest.approx(WARM_START_LR / 4)
+    assert warm_start_lr("batchensemble", 1.0, 4.0, 128, long) == pytest.approx(WARM_START_LR)
+    assert warm_start_lr("batchensemble", 1.0, 4.0, 256, long) == pytest.approx(WARM_START_LR * 2)
+    assert warm_start_lr("kd-single", 1.0, 1.0, 256, short) == pytest.approx(WARM_START_LR * 2)
+    assert warm_start_lr("kd-single", 1.0, 4.0, 128, short) == pytest.approx(WARM_START_LR)
+    assert warm_start_lr("finetune", 1.0, 4.0, 128, short) == pytest.approx(WARM_START_LR)
+    assert warm_start_lr("batchensemble", 0.0, 4.0, 128, short) == pytest.approx(WARM_START_LR)
