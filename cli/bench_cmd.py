@@ -57,8 +57,11 @@ Examples:
 )
 @click.option(
     "--threads",
-    type=click.IntRange(min=1),
-    help="Intra-op threads for both engines. Default: torch's.",
+    default="auto",
+    show_default=True,
+    metavar="auto|N",
+    help="Intra-op threads for both engines. auto: the cores other processes leave free at start "
+    "(OMP_NUM_THREADS when set), as every ensc command chooses them.",
 )
 @click.option(
     "--provider",

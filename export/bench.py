@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ensc import __version__, rundir
+from ensc.engine.threads import apply_threads, parse_threads
 from ensc.errors import ConfigError, ExportError, ExportParityError, one_line
 from ensc.export.onnx import read_metadata
 from ensc.export.sources import (
@@ -58,7 +59,9 @@ class BenchConfig:
     batch_sizes: tuple[int, ...] = (1, 8, 64)
     warmup: int = 5  # untimed calls per candidate and batch size
     repeats: int = 50  # timed calls per candidate and batch size
-    threads: int | None = None  # intra-op threads of both engines; None = torch's default
+    # intra-op threads of both engines: N, or auto (None too): the cores other processes leave
+    # free at start, as every ensc command chooses them (ensc.engine.threads)
+    threads: int | str | None = "auto"
     provider: str = "auto"  # auto (CUDA when onnxruntime-gpu and a GPU are there) | cpu | cuda
     test_samples: int = 1000  # test images for the accuracy column
     data_root: Path | None = None  # dataset location, if not the recorded one
@@ -70,8 +73,7 @@ class BenchConfig:
             raise ConfigError(
                 f"need repeats >= 1 and warmup >= 0; got {self.repeats}, {self.warmup}"
             )
-        if self.threads is not None and self.threads < 1:
-            raise ConfigError(f"--threads must be >= 1; got {self.threads}")
+        parse_threads(self.threads)  # auto, None or a whole number >= 1 (one line otherwise)
         if self.provider not in PROVIDERS:
             raise ConfigError(
                 f"unknown provider {self.provider!r}: choose one of {', '.join(PROVIDERS)}"
@@ -345,7 +347,7 @@ def _bench(
         test_samples=config.test_samples,
         data_root=config.data_root,
     )
-    threads = config.threads or torch.get_num_threads()
+    threads = parse_threads(config.threads) or apply_threads("auto").threads
     notes: list[str] = []
     with _torch_threads(threads):
         candidates = _candidates(

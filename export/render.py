@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ensc.errors import plural
 from ensc.evaluation.table import render_table
 from ensc.fileio import atomic_write
 
@@ -102,7 +103,7 @@ def environment_lines(result: BenchResult) -> list[str]:
     load = env.get("loadavg_1min") or {}
     device = env.get("gpu") or f"{env.get('cpu')} ({env.get('logical_cpus')} logical CPUs)"
     return [
-        f"hardware: {device}; {env.get('threads')} threads for both engines",
+        f"hardware: {device}; {plural(env.get('threads'), 'thread')} for both engines",
         f"software: torch {env.get('torch')}, onnxruntime {env.get('onnxruntime')} "
         f"({', '.join(env.get('onnxruntime_providers', []))}), Python {env.get('python')}, {env.get('platform')}",
         f"timing: {result.config.get('warmup')} warm-up + {result.config.get('repeats')} timed calls per model "

@@ -203,6 +203,11 @@ def test_bench_refuses_to_overwrite_before_measuring(benched):
         (("bench", "--run", "{run}", "--batch-sizes", "0"), "comma-separated positive integers"),
         (("bench", "--run", "{run}", "--json", "{file}/b.json"), "cannot write"),
         (("bench", "--run", "{tmp}/empty"), "has no student.pt"),
+        (("bench", "--run", "{run}", "--threads", "0"), "--threads must be auto or a whole number"),
+        (
+            ("bench", "--run", "{run}", "--threads", "two"),
+            "--threads must be auto or a whole number",
+        ),
         # input alone of hundreds of GiB: a raw MemoryError before
         (("bench", "--run", "{run}", "--batch-sizes", "1,100000000"), "use smaller --batch-sizes"),
     ],
