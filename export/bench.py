@@ -8,8 +8,8 @@ Timing is round-robin: each of ``repeats`` rounds calls every candidate once (in
 order) per batch size, so load from other processes on a shared machine hits all candidates
 alike and the ratios stay meaningful. onnxruntime sessions are created without spin-waiting
 threads for the same reason (a spinning idle pool steals the next candidate's cores); that costs
-onnxruntime a little at tiny batch sizes. Both engines use ``threads`` intra-op threads. On a
-machine whose cores are busy with other work, use ``threads=1``: PyTorch's OpenMP thread pool
+onnxruntime a little at tiny batch sizes. Both engines use ``threads`` intra-op threads; auto (the
+default) takes the cores other work leaves free at start, since PyTorch's OpenMP thread pool
 degrades badly when oversubscribed. Results are dataclasses; rendering is
 :mod:`ensc.export.render`.
 """
