@@ -339,7 +339,7 @@ def with_recorded_amp(runtime: Runtime, config: CompressConfig, run_dir: Path | 
     recorded = _recorded(run_dir).get("amp")
     if recorded not in ("off", runtime.precision(True)):
         return runtime  # none recorded (an older run), or another device's autocast
-    if (recorded != "off") == runtime.amp:
+    on = recorded != "off"
+    if on == runtime.amp:
         return runtime
-    return replace(runtime, amp=recorded != "off",
-                   amp_reason=f"auto: {'on' if recorded != 'off' else 'off'} as the resumed run started")  # fmt: skip
+    return replace(runtime, amp=on, amp_reason=f"auto: {'on' if on else 'off'} as the resumed run started")
