@@ -342,4 +342,6 @@ def with_recorded_amp(runtime: Runtime, config: CompressConfig, run_dir: Path | 
     on = recorded != "off"
     if on == runtime.amp:
         return runtime
-    return replace(runtime, amp=on, amp_reason=f"auto: {'on' if on else 'off'} as the resumed run started")
+    return replace(
+        runtime, amp=on, amp_reason=f"auto: {'on' if on else 'off'} as the resumed run started"
+    )
