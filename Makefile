@@ -50,8 +50,8 @@ test: setup data tcmalloc
 # On a machine with one CUDA GPU (torch, onnx, onnxruntime there; no network needed): checks and
 # measures the GPU path into gpu-check/ (benchmarks/gpu_check.py). --device cpu --tiny elsewhere.
 gpu-check:
-	python -m pip install --quiet --no-deps --no-build-isolation -e .
-	python benchmarks/gpu_check.py --out gpu-check
+	$(PYTHON) -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(PYTHON) benchmarks/gpu_check.py --out gpu-check
 
 lint: setup
 	$(BIN)/ruff check .

@@ -69,10 +69,10 @@ def configurations(only: str, shared: Path | None, cifar_jpeg: Path | None) -> l
 # --- worker side: one configuration in this process ----------------------------------------
 
 
-def _teachers(members: int, num_classes: int, channels: int) -> list:
+def _teachers(members: int, num_classes: int, channels: int, archs=TEACHERS) -> list:
     from ensc.models import build_model
 
-    archs = [TEACHERS[k % len(TEACHERS)] for k in range(members)]
+    archs = [archs[k % len(archs)] for k in range(members)]
     return [
         build_model(a, num_classes=num_classes, in_channels=channels).eval().requires_grad_(False)
         for a in archs
@@ -209,10 +209,13 @@ def run_plain(cfg: dict[str, Any]) -> dict[str, Any]:
         def __getitem__(self, i: int):
             return self.transform(to_pil_image(images[i])), labels[i]
 
-    loader = DataLoader(Images(), batch_size=cfg["batch"], shuffle=True, drop_last=True)
-    teachers = _teachers(m, 10, 3)
-    student = _naive_batchensemble(build_model(STUDENT, num_classes=10, in_channels=3), m)
-    return _timed_plain_loop(cfg, loader, teachers, student)
+    workers = cfg.get("workers", 0)  # a GPU user gives the loader worker processes
+    loader = DataLoader(Images(), batch_size=cfg["batch"], shuffle=True, drop_last=True,
+                        num_workers=workers, pin_memory=cfg.get("device", "cpu") != "cpu",
+                        persistent_workers=workers > 0)  # fmt: skip
+    teachers = _teachers(m, 10, 3, cfg.get("teachers", TEACHERS))
+    student = build_model(cfg.get("student", STUDENT), num_classes=10, in_channels=3)
+    return _timed_plain_loop(cfg, loader, teachers, _naive_batchensemble(student, m))
 
 
 def _real_setup(cfg: dict[str, Any]):
@@ -260,10 +263,13 @@ def _real_setup(cfg: dict[str, Any]):
 
 
 def _timed_plain_loop(cfg: dict[str, Any], loader, teachers, student) -> dict[str, Any]:
-    """Warm-up steps, then seconds per step of the plain loop."""
+    """Warm-up steps, then seconds per step of the plain loop (float32, on ``cfg["device"]``)."""
     import torch
     import torch.nn.functional as F
 
+    device = torch.device(cfg.get("device", "cpu"))
+    teachers = [t.to(device) for t in teachers]
+    student = student.to(device)
     m, alpha, step_size = cfg["members"], 0.9, 1 / 255
     optimizer = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9, nesterov=True)
 
@@ -307,12 +313,23 @@ def _timed_plain_loop(cfg: dict[str, Any], loader, teachers, student) -> dict[st
         loss.backward()
         optimizer.step()
 
-    batches = iter(loader)
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def batches():
+        while True:
+            for x, y in loader:
+                yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+    feed = batches()
     for _ in range(cfg["warmup"]):
-        one_step(*next(batches))
+        one_step(*next(feed))
+    sync()
     start = time.perf_counter()
     for _ in range(cfg["steps"]):
-        one_step(*next(batches))
+        one_step(*next(feed))
+    sync()
     return {"s_per_step": (time.perf_counter() - start) / cfg["steps"], "phases": {}}
 
 

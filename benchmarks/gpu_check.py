@@ -93,7 +93,8 @@ def device_facts(device: str) -> str:
 FACTS: dict[str, Any] = {}
 
 
-def measure_step(device: str, teacher_arch: str, student_arch: str, batch: int, steps: int,
+def measure_step(device: str, teacher_archs: tuple[str, ...], student_arch: str, batch: int,
+                 steps: int, amp: bool | None = None, member_batch: str = "split",
                  image: int = 32) -> dict[str, float]:  # fmt: skip
     """Seconds per distillation step (ensc's loop and step, ODS) and peak GPU memory."""
     import torch
@@ -106,20 +107,23 @@ def measure_step(device: str, teacher_arch: str, student_arch: str, batch: int, 
     from ensc.models import build_model
     from ensc.models.batchensemble import to_batchensemble
 
-    runtime = resolve_runtime(device, amp=None, channels_last=None)
+    runtime = resolve_runtime(device, amp=amp, channels_last=None)
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (batch * 4, 3, image, image), dtype=torch.uint8, generator=gen)
     labels = torch.randint(0, 10, (batch * 4,), generator=gen)
     probe = runtime.to_device(images[:8])
     teachers = [
-        runtime.prepare_model(build_model(teacher_arch, num_classes=10).eval()) for _ in range(4)
+        runtime.prepare_model(build_model(teacher_archs[k % len(teacher_archs)], num_classes=10))
+        for k in range(4)
     ]
+    teachers = [t.eval() for t in teachers]
     teachers = fast_teachers([t.requires_grad_(False) for t in teachers], runtime, probe)
     student = runtime.prepare_model(
         to_batchensemble(build_model(student_arch, num_classes=10), members=4)
     )
-    step = make_distill_step(student, teachers, DistillConfig(alpha=1.0, temperature=4.0,
-                             perturb=PerturbConfig(kind="ods")), torch.Generator().manual_seed(1),
+    config = DistillConfig(alpha=1.0, temperature=4.0, perturb=PerturbConfig(kind="ods"),
+                           member_batch=member_batch)  # fmt: skip
+    step = make_distill_step(student, teachers, config, torch.Generator().manual_seed(1),
                              net=runtime.wrap(student))  # fmt: skip
     marks: list[float] = []
 
@@ -139,6 +143,26 @@ def measure_step(device: str, teacher_arch: str, student_arch: str, batch: int, 
     marks.append(time.perf_counter())
     per_step = (marks[-1] - marks[1]) / (len(marks) - 2)  # the first step aside (warm-up)
     peak = torch.cuda.max_memory_allocated() / 2**30 if runtime.device.type == "cuda" else None
+    return {"s_per_step": round(per_step, 4), "images_per_s": round(batch / per_step, 1),
+            "peak_gib": None if peak is None else round(peak, 2)}  # fmt: skip
+
+
+def measure_plain(device: str, teacher_archs: tuple[str, ...], student_arch: str, batch: int,
+                  steps: int, image: int = 32) -> dict[str, float]:  # fmt: skip
+    """The same ODS step written the plain PyTorch way (benchmarks/bench_distill.py), float32."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_distill import run_plain
+
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    cfg = {"members": 4, "batch": batch, "image": image, "perturb": "ods", "warmup": 1,
+           "steps": steps, "device": device, "workers": 8 if cuda else 0,
+           "teachers": teacher_archs, "student": student_arch}  # fmt: skip
+    per_step = run_plain(cfg)["s_per_step"]
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     return {"s_per_step": round(per_step, 4), "images_per_s": round(batch / per_step, 1),
             "peak_gib": None if peak is None else round(peak, 2)}  # fmt: skip
 
@@ -211,15 +235,26 @@ def main() -> None:
         return f"killed at step {env['ENSC_FAULT'].split(':')[1]}, resumed: bit-identical"
 
     def throughput() -> str:
-        configs = [("resnet32", "resnet32", 128)] + ([] if tiny else [("wrn28x10", "wrn28x5", 128)])
-        if tiny:
-            configs = [("resnet8", "resnet8", 32)]
+        """ensc's step (its defaults; then the plain loop's work: repeat, float32) and the plain
+        loop of bench_distill.py, side by side on the same networks and batch."""
+        configs = [(("resnet8",), "resnet8", 32)] if tiny else [
+            (("resnet20", "resnet32", "resnet44", "resnet56"), "resnet32", 128),
+            (("wrn28x10",), "wrn28x5", 128)]  # fmt: skip
+        steps = 2 if tiny else 10
         seen = []
-        for teacher, student, batch in configs:
-            row = measure_step(args.device, teacher, student, batch, steps=2 if tiny else 10)
-            THROUGHPUT[f"{student} BE-4 of {teacher} DE-4, batch {batch}"] = row
-            seen.append(f"{student}/{teacher} b{batch}: {row['s_per_step']} s/step, "
-                        f"{row['images_per_s']} img/s, peak {row['peak_gib']} GiB")  # fmt: skip
+        for teachers, student, batch in configs:
+            rows = {
+                "ensc (defaults)": measure_step(args.device, teachers, student, batch, steps),
+                "ensc (repeat, float32)": measure_step(args.device, teachers, student, batch,
+                                                       steps, amp=False, member_batch="repeat"),
+                "plain PyTorch (repeat, float32)": measure_plain(args.device, teachers, student,
+                                                                 batch, steps),
+            }  # fmt: skip
+            name = f"{student} BE-4 of {'/'.join(teachers)} DE-4, batch {batch}"
+            THROUGHPUT[name] = rows
+            seen.append(name + ": " + ", ".join(
+                f"{impl} {r['s_per_step']} s/step, {r['images_per_s']} img/s, peak {r['peak_gib']} GiB"
+                for impl, r in rows.items()))  # fmt: skip
         return "; ".join(seen)
 
     def export_bench() -> str:
@@ -240,24 +275,36 @@ def main() -> None:
             raise RuntimeError(f"torchrun exited {proc.returncode}: {proc.stderr.strip()[-300:]}")
         return f"1 process through {'NCCL' if cuda else 'gloo'}: {out / 'ddp'}"
 
-    checks.run("ensc train (AMP, channels_last)" if cuda else "ensc train", train_teacher)
-    checks.run("compress --perturb ods: fold, parity", ods)
-    checks.run("compress, other perturbations", perturbations)
-    checks.run("kill and --resume: bit-identical", resume)
-    checks.run("distillation throughput and memory", throughput)
-    checks.run("export --onnx and bench", export_bench)
+    plan = [("ensc train (AMP, channels_last)" if cuda else "ensc train", train_teacher),
+            ("compress --perturb ods: fold, parity", ods),
+            ("compress, other perturbations", perturbations),
+            ("kill and --resume: bit-identical", resume),
+            ("distillation throughput and memory", throughput),
+            ("export --onnx and bench", export_bench)]  # fmt: skip
     if not tiny:  # --tiny (the test suite's run) leaves it to tests/test_distributed.py
-        checks.run("torchrun --nproc_per_node 1", torchrun)
-    summary = {"device": args.device, "tiny": tiny, "facts": FACTS, "checks": checks.rows,
-               "throughput": THROUGHPUT, "passed": all(r["passed"] for r in checks.rows)}  # fmt: skip
-    (out / "gpu-check.json").write_text(json.dumps(summary, indent=1) + "\n")
-    lines = [f"# ensc GPU check ({args.device}{', tiny' if tiny else ''})", "",
+        plan.append(("torchrun --nproc_per_node 1", torchrun))
+    for name, fn in plan:  # the summary is rewritten after each check: a timeout keeps the rest
+        checks.run(name, fn)
+        lines = write_summary(out, args.device, tiny, checks.rows)
+    print("\n".join(lines))
+    sys.exit(0 if all(r["passed"] for r in checks.rows) else 1)
+
+
+def write_summary(out: Path, device: str, tiny: bool, rows: list[dict[str, Any]]) -> list[str]:
+    """gpu-check.json and gpu-check.md (atomically) for the checks run so far."""
+    summary = {"device": device, "tiny": tiny, "facts": FACTS, "checks": rows,
+               "throughput": THROUGHPUT, "passed": all(r["passed"] for r in rows),
+               "checks_run": len(rows)}  # fmt: skip
+    lines = [f"# ensc GPU check ({device}{', tiny' if tiny else ''})", "",
              "| check | result | detail | s |", "|---|---|---|---:|",
              *(f"| {r['check']} | {'ok' if r['passed'] else 'FAIL'} | {r['detail']} | {r['seconds']} |"
-               for r in checks.rows), ""]  # fmt: skip
-    (out / "gpu-check.md").write_text("\n".join(lines))
-    print("\n".join(lines))
-    sys.exit(0 if summary["passed"] else 1)
+               for r in rows), ""]  # fmt: skip
+    for name, text in (("gpu-check.json", json.dumps(summary, indent=1) + "\n"),
+                       ("gpu-check.md", "\n".join(lines))):  # fmt: skip
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(out / name)
+    return lines
 
 
 THROUGHPUT: dict[str, Any] = {}
