@@ -271,8 +271,10 @@ def main() -> None:
                "ensc.cli", "compress", "--teacher", "teacher", *common, "--steps", size["few"],
                "--max-acc-drop", "100", "--out", "ddp", "--force"]  # fmt: skip
         proc = subprocess.run(cmd, cwd=out, capture_output=True, text=True, timeout=900)
-        if proc.returncode != 0:
-            raise RuntimeError(f"torchrun exited {proc.returncode}: {proc.stderr.strip()[-300:]}")
+        if proc.returncode != 0:  # the worker's own error line, not the launcher's summary
+            said = [ln for ln in proc.stderr.splitlines() if "Error" in ln and "elastic" not in ln]
+            raise RuntimeError(f"torchrun exited {proc.returncode}: "
+                               f"{' | '.join(said[-2:]) or proc.stderr.strip()[-300:]}")  # fmt: skip
         return f"1 process through {'NCCL' if cuda else 'gloo'}: {out / 'ddp'}"
 
     plan = [("ensc train (AMP, channels_last)" if cuda else "ensc train", train_teacher),

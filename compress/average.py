@@ -22,7 +22,7 @@ from torch.optim.swa_utils import update_bn
 
 from ensc.models.batchensemble import BatchEnsemble
 from ensc.models.fold import check_be, fold
-from ensc.models.modes import eval_mode
+from ensc.models.modes import eval_mode, exact_float32
 
 __all__ = [
     "average",
@@ -77,7 +77,7 @@ def fold_max_abs_diff(be: BatchEnsemble, plain: nn.Module, x: Tensor) -> float:
             f"fold_max_abs_diff needs a non-empty batch (B, ...); got {tuple(x.shape)}"
         )
     averaged = average_fast_weights(be).eval()
-    with eval_mode(plain), torch.no_grad():
+    with eval_mode(plain), torch.no_grad(), exact_float32():  # no TF32 on a GPU
         members = averaged.forward_members(x).float()  # [M, B, K]
         single = plain(x).float()  # [B, K]
     if members.shape[1:] != single.shape:

@@ -17,6 +17,7 @@ degrades badly when oversubscribed. Results are dataclasses; rendering is
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import platform
@@ -267,7 +268,9 @@ def accuracy(
 def torch_predictor(module: nn.Module, device: torch.device) -> Callable[[np.ndarray], np.ndarray]:
     import torch
 
-    module = module.to(device).eval()
+    if device.type != "cpu":  # a copy: the module itself stays on the CPU for the ONNX export
+        module = copy.deepcopy(module).to(device)
+    module = module.eval()
 
     def predict(images: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
@@ -285,7 +288,11 @@ def onnx_predictor(session: Any) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def resolve_provider(provider: str) -> tuple[list[str], str]:
-    """onnxruntime providers and the torch device for ``provider`` (auto | cpu | cuda)."""
+    """onnxruntime providers and the torch device for ``provider`` (auto | cpu | cuda).
+
+    auto: both on the GPU with onnxruntime-gpu; with CPU onnxruntime and a GPU, the PyTorch rows
+    still run on the GPU (what a user of that machine would deploy them on).
+    """
     import onnxruntime as ort
     import torch
 
@@ -298,6 +305,8 @@ def resolve_provider(provider: str) -> tuple[list[str], str]:
         )
     if provider == "cuda" or (provider == "auto" and has_cuda):
         return ["CUDAExecutionProvider", "CPUExecutionProvider"], "cuda"
+    if provider == "auto" and torch.cuda.is_available():  # CPU onnxruntime; PyTorch on the GPU
+        return ["CPUExecutionProvider"], "cuda"
     return ["CPUExecutionProvider"], "cpu"
 
 

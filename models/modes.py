@@ -1,10 +1,11 @@
-"""Eval mode for the length of a ``with`` block: each network's own mode comes back afterwards."""
+"""Modes for the length of a ``with`` block (eval mode, float32 without TF32); restored afterwards."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 
 
@@ -19,3 +20,20 @@ def eval_mode(*models: nn.Module) -> Iterator[None]:
     finally:
         for model, mode in zip(models, modes, strict=True):
             model.train(mode)
+
+
+@contextlib.contextmanager
+def exact_float32() -> Iterator[None]:
+    """Float32 convolutions and matrix products without TF32 inside the block, restored on exit.
+
+    cuDNN runs float32 convolutions in TF32 by default on GPUs that have it (10-bit mantissa:
+    logits differ by ~1e-3), so checks that compare two computations to float32 round-off (the
+    fold, the fused evaluation copy) run in here. CPUs have no TF32: nothing changes there.
+    """
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = cudnn.allow_tf32, matmul.allow_tf32
+    cudnn.allow_tf32 = matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = saved

@@ -179,3 +179,19 @@ def test_fast_weight_spread_measures_how_far_members_moved() -> None:
     spread = fast_weight_spread(be)
     assert spread["max_abs_from_one"] == pytest.approx(2.0)
     assert spread["max_member_spread"] == pytest.approx(1.5)
+
+
+def test_exact_float32_turns_tf32_off_inside_the_block_and_restores_it():
+    """cuDNN's default TF32 made the fold check fail on a GPU (max |Δlogit| 1.9e-3)."""
+    from ensc.models.modes import exact_float32
+
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    before = cudnn.allow_tf32, matmul.allow_tf32
+    matmul.allow_tf32 = True
+    try:
+        with pytest.raises(RuntimeError, match="boom"), exact_float32():
+            assert (cudnn.allow_tf32, matmul.allow_tf32) == (False, False)
+            raise RuntimeError("boom")
+        assert (cudnn.allow_tf32, matmul.allow_tf32) == (before[0], True)
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = before
