@@ -193,6 +193,12 @@ PLANS: dict[str, list[dict[str, Any]]] = {
     # within 2 % and that term is about zero), at KD's better lr 0.03. It lost to mean targets on
     # validation by a point (78.92 % / 0.6050 against 80.00 / 0.5887), so the default lr was not run
     "indomain-targets": [product(300, temperature=4, lr=0.03, targets="member")],
+    # members apart from step 0 while their average is the warm start (--init spread): member-wise
+    # targets made the members diverse at 2,000 steps only from a start where they were identical.
+    # A 300-step screen against indomain-t4-versus's seeds 0, 1 (the same settings, init ones)
+    "indomain-spread": [
+        product(300, seed=s, temperature=4, lr=0.03, init="spread") for s in (0, 1)
+    ],
     # at KD's better lr 0.03 (T 4) ensc only tied KD: does its perturbation still help there
     # (none), and would a larger step (2/255)?
     "indomain-lr03": [

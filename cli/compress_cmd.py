@@ -144,15 +144,16 @@ Examples:
 )
 @click.option(
     "--init",
-    type=click.Choice(("ones", "normal")),
+    type=click.Choice(("ones", "normal", "spread")),
     default="ones",
     show_default=True,
-    help="Fast-weight init ([WA] ones, [DM] normal).",
+    help="Fast-weight init ([WA] ones, [DM] normal N(1, 0.5²); spread: members 0.1 apart around "
+    "1, their mean exactly 1, so the averaged network starts as the warm start).",
 )
 @click.option(
     "--fast-weights",
     type=click.Choice(FAST_WEIGHT_REGIMES),
-    help="Fast-weight regularization. Default: wa for --init ones, dm for normal.",
+    help="Fast-weight regularization. Default: dm for --init normal, else wa.",
 )
 @click.option(
     "--method",

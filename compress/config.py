@@ -107,7 +107,7 @@ class CompressConfig:
     data_overrides: dict[str, Any] = field(default_factory=dict)  # DataConfig fields to change
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=200))
     distill: DistillConfig = field(default_factory=DistillConfig)
-    init: str = "ones"  # fast-weight init: "ones" ([WA], needed for averaging) or "normal" ([DM])
+    init: str = "ones"  # fast-weight init: "ones" ([WA]), "normal" ([DM]) or "spread"
     recalibrate_bn: bool = True  # re-estimate BN statistics of the averaged network on train data
     # fold the temperature fitted on validation into the single network's last layer (calibrated
     # as shipped; accuracy unchanged)
@@ -184,7 +184,7 @@ def compress_config(
 ) -> CompressConfig:
     """A :class:`CompressConfig` from flat options (the CLI's flags), with the method's rules applied.
 
-    ``fast_weights`` None: ``wa`` for ``init="ones"``, ``dm`` for ``"normal"`` (each paper's pair);
+    ``fast_weights`` None: ``dm`` for ``init="normal"`` ([DM]'s pair), else ``wa``;
     ``bn_recal_batches`` 0 or None: the whole training split. ``perturb`` None: the method's
     default (DEFAULT_PERTURB). ``alpha``/``temperature`` None: set by the student's start
     (warmstart.loss_defaults). ``rest`` are CompressConfig fields.
@@ -220,7 +220,7 @@ def compress_config(
         optim=OptimConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                           max_steps=max_steps, steps=steps, ema=ema),
         distill=DistillConfig(alpha=alpha, temperature=temperature, perturb=perturb_config,
-                              fast_weights=fast_weights or ("wa" if init == "ones" else "dm"),
+                              fast_weights=fast_weights or ("dm" if init == "normal" else "wa"),
                               member_batch=member_batch, targets=targets, mix=mix),
         init=init,
         bn_recal_batches=bn_recal_batches or None,

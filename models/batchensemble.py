@@ -49,8 +49,11 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# "ones": [WA], members start identical (needed for averaging); "normal": [DM], N(1, 0.5²).
-FAST_WEIGHT_INITS = ("ones", "normal")
+# "ones": [WA], members start identical (needed for averaging); "normal": [DM], N(1, 0.5²);
+# "spread": members start apart (1 + ε_m − mean ε, ε ~ N(0, SPREAD_STD²)) but their average is
+# exactly 1, so the averaged network starts as the base model (a warm start stays intact).
+FAST_WEIGHT_INITS = ("ones", "normal", "spread")
+SPREAD_STD = 0.1
 
 
 def _check_members(members: Any) -> int:
@@ -124,12 +127,15 @@ class _BEMixin:
 
     @torch.no_grad()
     def reset_fast_weights(self) -> None:
-        """Re-draw r, s from ``self.init`` (global torch RNG for "normal") and zero member biases."""
+        """Re-draw r, s from ``self.init`` (global torch RNG for "normal", "spread"); zero member biases."""
         for p in (self.r, self.s):
             if self.init == "ones":
                 p.fill_(1.0)
-            else:
+            elif self.init == "normal":
                 p.normal_(1.0, 0.5)
+            else:  # spread: centred across members, so the members' mean is exactly 1
+                eps = torch.randn_like(p) * SPREAD_STD
+                p.copy_(1.0 + eps - eps.mean(0, keepdim=True))
         if self.member_bias is not None:
             self.member_bias.zero_()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -89,6 +91,24 @@ def test_init_ones_and_normal() -> None:
     normal = BELinear(64, 64, members=4, init="normal")
     assert abs(float(normal.r.detach().mean()) - 1.0) < 0.1
     assert abs(float(normal.r.detach().std()) - 0.5) < 0.1
+
+
+def test_spread_init_keeps_members_apart_and_their_average_at_the_base_model() -> None:
+    """The averaged network of a "spread" BatchEnsemble is the network it was made from."""
+    from ensc.compress.average import average
+
+    torch.manual_seed(0)
+    base = build_model("resnet8", num_classes=10).eval()
+    be = to_batchensemble(copy.deepcopy(base), members=4, init="spread")
+    layer = next(m for m in be.modules() if isinstance(m, BEConv2d))
+    assert 0.05 < float(layer.r.detach().std(0).mean()) < 0.2  # members differ
+    assert torch.allclose(layer.r.detach().mean(0), torch.ones(layer.r.shape[1]), atol=1e-6)
+    x = torch.rand(8, 3, 32, 32)
+    with torch.no_grad():
+        members = be.eval().forward_members(x)
+        plain = average(be).eval()(x)
+    assert torch.allclose(plain, base(x), atol=1e-4)  # the average is the base model
+    assert float((members[0] - members[1]).abs().max()) > 1e-2  # each member is not
 
 
 def test_layer_errors() -> None:
