@@ -515,7 +515,8 @@ def describe(flags: list[str], settings: dict[str, Any] | None = None) -> str:
     if opts.get("--method") == "finetune":
         return f"fine-tune on the labels{extra}"
     batch, targets = opts.get("--member-batch", "split"), opts.get("--targets", "mean")
-    return f"averaged BE-4 ({batch}, {targets} targets), {perturb}{extra}"
+    init = f", init {opts['--init']}" if "--init" in opts else ""
+    return f"averaged BE-4 ({batch}, {targets} targets{init}), {perturb}{extra}"
 
 
 def start_member(result: dict[str, Any]) -> dict[str, Any]:
