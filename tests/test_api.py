@@ -159,7 +159,7 @@ def test_bad_inputs_say_what_is_wrong(tiny_teacher, fashion):
         ({"stepz": 300}, r"unknown option 'stepz'"),
         ({"member_batch": "all"}, r"--member-batch \(member_batch=\) must be one of repeat, split"),
         ({"perturb": "odz"}, r"--perturb \(perturb=\) must be one of none, gaussian, ods"),
-        ({"init": 1}, r"--init \(init=\) must be one of ones, normal; got 1"),
+        ({"init": 1}, r"--init \(init=\) must be one of ones, normal, spread; got 1"),
     ],
 )
 def test_the_api_checks_options_as_the_cli_does(tiny_teacher, option, message):
