@@ -114,10 +114,11 @@ def measure_step(device: str, teacher_archs: tuple[str, ...], student_arch: str,
     probe = runtime.to_device(images[:8])
     teachers = [
         runtime.prepare_model(build_model(teacher_archs[k % len(teacher_archs)], num_classes=10))
+        .eval()
+        .requires_grad_(False)
         for k in range(4)
     ]
-    teachers = [t.eval() for t in teachers]
-    teachers = fast_teachers([t.requires_grad_(False) for t in teachers], runtime, probe)
+    teachers = fast_teachers(teachers, runtime, probe)
     student = runtime.prepare_model(
         to_batchensemble(build_model(student_arch, num_classes=10), members=4)
     )
@@ -142,7 +143,14 @@ def measure_step(device: str, teacher_archs: tuple[str, ...], student_arch: str,
         torch.cuda.synchronize()
     marks.append(time.perf_counter())
     per_step = (marks[-1] - marks[1]) / (len(marks) - 2)  # the first step aside (warm-up)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if runtime.device.type == "cuda" else None
+    return _rate(per_step, batch, cuda=runtime.device.type == "cuda")
+
+
+def _rate(per_step: float, batch: int, cuda: bool) -> dict[str, float]:
+    """Seconds per step, images per second and (on CUDA) the peak GPU memory since its reset."""
+    import torch
+
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     return {"s_per_step": round(per_step, 4), "images_per_s": round(batch / per_step, 1),
             "peak_gib": None if peak is None else round(peak, 2)}  # fmt: skip
 
@@ -161,10 +169,7 @@ def measure_plain(device: str, teacher_archs: tuple[str, ...], student_arch: str
     cfg = {"members": 4, "batch": batch, "image": image, "perturb": "ods", "warmup": 1,
            "steps": steps, "device": device, "workers": 8 if cuda else 0,
            "teachers": teacher_archs, "student": student_arch}  # fmt: skip
-    per_step = run_plain(cfg)["s_per_step"]
-    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-    return {"s_per_step": round(per_step, 4), "images_per_s": round(batch / per_step, 1),
-            "peak_gib": None if peak is None else round(peak, 2)}  # fmt: skip
+    return _rate(run_plain(cfg)["s_per_step"], batch, cuda)
 
 
 def main() -> None:
@@ -301,11 +306,10 @@ def write_summary(out: Path, device: str, tiny: bool, rows: list[dict[str, Any]]
              "| check | result | detail | s |", "|---|---|---|---:|",
              *(f"| {r['check']} | {'ok' if r['passed'] else 'FAIL'} | {r['detail']} | {r['seconds']} |"
                for r in rows), ""]  # fmt: skip
-    for name, text in (("gpu-check.json", json.dumps(summary, indent=1) + "\n"),
-                       ("gpu-check.md", "\n".join(lines))):  # fmt: skip
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        tmp.replace(out / name)
+    from ensc.fileio import atomic_write_text
+
+    atomic_write_text(out / "gpu-check.json", json.dumps(summary, indent=1) + "\n")
+    atomic_write_text(out / "gpu-check.md", "\n".join(lines))
     return lines
 
 
