@@ -255,6 +255,20 @@ PLANS: dict[str, list[dict[str, Any]]] = {
         baseline(300, lr=0.03),
         product(300, lr=0.03),  # KD preferred lr 0.03 here too: ensc at the same lr
     ],
+    # the papers' regime in miniature: every network from scratch (--student-init scratch, the
+    # papers' α/T/lr for a cold start) for about the members' own budget (60 epochs of 1,000
+    # images), on the teacher of fmnist1k; "fine-tune" is then one network trained on the labels
+    # alone. Warm-started, BE-averaging only tied KD: does it beat KD where the members can
+    # diverge? 3 seeds of the product and both baselines, and the papers' recipe (ODS, member-wise
+    # targets) once
+    "fmnist1k-scratch": [
+        *(
+            f(500, seed=s, student_init="scratch")
+            for s in (0, 1, 2)
+            for f in (product, baseline, finetune)
+        ),
+        product(500, student_init="scratch", perturb="ods", targets="member"),
+    ],
     # the first teacher again, with the fine-tune baseline: out of its domain on JPEGs
     "outdomain": [finetune(300), finetune(1000)],
     # the same question on a teacher ensc trains itself (ResNet-8 DE-4, all of Fashion-MNIST)
@@ -317,11 +331,16 @@ def in_domain(plan: str) -> bool:
     return plan.startswith("indomain")
 
 
+def on_fmnist1k(plan: str) -> bool:
+    """Plans on the DE-4 of ResNet-8s on 1,000 Fashion-MNIST images (benchmarks/teachers/fmnist-1k-resnet8)."""
+    return plan.startswith("fmnist1k")
+
+
 def teacher_flags(plan: str, work: Path) -> list[str]:
     """How the plan's rows get their teacher, data and student architecture."""
     if plan == "fmnist":
         return ["--teacher", str(work / "fmnist-teacher"), "--arch", "resnet8"]
-    if plan == "fmnist1k":  # Fashion-MNIST comes from its Debian package: nothing to point at
+    if on_fmnist1k(plan):  # Fashion-MNIST comes from its Debian package: nothing to point at
         return ["--teacher", str(FMNIST1K_TEACHER), "--arch", "resnet8"]
     if in_domain(plan):  # the members record their data; only where it lies here differs
         return ["--teacher", str(INDOMAIN_TEACHER), "--arch", "resnet20",
@@ -466,7 +485,7 @@ def member_with_bn_reestimated(work: Path, plan: str, batches: int = 20) -> dict
     if out.exists():
         return json.loads(out.read_text())
     own = (INDOMAIN_TEACHER, CIFAR_JPEG) if in_domain(plan) else (FMNIST1K_TEACHER, None)
-    if in_domain(plan) or plan == "fmnist1k":  # the data the members record, member 0
+    if in_domain(plan) or on_fmnist1k(plan):  # the data the members record, member 0
         teacher = load_teacher(own[0])
         data = load_dataset(data_config_for(teacher.spec, teacher.data_record, root=own[1]))
         member = teacher.members[0]
@@ -703,13 +722,10 @@ def main() -> None:
         return
     if args.plan in FROZEN:
         sys.exit(f"plan {args.plan} {FROZEN[args.plan]}: pass --render-only or --write-docs")
-    if args.plan not in ("fmnist", "fmnist1k") and not CIFAR_JPEG.exists():
+    on_fmnist = args.plan == "fmnist" or on_fmnist1k(args.plan)
+    if not on_fmnist and not CIFAR_JPEG.exists():
         sys.exit(f"no data at {CIFAR_JPEG}: this study needs the shared CIFAR-10 JPEGs")
-    if (
-        args.plan not in ("fmnist", "fmnist1k")
-        and not in_domain(args.plan)
-        and not TEACHER_DIR.exists()
-    ):
+    if not on_fmnist and not in_domain(args.plan) and not TEACHER_DIR.exists():
         sys.exit(f"no teacher at {TEACHER_DIR}: this study needs the shared CIFAR-10 DE-4")
     if in_domain(args.plan) and not (INDOMAIN_TEACHER / "member3.pt").exists():
         sys.exit(f"no teacher at {INDOMAIN_TEACHER}: see its README.md to make it")
