@@ -82,6 +82,7 @@ def settings(run: Run, runtime: Runtime) -> dict[str, Any]:
         "amp": runtime.precision(runtime.amp),
         "amp_reason": runtime.amp_reason,
         "eval_amp": runtime.precision(runtime.eval_amp),
+        "reference_amp": runtime.precision(runtime.for_reference().eval_amp),
         "threads": torch.get_num_threads(),
     }
 

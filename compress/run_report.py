@@ -17,12 +17,15 @@ from ensc.evaluation.metrics import reliability_bins
 
 def _precision_words(settings: dict[str, Any]) -> str:
     """How training ran, when not in float32: autocast's dtype, and whether the numbers are
-    still the float32 network's (ensc.engine.runtime.Runtime.eval_amp, recorded as eval_amp)."""
+    still the float32 network's (ensc.engine.runtime.Runtime.eval_amp, recorded as eval_amp), and
+    in which the networks it does not ship were evaluated (reference_amp: Runtime.for_reference)."""
     amp = settings.get("amp", "off")
     if amp == "off":
         return ""
     evaluated = settings.get("eval_amp", "off")
     where = " (evaluated in float32)" if evaluated == "off" else ""
+    if evaluated == "off" and settings.get("reference_amp", "off") != "off":
+        where = f" (its network evaluated in float32; the teacher and the BE members in {amp})"
     return f" under {amp} autocast{where}"
 
 

@@ -30,7 +30,7 @@ from ensc.engine.runtime import Runtime
 from ensc.engine.timing import StageClock
 from ensc.evaluation.evaluate import member_logits
 from ensc.evaluation.logits_cache import cache_dir_for, cached_teacher_logits
-from ensc.evaluation.metrics import nll
+from ensc.evaluation.metrics import EPS, nll
 from ensc.models.batchensemble import BatchEnsemble
 from ensc.teachers.ensemble import Teacher
 
@@ -88,7 +88,8 @@ def single_network(
             probe = probe_batch([data.val], runtime, n=64)
             calibration = calibrate(averaged, preds.avg_val, data.val.labels, probe)
             if calibration["folded"]:
-                preds = predict_again(preds, averaged, data, runtime, ood)
+                t = calibration["temperature"]
+                preds = predict_again(preds, averaged, t, data, runtime, ood)
     return SingleNetwork(averaged, raw, fold_diff, preds, bn_statistics, teacher_cache, calibration)
 
 
@@ -172,25 +173,19 @@ def predict_all(
     # keyed by the member files: teachers handed over from Python have none
     cached = config.cache_teacher_logits and config.teacher is not None
     cache_dir = cache_dir_for(config.runs_dir) if cached else None
-    t_logits, cache = cached_teacher_logits(teacher, splits, runtime, cache_dir)
+    reference = runtime.for_reference()  # the networks not shipped: autocast where trained so
+    t_logits, cache = cached_teacher_logits(teacher, splits, reference, cache_dir)
     probe = probe_batch(splits.values(), runtime)
     assert probe is not None  # the data loader refuses empty splits
     if ood is not None:  # not cached: the OOD images are the user's choice of the day
-        t_logits["ood"] = member_logits(teacher, {"ood": ood}, runtime)["ood"]
+        t_logits["ood"] = member_logits(teacher, {"ood": ood}, reference)["ood"]
         splits = {**splits, "ood": ood}
-    nets = eval_member_networks(student, runtime, probe)
     singles = [eval_copy(averaged, runtime, probe)]
     if raw is not None:
         singles.append(eval_copy(raw, runtime, probe))
-    outs = predict_logits_many([*(nets or []), *singles], splits, runtime)
-    s_nets, a_logits = outs[: len(nets or [])], outs[len(nets or [])]
-    r_logits = outs[-1] if raw is not None else None
-    s_logits = {
-        name: torch.stack([per_net[name] for per_net in s_nets])
-        if nets is not None
-        else predict_member_logits(student, split, runtime)  # one BE forward per batch
-        for name, split in splits.items()
-    }
+    a_logits, *rest = predict_logits_many(singles, splits, runtime)  # float32: what ships
+    r_logits = rest[0] if raw is not None else None
+    s_logits = student_member_logits(student, splits, reference, probe)
 
     def probs(logits: dict[str, torch.Tensor] | None, split: str) -> torch.Tensor | None:
         return None if logits is None or split not in logits else logits[split].softmax(-1)
@@ -212,17 +207,35 @@ def predict_all(
     ), cache
 
 
+def student_member_logits(
+    student: BatchEnsemble, splits: dict[str, Split], runtime: Runtime, probe: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The BE student's members' logits ``{split: [M, N, K]}``: as plain networks, side by side
+    (one BE forward per batch where they do not match it)."""
+    nets = eval_member_networks(student, runtime, probe)
+    if nets is None:
+        return {
+            name: predict_member_logits(student, split, runtime) for name, split in splits.items()
+        }
+    outs = predict_logits_many(nets, splits, runtime)
+    return {name: torch.stack([per_net[name] for per_net in outs]) for name in splits}
+
+
 def predict_again(
-    preds: Predictions, averaged: torch.nn.Module, data: ImageDataset, runtime: Runtime,
-    ood: Split | None,
+    preds: Predictions, averaged: torch.nn.Module, temperature: float, data: ImageDataset,
+    runtime: Runtime, ood: Split | None,
 ) -> Predictions:  # fmt: skip
-    """``preds`` with the averaged network's probabilities from its current weights (after the
-    temperature was folded in), computed as :func:`predict_all` computes them."""
-    splits = {"val": data.val, "test": data.test, **({"ood": ood} if ood is not None else {})}
+    """``preds`` with the averaged network's probabilities after ``temperature`` was folded
+    into it: on test (and ``ood``) from its current weights, computed as :func:`predict_all`
+    computes them, so that those numbers are the shipped file's (``ensc eval`` gives the same);
+    on validation, which only the report's validation columns use, as the softmax of the
+    earlier log-probabilities over ``temperature`` (equal up to float round-off, one pass less)."""
+    splits = {"test": data.test, **({"ood": ood} if ood is not None else {})}
     probe = probe_batch(splits.values(), runtime)
     (logits,) = predict_logits_many([eval_copy(averaged, runtime, probe)], splits, runtime)
+    val = (preds.avg_val.clamp_min(EPS).log() / temperature).softmax(-1)
     return replace(
-        preds, avg_val=logits["val"].softmax(-1), avg_test=logits["test"].softmax(-1),
+        preds, avg_val=val, avg_test=logits["test"].softmax(-1),
         avg_ood=logits["ood"].softmax(-1) if ood is not None else None,
     )  # fmt: skip
 

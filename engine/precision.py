@@ -6,9 +6,10 @@
   where the CPU reports native bf16, a same-run probe (a small conv network's training step, both
   ways) shows it faster, and its quality against float32 on the in-domain benchmark has been
   measured (``CPU_BF16_QUALITY_MEASURED``; not yet: then auto stays off and says why).
-  On a CPU, bf16 speeds training (student and teacher passes of the step) only: evaluation and
-  prediction stay float32, so what a run reports is the float32 network it ships
-  (``Runtime.eval_amp``).
+  On a CPU, bf16 speeds training (student and teacher passes of the step) and the evaluation of
+  the networks a run reports but does not ship (teacher and BE members:
+  ``Runtime.for_reference``); the shipped network's evaluation and prediction stay float32, so
+  what a run reports for it is the float32 file users get (``Runtime.eval_amp``).
 """
 
 from __future__ import annotations

@@ -384,11 +384,12 @@ def test_each_model_is_predicted_once_per_split(
     report = run_compress(config, CPU).report
     n_val, n_test = report["n_val"], report["n_test"]
     # 2 teacher members + 2 student members + the averaged network with and without BN
-    # recalibration, each on val and test; then the kept network once more with its temperature
-    # folded in, so that its report numbers are those of the file users get (computing them as
-    # logits / T instead differs at float round-off, which moved an OOD AUROC by 4e-4)
+    # recalibration, each on val and test; then the kept network once more on test with its
+    # temperature folded in, so that its test numbers are those of the file users get
+    # (computing them as logits / T instead differs at float round-off, which moved an OOD
+    # AUROC by 4e-4); its validation numbers are the earlier ones over T
     assert report["calibration"]["folded"]
-    assert sorted(passes) == sorted([n_val, n_test] * 7)
+    assert sorted(passes) == sorted([n_val, n_test] * 6 + [n_test])
     shipped, _ = load_model(config.out / "student.pt")
     probs = predict_logits(shipped.eval(), data.test, CPU).softmax(-1)  # the run's test images
     labels = data.test.labels
@@ -430,3 +431,45 @@ def test_predict_logits_many_is_predict_logits_side_by_side(data):
     finally:
         torch.set_num_threads(threads)
     torch.testing.assert_close(one[1]["test"], many[1]["test"], atol=1e-5, rtol=0)
+
+
+def test_under_cpu_autocast_only_the_shipped_network_is_evaluated_in_float32(
+    tiny_teacher: Path, tmp_path: Path, monkeypatch, data
+):
+    """--amp on a CPU: the teacher's and the BE student's members (reported, not shipped) run
+    under bf16 autocast, as in training; the averaged network in float32, so that its numbers
+    are still those of student.pt."""
+    import ensc.compress.single as pipeline_mod
+    import ensc.evaluation.evaluate as evaluate_mod
+
+    calls: list[tuple[str, int, bool]] = []  # (who, models, under autocast)
+
+    def many(fn, who):
+        def wrapper(models, splits, runtime, *args, **kwargs):
+            calls.append((who, len(models), runtime.eval_amp))
+            return fn(models, splits, runtime, *args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(
+        evaluate_mod, "predict_logits_many", many(evaluate_mod.predict_logits_many, "teacher")
+    )
+    monkeypatch.setattr(
+        pipeline_mod, "predict_logits_many", many(pipeline_mod.predict_logits_many, "run")
+    )
+    amp = resolve_runtime("cpu", amp="on")
+    assert amp.amp and not amp.eval_amp and amp.for_reference().eval_amp
+    config = config_for(tiny_teacher, tmp_path, "amp", cache_teacher_logits=False)
+    report = run_compress(config, amp).report
+    # the teacher (2 members); the averaged network with and without BN recalibration, and the
+    # kept one again after the temperature fold; the student's 2 members
+    assert sorted(calls) == sorted(
+        [("teacher", 2, True), ("run", 2, False), ("run", 1, False), ("run", 2, True)]
+    )
+    s = report["settings"]
+    assert (s["amp"], s["eval_amp"], s["reference_amp"]) == ("bfloat16", "off", "bfloat16")
+    md = (config.out / "report.md").read_text()
+    assert "its network evaluated in float32; the teacher and the BE members in bfloat16" in md
+    shipped, _ = load_model(config.out / "student.pt")
+    probs = predict_logits(shipped.eval(), data.test, CPU).softmax(-1)
+    assert nll(probs, data.test.labels) == pytest.approx(report["student_avg"]["nll"], rel=1e-6)

@@ -159,7 +159,14 @@ def test_report_md_header_is_read_from_report_json(full_run: Path):
     )
     assert md_line(md, "- teacher:") == f"- teacher: 2 × resnet8 from {s['teacher']}"
     assert train["steps"] == 2 and s["device"] == "cpu"
-    amp = "" if s["amp"] == "off" else f" under {s['amp']} autocast (evaluated in float32)"
+    amp = (
+        ""
+        if s["amp"] == "off"
+        else (
+            f" under {s['amp']} autocast (its network evaluated in float32; the teacher and the BE "
+            f"members in {s['amp']})"
+        )
+    )
     assert s["eval_amp"] == "off"  # on a CPU the numbers are the float32 network's
     # config.json records the precision it trained in (a --resume under auto keeps it)
     assert json.loads((full_run / "config.json").read_text())["amp"] == s["amp"]
@@ -183,14 +190,23 @@ def test_compress_numbers_are_those_of_ensc_eval(full_run: Path, eval_json: dict
     mine = {
         r["name"]: r for r in [report["teacher"], *report["teacher_members"], report["student_avg"]]
     }
+    # under CPU autocast the run evaluates the teacher in bf16 (Runtime.for_reference), `ensc
+    # eval` in float32: the teacher's numbers then agree to bf16's precision only
+    bf16 = report["settings"]["reference_amp"] != "off"
     for ours, theirs in pairs.items():
         got, want = mine[ours], rows[theirs]
-        assert_same(got, want, ours)  # ACC ... DEE, diversity
+        check = assert_close if bf16 and ours != "averaged single network" else assert_same
+        check(got, want, ours)  # ACC ... DEE, diversity
     for part in ("ood", "corruptions"):
         got = {m["name"]: m for m in report[part]["models"]}
         want = {m["name"]: m for m in eval_json[part]["models"]}
         for ours, theirs in pairs.items():
-            assert_same(got[ours], want[theirs], f"{part}: {ours}")
+            check = (
+                assert_close
+                if bf16 and part == "ood" and ours != "averaged single network"
+                else assert_same
+            )
+            check(got[ours], want[theirs], f"{part}: {ours}")
         head = {k: v for k, v in report[part].items() if k != "models"}
         assert head == {k: v for k, v in eval_json[part].items() if k != "models"}, part
 
@@ -216,6 +232,17 @@ def assert_same(got: dict, want: dict, where: str) -> None:
             assert got[k] == pytest.approx(v, rel=1e-6), (where, k)
         else:
             assert got[k] == v, (where, k)
+
+
+def assert_close(got: dict, want: dict, where: str) -> None:
+    """The same keys; accuracy within 1.5 points (3 of the 200 test images) and NLL within 5 %:
+    the same network's numbers from bf16 and from float32 logits."""
+    got, want = flat(got), flat(want)
+    assert got.keys() == want.keys(), where
+    for k in ("acc", "nll"):
+        if k in want:
+            tolerance = {"abs": 1.5} if k == "acc" else {"rel": 0.05}
+            assert got[k] == pytest.approx(want[k], **tolerance), (where, k)
 
 
 # --------------------------------------------------------------------------- docs/report-json.md
