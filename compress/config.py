@@ -331,17 +331,8 @@ def with_recorded_data_mode(config: CompressConfig, run_dir: Path | None) -> Com
 
 
 def with_recorded_amp(runtime: Runtime, config: CompressConfig, run_dir: Path | None) -> Runtime:
-    """A ``--resume`` under ``--amp auto`` trains on in the precision its run started with (the
-    ``amp`` config.json records): auto would decide again from a speed probe of the machine as
-    it is now, and the student would go on in another precision. ``--amp on|off`` is obeyed."""
-    if not config.resume or run_dir is None or not runtime.amp_reason.startswith("auto"):
+    """A ``--resume`` trains on in the precision its run started with (the ``amp`` config.json
+    records; :meth:`~ensc.engine.runtime.Runtime.resumed_in`)."""
+    if not config.resume or run_dir is None:
         return runtime
-    recorded = _recorded(run_dir).get("amp")
-    if recorded not in ("off", runtime.precision(True)):
-        return runtime  # none recorded (an older run), or another device's autocast
-    on = recorded != "off"
-    if on == runtime.amp:
-        return runtime
-    return replace(
-        runtime, amp=on, amp_reason=f"auto: {'on' if on else 'off'} as the resumed run started"
-    )
+    return runtime.resumed_in(_recorded(run_dir).get("amp"))

@@ -362,6 +362,7 @@ class _Loop:
             generator=self.epoch_gen if batches else self.gen.get_state(),
             generators=[gen.get_state() for gen in self.generators],
             rng=torch.get_rng_state(), history=self.history,
+            amp=self.runtime.precision(self.runtime.amp),  # a --resume under auto keeps it
         )  # fmt: skip
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()

@@ -95,6 +95,20 @@ class Runtime:
         AVX512-BF16 CPU; docs/eval-overhead.md)."""
         return replace(self, reference=True)
 
+    def resumed_in(self, recorded: str | None) -> Runtime:
+        """This runtime for a ``--resume`` of a run that trained in precision ``recorded`` (its
+        :meth:`precision` then): under ``--amp auto``, training goes on in that precision,
+        whatever auto, probing the machine as it is now, decided; ``--amp on|off`` is obeyed,
+        and ``recorded`` None (an older run) or another device's autocast changes nothing."""
+        if not self.amp_reason.startswith("auto") or recorded not in ("off", self.precision(True)):
+            return self
+        on = recorded != "off"
+        if on == self.amp:
+            return self
+        reason = f"auto: {'on' if on else 'off'} as the resumed run started"
+        log.info("--resume: autocast %s, as the run started (--amp on|off to choose)", recorded)
+        return replace(self, amp=on, amp_reason=reason)
+
     def eval_autocast(self) -> contextlib.AbstractContextManager:
         """:meth:`autocast` for evaluation and prediction (see :attr:`eval_amp`)."""
         return self._autocast(self.eval_amp)

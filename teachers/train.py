@@ -114,6 +114,7 @@ def train_teacher(
     if config.tensorboard is not None:
         require_tensorboard()
     config = _resumed_mode(config)
+    runtime = _resumed_amp(config, runtime)
     data = data or load_dataset(config.data)
     config = _mode_used(config, data)  # what every member records: later loads reuse it
     out = Path(config.out)
@@ -209,6 +210,23 @@ def _resumed_mode(config: TeacherTrainConfig) -> TeacherTrainConfig:
             log.info("--resume: --data-mode %s, as the members trained so far", mode)
             return replace(config, data=replace(config.data, mode=mode))
     return config
+
+
+def _resumed_amp(config: TeacherTrainConfig, runtime: Runtime) -> Runtime:
+    """``--resume`` under ``--amp auto``: the precision of the interrupted member's state, else
+    of the members trained so far (:meth:`~ensc.engine.runtime.Runtime.resumed_in`), so that a
+    member goes on, and the ensemble is made, in the precision it started in."""
+    out = Path(config.out)
+    if not (config.resume and out.is_dir()):
+        return runtime
+    states = [_state_path(out, k) for k in range(config.members)]
+    for state in (p for p in states if p.exists()):
+        if (recorded := torch_load(state).get("amp")) is not None:
+            return runtime.resumed_in(recorded)
+    for path in (member_path(out, k) for k in range(config.members)):
+        if path.exists() and (recorded := load_checkpoint(path).info.get("amp")) is not None:
+            return runtime.resumed_in(recorded)
+    return runtime
 
 
 def _mode_used(config: TeacherTrainConfig, data: ImageDataset) -> TeacherTrainConfig:
@@ -378,7 +396,7 @@ def _train_member(config: TeacherTrainConfig, runtime: Runtime, data: ImageDatas
         "train_seconds": round(history["seconds"], 1),
     }
     info = {"seed": seed, "data": jsonable(asdict(config.data)), "optim": optim_identity(config.optim),
-            "curves": rows(history)}  # fmt: skip
+            "curves": rows(history), "amp": runtime.precision(runtime.amp)}  # fmt: skip
     if runtime.is_main:
         save_checkpoint(
             member_path(config.out, k), model, spec, metrics=metrics, info=info,

@@ -159,3 +159,36 @@ def test_auto_keeps_a_thread_count_the_program_set(monkeypatch):
         assert chosen.reason.startswith("set by the program")
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_resumed_teacher_trains_on_in_the_precision_it_started_with(tmp_path: Path):
+    """`ensc train --resume` under --amp auto: the precision of the interrupted member's state,
+    else that of the members trained so far; --amp on/off is obeyed."""
+    from dataclasses import replace
+
+    from ensc.data.splits import DataConfig
+    from ensc.engine.loop import OptimConfig
+    from ensc.engine.runtime import Runtime, resolve_runtime
+    from ensc.models.checkpoint import load_checkpoint
+    from ensc.teachers.train import (
+        TeacherTrainConfig,
+        _resumed_amp,
+        _state_path,
+        member_path,
+        train_teacher,
+    )
+
+    data = DataConfig("fashion-mnist", train_subset=64, test_subset=32)
+    config = TeacherTrainConfig(arch="resnet8", data=data, out=tmp_path / "t", members=1,
+                                optim=OptimConfig(epochs=1, batch_size=16, max_steps=1))  # fmt: skip
+    train_teacher(config, resolve_runtime("cpu", amp="on"))
+    assert load_checkpoint(member_path(config.out, 0)).info["amp"] == "bfloat16"
+    resumed = replace(config, members=2, resume=True)
+    auto_off = Runtime(torch.device("cpu"), amp=False, amp_reason="auto: probed now")
+    assert _resumed_amp(resumed, auto_off).amp  # as member 0 trained
+    asked = replace(auto_off, amp_reason="--amp off")
+    assert _resumed_amp(resumed, asked) == asked
+    # an interrupted member 1 that trained in float32 wins over the finished member 0
+    torch.save({"amp": "off"}, _state_path(config.out, 1))
+    auto_on = Runtime(torch.device("cpu"), amp=True, amp_reason="auto: probed now")
+    assert not _resumed_amp(resumed, auto_on).amp
