@@ -541,17 +541,25 @@ def describe(flags: list[str], settings: dict[str, Any] | None = None) -> str:
     if opts.get("--method") == "kd-single":
         return f"KD into one network, {perturb}{extra}"
     if opts.get("--method") == "finetune":
+        if opts.get("--student-init") == "scratch":
+            return f"one network trained on the labels{extra}"
         return f"fine-tune on the labels{extra}"
     batch, targets = opts.get("--member-batch", "split"), opts.get("--targets", "mean")
     init = f", init {opts['--init']}" if "--init" in opts else ""
     return f"averaged BE-4 ({batch}, {targets} targets{init}), {perturb}{extra}"
 
 
+def from_scratch(result: dict[str, Any]) -> bool:
+    return "scratch" in result.get("flags", [])
+
+
 def start_member(result: dict[str, Any]) -> dict[str, Any]:
     """Test metrics of the member the student started from (the ResNet-32, member 1, in rows
-    written before the report named it)."""
+    written before the report named it); member 0 for a student from scratch."""
     k = result.get("init_member")
-    return result["teacher_members"][1 if k is None else k]
+    if k is None:
+        k = 0 if from_scratch(result) else 1
+    return result["teacher_members"][k]
 
 
 def kept_and_other(result: dict[str, Any]) -> tuple[str, str]:
@@ -589,7 +597,14 @@ def table_rows(
         return out
 
     rows = [
-        line("the member the student starts from", member, None, None),
+        line(
+            "member 0 (the gap's reference; the students start from scratch)"
+            if from_scratch(first)
+            else "the member the student starts from",
+            member,
+            None,
+            None,
+        ),  # fmt: skip
         *(line(r["name"], r["test"], r["val"], None) for r in references),
         line("DE-4 teacher (4 networks)", teacher, first["val"]["teacher"], None),
     ]
