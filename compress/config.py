@@ -331,8 +331,9 @@ def with_recorded_data_mode(config: CompressConfig, run_dir: Path | None) -> Com
 
 
 def with_recorded_amp(runtime: Runtime, config: CompressConfig, run_dir: Path | None) -> Runtime:
-    """A ``--resume`` trains on in the precision its run started with (the ``amp`` config.json
-    records; :meth:`~ensc.engine.runtime.Runtime.resumed_in`)."""
-    if not config.resume or run_dir is None:
-        return runtime
-    return runtime.resumed_in(_recorded(run_dir).get("amp"))
+    """A ``--resume`` trains on in the precision its run started with, and a ``--config`` rerun
+    in the precision of the run it repeats (the ``amp`` config.json records;
+    :meth:`~ensc.engine.runtime.Runtime.resumed_in`: under ``--amp auto`` only)."""
+    if config.resume and run_dir is not None:
+        return runtime.resumed_in(_recorded(run_dir).get("amp"))
+    return runtime.resumed_in((config.expected or {}).get("amp"), "the run it repeats trained")

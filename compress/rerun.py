@@ -85,6 +85,8 @@ def rerun_options(path: str | Path, given: dict[str, Any]) -> tuple[dict[str, An
         expected["teacher_files"] = record["teacher_files"]
     if not any(name in given for name in DATA_OPTIONS) and record.get("data_sha256"):
         expected["data_sha256"] = record["data_sha256"]
+    if record.get("amp"):  # --amp auto trains in it again, whatever a probe would say now
+        expected["amp"] = record["amp"]
     return options, expected
 
 

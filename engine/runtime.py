@@ -95,7 +95,7 @@ class Runtime:
         AVX512-BF16 CPU; docs/eval-overhead.md)."""
         return replace(self, reference=True)
 
-    def resumed_in(self, recorded: str | None) -> Runtime:
+    def resumed_in(self, recorded: str | None, why: str = "the resumed run started") -> Runtime:
         """This runtime for a ``--resume`` of a run that trained in precision ``recorded`` (its
         :meth:`precision` then): under ``--amp auto``, training goes on in that precision,
         whatever auto, probing the machine as it is now, decided; ``--amp on|off`` is obeyed,
@@ -105,8 +105,8 @@ class Runtime:
         on = recorded != "off"
         if on == self.amp:
             return self
-        reason = f"auto: {'on' if on else 'off'} as the resumed run started"
-        log.info("--resume: autocast %s, as the run started (--amp on|off to choose)", recorded)
+        reason = f"auto: {'on' if on else 'off'} as {why}"
+        log.info("autocast %s, as %s (--amp on|off to choose)", recorded, why)
         return replace(self, amp=on, amp_reason=reason)
 
     def eval_autocast(self) -> contextlib.AbstractContextManager:

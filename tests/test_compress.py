@@ -208,8 +208,8 @@ def test_amp_and_channels_last_paths_run_on_cpu(tiny_teacher: Path, tmp_path: Pa
     # recomputed in float32 from student.pt on the run's own test subset (channels-last sums in
     # another order: round-off, at most one image's decision)
     assert (
-        "under bfloat16 autocast (evaluated in float32)"
-        in (tmp_path / "amp" / "report.md").read_text()
+        "under bfloat16 autocast (its network evaluated in float32; the teacher and the BE "
+        "members in bfloat16)" in (tmp_path / "amp" / "report.md").read_text()
     )
     data = json.loads((tmp_path / "amp" / "config.json").read_text())["data"]
     root = Path(data["root"]) if data["root"] else None
