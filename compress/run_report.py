@@ -22,11 +22,11 @@ def _precision_words(settings: dict[str, Any]) -> str:
     amp = settings.get("amp", "off")
     if amp == "off":
         return ""
-    evaluated = settings.get("eval_amp", "off")
-    where = " (evaluated in float32)" if evaluated == "off" else ""
-    if evaluated == "off" and settings.get("reference_amp", "off") != "off":
-        where = f" (its network evaluated in float32; the teacher and the BE members in {amp})"
-    return f" under {amp} autocast{where}"
+    if settings.get("eval_amp", "off") != "off":
+        return f" under {amp} autocast"
+    if settings.get("reference_amp", "off") != "off":
+        return f" under {amp} autocast (its network evaluated in float32; the teacher and the BE members in {amp})"
+    return f" under {amp} autocast (evaluated in float32)"
 
 
 def render_run_report(report: dict[str, Any], run_dir: Path) -> str:

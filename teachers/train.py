@@ -217,8 +217,8 @@ def _resumed_amp(config: TeacherTrainConfig, runtime: Runtime) -> Runtime:
     of the members trained so far (:meth:`~ensc.engine.runtime.Runtime.resumed_in`), so that a
     member goes on, and the ensemble is made, in the precision it started in."""
     out = Path(config.out)
-    if not (config.resume and out.is_dir()):
-        return runtime
+    if not (config.resume and runtime.amp_reason.startswith("auto") and out.is_dir()):
+        return runtime  # --amp on|off is obeyed: no member file need be read
     states = [_state_path(out, k) for k in range(config.members)]
     for state in (p for p in states if p.exists()):
         if (recorded := torch_load(state).get("amp")) is not None:
