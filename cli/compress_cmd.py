@@ -97,9 +97,10 @@ Examples:
 @click.option(
     "--lr",
     type=click.FloatRange(min=0, min_open=True),
-    help="Peak learning rate. Default: 0.03 × batch/128 for a warm-started student (chosen on "
-    "validation, docs/method.md §7), divided by T (the KD temperature) for a BatchEnsemble whose "
-    "schedule is under 300 steps; 0.1 × batch/128 from scratch.",
+    help="Peak learning rate. Default: 0.03 × batch/128 for a warm-started student, 0.1 × "
+    "batch/128 when its schedule has 1,000 steps or more (chosen on validation, docs/method.md §7), "
+    "divided by T (the KD temperature) for a BatchEnsemble whose schedule is under 300 steps; "
+    "0.1 × batch/128 from scratch.",
 )
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=5e-4, show_default=True)
 @click.option(

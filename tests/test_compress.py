@@ -313,3 +313,13 @@ def test_warm_start_lr_is_divided_by_t_only_for_a_short_batchensemble_with_a_kd_
     assert warm_start_lr("kd-single", 1.0, 4.0, 128, short) == pytest.approx(WARM_START_LR)
     assert warm_start_lr("finetune", 1.0, 4.0, 128, short) == pytest.approx(WARM_START_LR)
     assert warm_start_lr("batchensemble", 0.0, 4.0, 128, short) == pytest.approx(WARM_START_LR)
+
+
+def test_a_long_warm_start_schedule_takes_the_long_run_lr_for_every_method():
+    from ensc.compress.warmstart import LONG_RUN_LR, LONG_RUN_STEPS, warm_start_lr
+
+    for method in ("batchensemble", "kd-single", "finetune"):
+        below = warm_start_lr(method, 1.0, 4.0, 128, LONG_RUN_STEPS - 1)
+        assert below == pytest.approx(WARM_START_LR)
+        assert warm_start_lr(method, 1.0, 4.0, 128, LONG_RUN_STEPS) == pytest.approx(LONG_RUN_LR)
+        assert warm_start_lr(method, 1.0, 4.0, 64, LONG_RUN_STEPS) == pytest.approx(LONG_RUN_LR / 2)
