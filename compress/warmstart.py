@@ -26,8 +26,9 @@ WARM_START_LR = 0.03
 # (validation accuracy 74.5 → 66 % by epoch 3 in domain) and it needs several hundred steps to come
 # back, but then ends higher. In domain on CIFAR-10 JPEGs, validation split (docs/results.md §1):
 # at 1,000 steps ensc 80.58 % / cNLL 0.5687 against 80.48 / 0.5728 at lr 0.03, KD into one network
-# 80.66 / 0.5646 against 80.16 / 0.5750; at 2,000 steps ensc 81.38 / 0.5539 against 80.72 / 0.5620,
-# KD 81.16-81.36 / 0.5477-0.5519 against 80.44-80.52 / 0.5644-0.5656 (3 seeds each).
+# 80.66 / 0.5646 against 80.16 / 0.5750; at 2,000 steps ensc 80.92-81.58 / 0.5479-0.5539 against
+# 80.62-80.72 / 0.5610-0.5620, KD 81.16-81.36 / 0.5477-0.5519 against 80.44-80.52 / 0.5644-0.5656
+# (3 seeds each), fine-tuning 79.16 / 0.6088 against 78.54 / 0.6330 (seed 0).
 LONG_RUN_LR = 0.1
 LONG_RUN_STEPS = 1000
 
