@@ -62,8 +62,12 @@ def be(
 
 
 def product(steps: int, seed: int = 0, **extra: Any) -> dict[str, Any]:
-    """`ensc compress` with its defaults and a step budget: the averaged network users get."""
-    return row("ensc", steps, seed, [], extra)
+    """`ensc compress` with its defaults and a step budget: the averaged network users get. The
+    perturbation is TDiv-SDiv unless named: the rows before `--perturb auto` ran it (it was the
+    default at every budget), and a long warm start's default is none now (warmstart.py), which
+    the rows that want it name."""
+    flags = [] if "perturb" in extra else ["--perturb", "tdiv-sdiv"]
+    return row("ensc", steps, seed, flags, extra)
 
 
 def versus(steps: int, seed: int = 0, **extra: Any) -> dict[str, Any]:

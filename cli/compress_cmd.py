@@ -24,7 +24,7 @@ from ensc.compress.names import (
     FAST_WEIGHT_REGIMES,
     MEMBER_BATCH_MODES,
     MIXES,
-    PERTURBATIONS,
+    PERTURB_CHOICES,
     TARGET_MODES,
 )
 from ensc.data.catalog import DATASETS
@@ -121,10 +121,12 @@ Examples:
 )
 @click.option(
     "--perturb",
-    type=click.Choice(PERTURBATIONS),
-    help="Input perturbation meant to carry the teachers' diversity ([DM], [WA]). Default: "
-    "tdiv-sdiv for the BatchEnsemble (best on validation in the in-domain study, "
-    "docs/results.md; about 1.6x the time of none per step), none for kd-single and finetune.",
+    type=click.Choice(PERTURB_CHOICES),
+    help="Input perturbation meant to carry the teachers' diversity ([DM], [WA]). Default "
+    "(auto): tdiv-sdiv for the BatchEnsemble (best on validation in the in-domain study at 300 "
+    "steps, docs/results.md; about 1.6x the time of none per step), but none for a warm start whose "
+    "schedule has 1,000 steps or more (better there on validation); none for kd-single and "
+    "finetune.",
 )
 @click.option(
     "--step",
@@ -251,7 +253,8 @@ Examples:
 @click.option(
     "--out",
     type=click.Path(path_type=Path),
-    help="Run folder. Default: runs/<arch>-<perturb>-<time>.",
+    help="Run folder. Default: runs/<arch>-<perturb>-<time> (runs/<arch>-<time> without "
+    "--perturb).",
 )
 @click.option(
     "--resume",

@@ -18,11 +18,10 @@ from ensc.compress.distill import DistillConfig
 from ensc.compress.names import (
     BASELINES,
     COMPRESS_METHODS,
-    DEFAULT_PERTURB,
     FAST_WEIGHT_REGIMES,
     MEMBER_BATCH_MODES,
     MIXES,
-    PERTURBATIONS,
+    PERTURB_CHOICES,
     SINGLE_NETWORK_METHODS,
     TARGET_MODES,
 )
@@ -54,7 +53,7 @@ VALUE_RULES: dict[str, tuple[bool, float, bool, float | None]] = {
 
 # The choices of the named options, for the CLI's flags (click.Choice) and the API's keywords alike
 CHOICE_RULES: dict[str, tuple[str, ...]] = {
-    "perturb": PERTURBATIONS, "mix": MIXES, "member_batch": MEMBER_BATCH_MODES,
+    "perturb": PERTURB_CHOICES, "mix": MIXES, "member_batch": MEMBER_BATCH_MODES,
     "targets": TARGET_MODES, "init": FAST_WEIGHT_INITS, "fast_weights": FAST_WEIGHT_REGIMES,
     "method": COMPRESS_METHODS,
 }  # fmt: skip
@@ -185,9 +184,10 @@ def compress_config(
     """A :class:`CompressConfig` from flat options (the CLI's flags), with the method's rules applied.
 
     ``fast_weights`` None: ``dm`` for ``init="normal"`` ([DM]'s pair), else ``wa``;
-    ``bn_recal_batches`` 0 or None: the whole training split. ``perturb`` None: the method's
-    default (DEFAULT_PERTURB). ``alpha``/``temperature`` None: set by the student's start
-    (warmstart.loss_defaults). ``rest`` are CompressConfig fields.
+    ``bn_recal_batches`` 0 or None: the whole training split. ``perturb`` None: "auto", set by
+    the method, the student's start and the schedule (warmstart.start_perturbation).
+    ``alpha``/``temperature`` None: set by the student's start (warmstart.loss_defaults).
+    ``rest`` are CompressConfig fields.
     """
     check_values({**locals(), **rest})
     unknown = sorted(set(rest) - {f.name for f in fields(CompressConfig)})
@@ -197,7 +197,7 @@ def compress_config(
             "with - written as _)"
         )
     if perturb is None:
-        perturb = DEFAULT_PERTURB.get(rest.get("method", CompressConfig.method), "none")
+        perturb = "auto"
     step_arg = {} if step is None else {"step": step}
     # ODS/ConfODS use the KD temperature T (docs/method.md §4, §5), as [DM]'s code does
     perturb_config = PerturbConfig(kind=perturb, temperature=temperature, **step_arg)
@@ -248,7 +248,7 @@ def check_config(config: CompressConfig) -> None:
             "--method kd-single trains one network, and tdiv-sdiv needs at least 2 student "
             "members: use --perturb ods, confods, gaussian or none"
         )
-    if config.method == "finetune" and config.distill.perturb.kind != "none":
+    if config.method == "finetune" and config.distill.perturb.kind not in ("auto", "none"):
         raise ConfigError(
             f"--method finetune trains on the labels alone, and --perturb {config.distill.perturb.kind} "
             "needs the teachers: drop --perturb (or use --method kd-single)"

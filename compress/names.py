@@ -4,8 +4,12 @@ from __future__ import annotations
 
 # input perturbations during distillation (ensc.compress.perturb; docs/method.md §5)
 PERTURBATIONS = ("none", "gaussian", "ods", "confods", "tdiv-sdiv")
+# "auto" (what `ensc compress` passes unless told): the method's DEFAULT_PERTURB, set once the
+# student's start and schedule are known (ensc.compress.warmstart.start_perturbation)
+PERTURB_CHOICES = ("auto", *PERTURBATIONS)
 # the default perturbation of each method: tdiv-sdiv for the BatchEnsemble (best on the validation
-# split of the in-domain study, docs/results.md); the one-network methods cannot run it
+# split of the in-domain study, docs/results.md) but for a long warm start (warmstart.py); the
+# one-network methods cannot run it
 DEFAULT_PERTURB = {"batchensemble": "tdiv-sdiv", "kd-single": "none", "finetune": "none"}
 # input mixing before the perturbation (ensc.compress.mix; docs/method.md §5): the teachers label
 # images between two training images, where they agree less than on the images they trained on

@@ -35,7 +35,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ensc.compress.names import PERTURBATIONS
+from ensc.compress.names import PERTURB_CHOICES, PERTURBATIONS
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # x [B, C, H, W] -> member logits [M, B, K]
 
@@ -65,7 +65,7 @@ _NORM_EPS = 1e-12  # guards ‖g‖₂ = 0 (then ε = 0); same floor as F.normal
 class PerturbConfig:
     """Which perturbation to apply and how large it is."""
 
-    kind: str = "none"  # one of PERTURBATIONS
+    kind: str = "none"  # one of PERTURBATIONS, or "auto" until the run's start is known
     # Size in units of 1/255. 1.0 is both papers' value: [DM] "we fix ODS step-size η to 1/255
     # across all settings" (also the --kd-method-step-size default, shared by gaussian, in
     # cs-giung/giung2 projects/Diversity-Matters/scripts/train_student.py); [WA] hard-codes
@@ -77,9 +77,9 @@ class PerturbConfig:
     temperature: float | None = 1.0
 
     def __post_init__(self) -> None:
-        if self.kind not in PERTURBATIONS:
+        if self.kind not in PERTURB_CHOICES:
             raise ValueError(
-                f"unknown perturbation {self.kind!r}: choose one of {', '.join(PERTURBATIONS)}"
+                f"unknown perturbation {self.kind!r}: choose one of {', '.join(PERTURB_CHOICES)}"
             )
         if not (math.isfinite(self.step) and self.step >= 0):
             raise ValueError(
@@ -255,5 +255,7 @@ def perturb(
     """
     if config.kind == "none":
         return x
+    if config.kind not in PERTURBATIONS:  # "auto" is set before training (warmstart.py)
+        raise ValueError(f"perturbation {config.kind!r} was not resolved before training")
     eps = epsilon(x, config, teacher=teacher, student=student, gen=gen)
     return (x.detach() + eps).clamp_(0.0, 1.0)

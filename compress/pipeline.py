@@ -284,7 +284,7 @@ def _open_run_dir(
         run_dir = rundir.latest_to_resume(config.runs_dir)
     else:
         kind = f"{config.method}-" if is_single_network(config.method) else ""
-        run_dir = rundir.default_run_dir(
-            config.runs_dir, f"{kind}{config.arch}-{config.distill.perturb.kind}"
-        )
+        perturb = config.distill.perturb.kind  # "auto" is set later, by the student's start
+        name = f"{kind}{config.arch}" + ("" if perturb == "auto" else f"-{perturb}")
+        run_dir = rundir.default_run_dir(config.runs_dir, name)
     return rundir.open_run(run_dir, identity, force=config.force, resume=config.resume)

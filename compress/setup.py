@@ -19,6 +19,7 @@ from ensc.compress.warmstart import (
     init_from_member,
     loss_defaults,
     matching_member,
+    start_perturbation,
     warm_start_lr,
 )
 from ensc.data.datasets import load_dataset
@@ -95,19 +96,25 @@ def set_up(config: CompressConfig, runtime: Runtime, sources: Sources) -> Run:
 
 
 def with_start_defaults(config: CompressConfig, warm: bool, n_train: int) -> CompressConfig:
-    """The settings that depend on the student's start: α and T unless given (loss_defaults), and
-    the peak learning rate: a warm-started student fine-tunes at
-    :func:`~ensc.compress.warmstart.warm_start_lr` (which depends on the length of the schedule
-    over ``n_train`` images) unless ``--lr`` was given (from scratch: the papers' 0.1 × batch/128)."""
+    """The settings that depend on the student's start and on the length of its schedule over
+    ``n_train`` images: α and T unless given (loss_defaults), the perturbation of ``--perturb
+    auto`` (:func:`~ensc.compress.warmstart.start_perturbation`), and the peak learning rate: a
+    warm-started student fine-tunes at :func:`~ensc.compress.warmstart.warm_start_lr` unless
+    ``--lr`` was given (from scratch: the papers' 0.1 × batch/128)."""
+    optim = config.optim
+    scheduled = replace(optim, max_steps=None).total_steps(n_train)  # the schedule, not a smoke cut
     distill = loss_defaults(config.distill, warm)
     if distill != config.distill:
         log.info("%s start: alpha %g, temperature %g (--alpha/--temperature to change them)",
                  "warm" if warm else "scratch", distill.alpha, distill.temperature)  # fmt: skip
-        config = replace(config, distill=distill)
-    if not warm or config.optim.lr is not None:
+    if distill.perturb.kind == "auto":
+        kind = start_perturbation(config.method, warm, scheduled)
+        distill = replace(distill, perturb=replace(distill.perturb, kind=kind))
+        log.info("%s start: perturbation %s over a %d-step schedule (--perturb to change it)",
+                 "warm" if warm else "scratch", kind, scheduled)  # fmt: skip
+    config = replace(config, distill=distill)
+    if not warm or optim.lr is not None:
         return config
-    distill, optim = config.distill, config.optim
-    scheduled = replace(optim, max_steps=None).total_steps(n_train)  # the schedule, not a smoke cut
     lr = warm_start_lr(
         config.method, distill.alpha, distill.temperature, optim.batch_size, scheduled
     )

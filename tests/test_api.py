@@ -158,7 +158,7 @@ def test_bad_inputs_say_what_is_wrong(tiny_teacher, fashion):
         ({"alpha": 1.5}, r"--alpha \(alpha=\) must be a finite number ≥ 0 and ≤ 1; got 1.5"),
         ({"stepz": 300}, r"unknown option 'stepz'"),
         ({"member_batch": "all"}, r"--member-batch \(member_batch=\) must be one of repeat, split"),
-        ({"perturb": "odz"}, r"--perturb \(perturb=\) must be one of none, gaussian, ods"),
+        ({"perturb": "odz"}, r"--perturb \(perturb=\) must be one of auto, none, gaussian, ods"),
         ({"init": 1}, r"--init \(init=\) must be one of ones, normal, spread; got 1"),
     ],
 )
