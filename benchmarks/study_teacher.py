@@ -300,6 +300,8 @@ PLANS: dict[str, list[dict[str, Any]]] = {
         # lr (81.27 / 0.5564, seed 0). With fast weights frozen at 1 the averaged network would be
         # KD itself; [WA]'s × M step makes theirs 0.8 at lr 0.2: [DM]'s half-lr, no-decay ones
         product(2000, temperature=4, lr=0.2, amp="on", perturb="none", fast_weights="dm"),
+        # fine-tuning at the default lr of a long warm start: the issue's 3 seeds of each baseline
+        *(finetune(2000, seed=s, lr=0.1, amp="on") for s in (1, 2)),
     ],
     # the embedded default in its own domain: a DE-4 of ResNet-8s on 1,000 Fashion-MNIST images
     # (one budget, seed 0: the defaults with both baselines, each other perturbation, the papers'
