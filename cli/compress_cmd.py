@@ -98,7 +98,8 @@ Examples:
     "--lr",
     type=click.FloatRange(min=0, min_open=True),
     help="Peak learning rate. Default: 0.03 × batch/128 for a warm-started student, 0.1 × "
-    "batch/128 when its schedule has 1,000 steps or more (chosen on validation, docs/method.md §7), "
+    "batch/128 (0.2 for kd-single) when its schedule has 1,000 steps or more (each chosen on "
+    "validation, docs/method.md §7), "
     "divided by T (the KD temperature) for a BatchEnsemble whose schedule is under 300 steps; "
     "0.1 × batch/128 from scratch.",
 )
@@ -125,7 +126,7 @@ Examples:
     help="Input perturbation meant to carry the teachers' diversity ([DM], [WA]). Default "
     "(auto): tdiv-sdiv for the BatchEnsemble (best on validation in the in-domain study at 300 "
     "steps, docs/results.md; about 1.6x the time of none per step), but none for a warm start whose "
-    "schedule has 1,000 steps or more (better there on validation); none for kd-single and "
+    "schedule has 2,000 steps or more (better there on validation); none for kd-single and "
     "finetune.",
 )
 @click.option(
