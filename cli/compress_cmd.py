@@ -98,8 +98,8 @@ Examples:
     "--lr",
     type=click.FloatRange(min=0, min_open=True),
     help="Peak learning rate. Default: 0.03 × batch/128 for a warm-started student, 0.1 × "
-    "batch/128 (0.2 for kd-single) when its schedule has 1,000 steps or more (each chosen on "
-    "validation, docs/method.md §7), "
+    "batch/128 when its schedule has 1,000 steps or more (kd-single: 0.2 × batch/128 from 2,000 "
+    "steps; each chosen on validation, docs/method.md §7), "
     "divided by T (the KD temperature) for a BatchEnsemble whose schedule is under 300 steps; "
     "0.1 × batch/128 from scratch.",
 )

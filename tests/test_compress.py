@@ -316,11 +316,11 @@ def test_warm_start_lr_is_divided_by_t_only_for_a_short_batchensemble_with_a_kd_
 
 
 def test_the_default_perturbation_is_none_only_for_a_long_warm_batchensemble():
-    from ensc.compress.warmstart import NO_PERTURB_STEPS, start_perturbation
+    from ensc.compress.warmstart import LONGER_RUN_STEPS, start_perturbation
 
-    assert start_perturbation("batchensemble", True, NO_PERTURB_STEPS) == "none"
-    assert start_perturbation("batchensemble", True, NO_PERTURB_STEPS - 1) == "tdiv-sdiv"
-    assert start_perturbation("batchensemble", False, NO_PERTURB_STEPS) == "tdiv-sdiv"  # cold start
+    assert start_perturbation("batchensemble", True, LONGER_RUN_STEPS) == "none"
+    assert start_perturbation("batchensemble", True, LONGER_RUN_STEPS - 1) == "tdiv-sdiv"
+    assert start_perturbation("batchensemble", False, LONGER_RUN_STEPS) == "tdiv-sdiv"  # cold start
     for method in ("kd-single", "finetune"):
         assert start_perturbation(method, True, 10) == start_perturbation(method, False, 10**4)
         assert start_perturbation(method, True, 10) == "none"
@@ -329,27 +329,27 @@ def test_the_default_perturbation_is_none_only_for_a_long_warm_batchensemble():
 def test_a_long_schedule_cut_short_still_runs_the_long_schedule_defaults(
     tiny_teacher: Path, tmp_path: Path
 ):
-    from ensc.compress.warmstart import LONG_RUN_LR, NO_PERTURB_STEPS
+    from ensc.compress.warmstart import LONG_RUN_LR, LONGER_RUN_STEPS
 
     run = tmp_path / "run"
     result = run_cli(
         "compress", "--teacher", str(tiny_teacher), "--arch", "resnet8", "--batch-size", "32",
-        "--train-subset", "400", "--test-subset", "100", "--steps", str(NO_PERTURB_STEPS),
+        "--train-subset", "400", "--test-subset", "100", "--steps", str(LONGER_RUN_STEPS),
         "--max-steps", "1", "--max-acc-drop", "100", "--out", str(run), cwd=tmp_path,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert (
-        f"perturbation none over a {NO_PERTURB_STEPS}-step schedule"
+        f"perturbation none over a {LONGER_RUN_STEPS}-step schedule"
         in (run / "log.txt").read_text()
     )
     config = json.loads((run / "config.json").read_text())
     assert config["distill"]["perturb"]["kind"] == "none"
-    assert config["optim"]["lr"] == pytest.approx(LONG_RUN_LR["batchensemble"] * 32 / 128)
+    assert config["optim"]["lr"] == pytest.approx(LONG_RUN_LR * 32 / 128)
     assert json.loads((run / "report.json").read_text())["settings"]["perturbation"] == "none"
     # a perturbation named on the command line is kept, and the default run folder names it
     named = run_cli(
         "compress", "--teacher", str(tiny_teacher), "--arch", "resnet8", "--batch-size", "32",
-        "--train-subset", "400", "--test-subset", "100", "--steps", str(NO_PERTURB_STEPS),
+        "--train-subset", "400", "--test-subset", "100", "--steps", str(LONGER_RUN_STEPS),
         "--max-steps", "1", "--max-acc-drop", "100", "--perturb", "gaussian", cwd=tmp_path,
     )  # fmt: skip
     assert named.exit_code == 0, named.output
@@ -360,12 +360,19 @@ def test_a_long_schedule_cut_short_still_runs_the_long_schedule_defaults(
 
 
 def test_a_long_warm_start_schedule_takes_each_methods_long_run_lr():
-    from ensc.compress.warmstart import LONG_RUN_LR, LONG_RUN_STEPS, warm_start_lr
+    from ensc.compress.warmstart import (
+        KD_LONGER_RUN_LR,
+        LONG_RUN_LR,
+        LONG_RUN_STEPS,
+        LONGER_RUN_STEPS,
+        warm_start_lr,
+    )
 
     for method in ("batchensemble", "kd-single", "finetune"):
         below = warm_start_lr(method, 1.0, 4.0, 128, LONG_RUN_STEPS - 1)
         assert below == pytest.approx(WARM_START_LR)
-        long_lr = LONG_RUN_LR[method]
-        assert long_lr > WARM_START_LR
-        assert warm_start_lr(method, 1.0, 4.0, 128, LONG_RUN_STEPS) == pytest.approx(long_lr)
-        assert warm_start_lr(method, 1.0, 4.0, 64, LONG_RUN_STEPS) == pytest.approx(long_lr / 2)
+        assert warm_start_lr(method, 1.0, 4.0, 128, LONG_RUN_STEPS) == pytest.approx(LONG_RUN_LR)
+        assert warm_start_lr(method, 1.0, 4.0, 64, LONG_RUN_STEPS) == pytest.approx(LONG_RUN_LR / 2)
+        longer = warm_start_lr(method, 1.0, 4.0, 64, LONGER_RUN_STEPS)
+        want = KD_LONGER_RUN_LR if method == "kd-single" else LONG_RUN_LR
+        assert longer == pytest.approx(want / 2)
