@@ -293,8 +293,8 @@ PLANS: dict[str, list[dict[str, Any]]] = {
         *(baseline(2000, seed=s, temperature=4, lr=0.2, amp="on") for s in (1, 2)),
         *(product(2000, seed=s, temperature=4, lr=0.2, amp="on", perturb="none") for s in (1, 2)),
         # at lr 0.1 no perturbation beat TDiv-SDiv on validation at 2,000 steps (3 seeds: cNLL on
-        # each, accuracy on the mean) at a quarter of its cost: the same at 1,000 steps, where a
-        # warm start's long-run defaults begin
+        # each, accuracy on the mean) without its input gradients: the same at 1,000 steps, where
+        # a warm start's long-run defaults begin
         product(1000, temperature=4, lr=0.1, amp="on", perturb="none"),
         # at lr 0.2 ensc without the perturbation (80.99 % / 0.5614) stayed below KD at the same
         # lr (81.27 / 0.5564, seed 0). With fast weights frozen at 1 the averaged network would be

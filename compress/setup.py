@@ -103,15 +103,16 @@ def with_start_defaults(config: CompressConfig, warm: bool, n_train: int) -> Com
     ``--lr`` was given (from scratch: the papers' 0.1 × batch/128)."""
     optim = config.optim
     scheduled = replace(optim, max_steps=None).total_steps(n_train)  # the schedule, not a smoke cut
+    start = "warm" if warm else "scratch"
     distill = loss_defaults(config.distill, warm)
     if distill != config.distill:
         log.info("%s start: alpha %g, temperature %g (--alpha/--temperature to change them)",
-                 "warm" if warm else "scratch", distill.alpha, distill.temperature)  # fmt: skip
+                 start, distill.alpha, distill.temperature)  # fmt: skip
     if distill.perturb.kind == "auto":
         kind = start_perturbation(config.method, warm, scheduled)
         distill = replace(distill, perturb=replace(distill.perturb, kind=kind))
         log.info("%s start: perturbation %s over a %d-step schedule (--perturb to change it)",
-                 "warm" if warm else "scratch", kind, scheduled)  # fmt: skip
+                 start, kind, scheduled)  # fmt: skip
     config = replace(config, distill=distill)
     if not warm or optim.lr is not None:
         return config

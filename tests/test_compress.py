@@ -332,11 +332,10 @@ def test_a_long_schedule_cut_short_still_runs_the_long_schedule_defaults(
     from ensc.compress.warmstart import LONG_RUN_LR, LONGER_RUN_STEPS
 
     run = tmp_path / "run"
-    result = run_cli(
-        "compress", "--teacher", str(tiny_teacher), "--arch", "resnet8", "--batch-size", "32",
-        "--train-subset", "400", "--test-subset", "100", "--steps", str(LONGER_RUN_STEPS),
-        "--max-steps", "1", "--max-acc-drop", "100", "--out", str(run), cwd=tmp_path,
-    )  # fmt: skip
+    args = ("compress", "--teacher", str(tiny_teacher), "--arch", "resnet8", "--batch-size", "32",
+            "--train-subset", "400", "--test-subset", "100", "--steps", str(LONGER_RUN_STEPS),
+            "--max-steps", "1", "--max-acc-drop", "100")  # fmt: skip
+    result = run_cli(*args, "--out", str(run), cwd=tmp_path)
     assert result.exit_code == 0, result.output
     assert (
         f"perturbation none over a {LONGER_RUN_STEPS}-step schedule"
@@ -347,11 +346,7 @@ def test_a_long_schedule_cut_short_still_runs_the_long_schedule_defaults(
     assert config["optim"]["lr"] == pytest.approx(LONG_RUN_LR * 32 / 128)
     assert json.loads((run / "report.json").read_text())["settings"]["perturbation"] == "none"
     # a perturbation named on the command line is kept, and the default run folder names it
-    named = run_cli(
-        "compress", "--teacher", str(tiny_teacher), "--arch", "resnet8", "--batch-size", "32",
-        "--train-subset", "400", "--test-subset", "100", "--steps", str(LONGER_RUN_STEPS),
-        "--max-steps", "1", "--max-acc-drop", "100", "--perturb", "gaussian", cwd=tmp_path,
-    )  # fmt: skip
+    named = run_cli(*args, "--perturb", "gaussian", cwd=tmp_path)
     assert named.exit_code == 0, named.output
     (folder,) = [p for p in (tmp_path / "runs").iterdir() if p.name.startswith("resnet8-gaussian-")]
     assert (
